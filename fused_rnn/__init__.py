@@ -1,0 +1,9 @@
+"""fused_rnn: the vanilla (Elman) char-RNN recurrence as fused kernels.
+
+``h_t = tanh(W_h (h_{t-1} + relu(W_in e(x_t) + b_in)) + b_h)`` over all time steps in one launch.
+"""
+from .function import BackendInfo, backends, fused_rnn
+from .reference import CharLoopModel, rnn_reference
+
+__all__ = ["fused_rnn", "rnn_reference", "backends", "BackendInfo", "CharLoopModel"]
+__version__ = "0.1.0"

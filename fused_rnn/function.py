@@ -1,0 +1,170 @@
+"""The public function: input checks, the input projection, and backend dispatch."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .reference import rnn_reference
+
+BACKENDS = ("auto", "triton", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BackendInfo(NamedTuple):
+    available: bool
+    devices: tuple  # device types it runs on
+    note: str  # why it is (not) available
+
+
+def _triton_module():
+    """The Triton op module, or the exception that stops it from importing."""
+    try:
+        return importlib.import_module("fused_rnn.ops.triton_rnn")
+    except Exception as exc:  # ImportError, or a broken triton install
+        return exc
+
+
+def backends() -> dict:
+    """What each backend needs and whether it can run here: ``{name: BackendInfo}``."""
+    info = {"reference": BackendInfo(True, ("cpu", "cuda"), "plain PyTorch loop, any device")}
+    mod = _triton_module()
+    if isinstance(mod, Exception):
+        info["triton"] = BackendInfo(False, (), f"triton does not import: {mod}")
+    else:
+        devices = ("cuda",) + (("cpu",) if mod.INTERPRET else ())
+        cuda = torch.cuda.is_available()
+        note = "CUDA is available" if cuda else "no CUDA device"
+        if mod.INTERPRET:
+            note += "; TRITON_INTERPRET=1: CPU tensors run through the (slow) interpreter"
+        info["triton"] = BackendInfo(cuda or mod.INTERPRET, devices, note)
+    return info
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        # The interpreter is never the fastest choice: CPU tensors take the reference.
+        if device.type == "cuda" and not isinstance(_triton_module(), Exception):
+            return "triton"
+        return "reference"
+    if backend == "triton":
+        mod = _triton_module()
+        if isinstance(mod, Exception):
+            raise RuntimeError(f"backend='triton' needs triton ({mod}); pip install triton")
+    return backend
+
+
+def _check_tensor(name, t, ndim, shape=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding):
+    """Raises a ValueError/TypeError/IndexError for any malformed input; returns nothing."""
+    _check_tensor("w_h", w_h, 2)
+    H = w_h.shape[0]
+    if H == 0 or w_h.shape[1] != H:
+        raise ValueError(f"w_h must be square [H, H] with H >= 1, got {tuple(w_h.shape)}")
+    _check_tensor("w_in", w_in, 2)
+    E = w_in.shape[1]
+    _check_tensor("w_in", w_in, 2, (H, E))
+    tokens = embedding is not None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if tokens:
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"token input x must be an integer tensor, got {x.dtype}")
+        _check_tensor("x", x, 2)
+        _check_tensor("embedding", embedding, 2)
+        if embedding.shape[1] != E:
+            raise ValueError(f"embedding must be [V, {E}] to match w_in [H, E], got {tuple(embedding.shape)}")
+    else:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x is {x.dtype}: integer token ids need embedding=; dense x must be float")
+        _check_tensor("x", x, 3)
+        if x.shape[2] != E:
+            raise ValueError(f"dense x must be [B, T, {E}] to match w_in [H, E], got {tuple(x.shape)}")
+    B, T = x.shape[0], x.shape[1]
+    if B == 0 or T == 0:
+        raise ValueError(f"x must have a non-empty batch and sequence, got shape {tuple(x.shape)}")
+    if b_in is not None:
+        _check_tensor("b_in", b_in, 1, (H,))
+    if b_h is not None:
+        _check_tensor("b_h", b_h, 1, (H,))
+    if h0 is not None:
+        _check_tensor("h0", h0, 2, (B, H))
+
+    floats = {"w_in": w_in, "b_in": b_in, "w_h": w_h, "b_h": b_h, "h0": h0,
+              "embedding": embedding, "x": None if tokens else x}
+    floats = {k: v for k, v in floats.items() if v is not None}
+    for name, t in floats.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != w_h.dtype:
+            raise TypeError(f"all float inputs must share one dtype: w_h is {w_h.dtype}, {name} is {t.dtype}")
+    for name, t in {**floats, "x": x}.items():
+        if t.device != w_h.device:
+            raise ValueError(f"all inputs must be on one device: w_h is on {w_h.device}, {name} is on {t.device}")
+    if tokens:
+        V = embedding.shape[0]
+        lo, hi = int(x.min()), int(x.max())  # one host sync, before any kernel runs
+        if lo < 0 or hi >= V:
+            raise IndexError(f"token ids must lie in [0, {V}), got values in [{lo}, {hi}]")
+
+
+def fused_rnn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: Optional[torch.Tensor],
+    w_h: torch.Tensor,
+    b_h: Optional[torch.Tensor],
+    h0: Optional[torch.Tensor] = None,
+    *,
+    embedding: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+):
+    """All T steps of ``h_t = tanh(W_h (h_{t-1} + relu(W_in e(x_t) + b_in)) + b_h)``.
+
+    Args:
+        x: token ids ``[B, T]`` (any integer dtype) with ``embedding [V, E]``, or dense input
+            ``[B, T, E]``.
+        w_in: ``[H, E]``; b_in: ``[H]`` or None.
+        w_h: ``[H, H]``; b_h: ``[H]`` or None.
+        h0: initial state ``[B, H]``, or None for zeros.
+        embedding: ``[V, E]``, for token input.
+        backend: ``"triton"``, ``"reference"`` or ``"auto"`` (the fastest for the tensors'
+            device; see :func:`fused_rnn.backends`).
+        allow_tf32: let fp32 recurrences use TF32 tensor cores (faster, ~1e-3 relative error).
+            Off by default: fp32 results match the reference to fp32 rounding.
+
+    Returns:
+        ``(output [B, T, H], h_n [B, H])``: every state ``h_1..h_T`` and the last one.
+        Differentiable with respect to every float input. Float inputs share one dtype
+        (fp16, bf16, fp32, fp64); half types accumulate and keep the state in fp32.
+    """
+    if not isinstance(w_h, torch.Tensor):
+        raise TypeError(f"w_h must be a torch.Tensor, got {type(w_h).__name__}")
+    _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding)
+    backend = _resolve_backend(backend, w_h.device)
+    if backend == "reference":
+        return rnn_reference(x, w_in, b_in, w_h, b_h, h0, embedding=embedding)
+    # The input projection is a parallel GEMM; autograd differentiates it.
+    if embedding is not None:
+        proj, ids = F.linear(embedding, w_in, b_in), x.to(torch.int64).contiguous()  # U [V, H]
+    else:
+        proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
+    mod = _triton_module()
+    h0 = h0.contiguous() if h0 is not None else None
+    return mod.TritonRNNFunction.apply(
+        proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
+        h0, allow_tf32)

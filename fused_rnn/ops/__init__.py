@@ -1,0 +1,1 @@
+"""Kernels, one module per backend. Imported lazily by fused_rnn.function."""

@@ -1,0 +1,49 @@
+"""Plain PyTorch ground truth: the course's CharLoopModel and the recurrence as a loop.
+
+Every fused kernel in this package is tested against `rnn_reference`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rnn_reference(x, w_in, b_in, w_h, b_h, h0=None, *, embedding=None):
+    """The recurrence ``h_t = tanh(W_h (h_{t-1} + relu(W_in e(x_t) + b_in)) + b_h)``, step by step.
+
+    Same signature and result as :func:`fused_rnn.fused_rnn`: ``x`` is ``[B, T]`` token ids with
+    ``embedding [V, E]``, or dense ``[B, T, E]``; returns ``(output [B, T, H], h_n [B, H])``.
+    """
+    inputs = F.embedding(x, embedding) if embedding is not None else x
+    r = F.relu(F.linear(inputs, w_in, b_in))  # [B, T, H]
+    h = r.new_zeros(r.shape[0], r.shape[2]) if h0 is None else h0
+    states = []
+    for t in range(r.shape[1]):
+        h = torch.tanh(F.linear(h + r[:, t], w_h, b_h))
+        states.append(h)
+    return torch.stack(states, dim=1), h
+
+
+class CharLoopModel(nn.Module):
+    """The fast.ai course's char-RNN: predicts the next char from the previous ``len(cs)`` chars.
+
+    ``forward(*cs)`` takes one LongTensor ``[B]`` per step and returns ``log_softmax`` scores
+    ``[B, vocab_size]`` for the char after the last one. The state starts at zero and follows the
+    parameters' device and dtype.
+    """
+
+    def __init__(self, vocab_size: int, n_fac: int, n_hidden: int):
+        super().__init__()
+        self.e = nn.Embedding(vocab_size, n_fac)
+        self.l_in = nn.Linear(n_fac, n_hidden)
+        self.l_hidden = nn.Linear(n_hidden, n_hidden)
+        self.l_out = nn.Linear(n_hidden, vocab_size)
+
+    def forward(self, *cs: torch.Tensor) -> torch.Tensor:
+        weight = self.l_hidden.weight
+        h = weight.new_zeros(cs[0].shape[0], weight.shape[0])
+        for c in cs:
+            inp = F.relu(self.l_in(self.e(c)))
+            h = torch.tanh(self.l_hidden(h + inp))
+        return F.log_softmax(self.l_out(h), dim=-1)
