@@ -109,6 +109,7 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding):
     for name, t in floats.items():
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    for name, t in floats.items():
         if t.dtype != w_h.dtype:
             raise TypeError(f"all float inputs must share one dtype: w_h is {w_h.dtype}, {name} is {t.dtype}")
     for name, t in {**floats, "x": x}.items():

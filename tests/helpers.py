@@ -1,0 +1,61 @@
+"""Random problems and comparisons shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+# Relative error (max |got - want| / max |want|) allowed per dtype, against an fp64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def make_problem(B, T, H, *, E=6, V=11, tokens=True, h0=True, bias=True, dtype=torch.float32,
+                 device="cpu", seed=0):
+    """Random inputs for fused_rnn as a dict of keyword arguments (float ones require grad).
+
+    Weights are scaled like nn.Linear's init so states stay away from tanh's flat tails.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        t = (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    args = dict(
+        w_in=rand(H, E, scale=E ** -0.5),
+        b_in=rand(H, scale=0.5) if bias else None,
+        w_h=rand(H, H, scale=1.5 * H ** -0.5),
+        b_h=rand(H, scale=0.5) if bias else None,
+        h0=rand(B, H, scale=0.9) if h0 else None,
+    )
+    if tokens:
+        args["x"] = torch.randint(0, V, (B, T), generator=g).to(device)
+        args["embedding"] = rand(V, E)
+    else:
+        args["x"] = rand(B, T, E)
+    return args
+
+
+def float_inputs(args):
+    return {k: v for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def cast(args, dtype):
+    """A detached copy of the problem with float inputs in ``dtype``."""
+    return {k: (v.detach().to(dtype).requires_grad_() if v is not None and v.is_floating_point()
+                else v) for k, v in args.items()}
+
+
+def rel_err(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def run_with_grads(fn, args, seed=1):
+    """Runs fn(**args), backpropagates random output grads; returns {name: tensor} of the outputs
+    and every float input's gradient."""
+    output, h_n = fn(**args)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(output.shape, generator=g, dtype=torch.float64).to(output)
+    gh = torch.randn(h_n.shape, generator=g, dtype=torch.float64).to(h_n)
+    inputs = float_inputs(args)
+    grads = torch.autograd.grad((output * go).sum() + (h_n * gh).sum(), list(inputs.values()))
+    return {"output": output, "h_n": h_n, **{f"grad_{k}": v for k, v in zip(inputs, grads)}}
