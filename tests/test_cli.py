@@ -1,0 +1,53 @@
+"""python -m fused_rnn train / sample: a real (tiny) run, and one-line errors for bad input."""
+import pytest
+
+from fused_rnn.__main__ import main
+
+TEXT = "def add(a, b):\n    return a + b\n\n" * 40
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def test_train_then_sample(corpus, tmp_path, capsys):
+    ckpt = tmp_path / "model.pt"
+    rc = main(["train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "32",
+               "--batch-size", "8", "--epochs", "2", "--steps", "30", "--checkpoint", str(ckpt),
+               "--sample-chars", "20"])
+    out = capsys.readouterr().out
+    assert rc == 0 and ckpt.exists()
+    losses = [float(line.split("val loss ")[1].split()[0]) for line in out.splitlines() if "val loss" in line]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, out
+    assert main(["sample", "--checkpoint", str(ckpt), "--length", "25", "--prime", "def"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def") and len(text.rstrip("\n")) == 28
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--corpus", "/nonexistent/corpus.txt"], "cannot read corpus"),
+    (["train", "--corpus", "EMPTY"], "is empty"),
+    (["sample", "--checkpoint", "/nonexistent/model.pt"], "not found"),
+    (["sample", "--checkpoint", "GARBAGE"], "not a fused_rnn char model"),
+], ids=["missing-corpus", "empty-corpus", "missing-checkpoint", "garbage-checkpoint"])
+def test_user_errors_are_one_line(argv, message, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    argv = [str(tmp_path / "empty.txt") if a == "EMPTY" else str(tmp_path / "garbage.pt") if a == "GARBAGE"
+            else a for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv", [["train", "--lr", "-1"], ["train", "--steps", "0"],
+                                  ["train", "--dropout", "1.5"], ["train", "--backend", "cudnn"],
+                                  ["sample", "--temperature", "x"], ["frobnicate"]])
+def test_bad_options_exit_2_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
