@@ -1,16 +1,30 @@
+"""Installs fused_rnn and, when PyTorch is importable at build time, builds its C++ CPU extension
+(csrc/) with ninja. Without PyTorch in the build environment (pip's default build isolation) the
+package installs without it and builds it just in time on first use."""
 from setuptools import find_packages, setup
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    ext_modules, cmdclass = [], {}
+else:
+    ext_modules = [CppExtension("fused_rnn._C", ["csrc/fused_rnn_cpu.cpp"], extra_compile_args=["-O3"])]
+    cmdclass = {"build_ext": BuildExtension}
 
 setup(
     name="fused_rnn",
     version="0.1.0",
-    description="The vanilla (Elman) char-RNN recurrence as fused Triton kernels",
+    description="The vanilla (Elman) char-RNN recurrence as fused Triton and C++ kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_rnn", "fused_rnn.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",
+        "ninja",
         "tqdm",
     ],
     extras_require={

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import importlib
-import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .ops import cpu_ext
 from .reference import rnn_reference
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CPU_DTYPES = (torch.float32, torch.float64)
 
 
 class BackendInfo(NamedTuple):
@@ -29,8 +31,14 @@ def _triton_module():
 
 
 def backends() -> dict:
-    """What each backend needs and whether it can run here: ``{name: BackendInfo}``."""
-    info = {"reference": BackendInfo(True, ("cpu", "cuda"), "plain PyTorch loop, any device")}
+    """What each backend needs and whether it can run here: ``{name: BackendInfo}``.
+
+    Asking about ``"cpu"`` builds the C++ extension if it was not built at install time.
+    """
+    info = {"reference": BackendInfo(True, ("cpu", "cuda"), "plain PyTorch loop, any device, any dtype")}
+    reason = cpu_ext.unavailable_reason()
+    info["cpu"] = BackendInfo(reason is None, ("cpu",),
+                              reason or "C++ extension loaded; float32 and float64")
     mod = _triton_module()
     if isinstance(mod, Exception):
         info["triton"] = BackendInfo(False, (), f"triton does not import: {mod}")
@@ -44,19 +52,83 @@ def backends() -> dict:
     return info
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+_warned_cpu_fallback = False
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
+    """The kernel module for ``backend`` (None for the reference)."""
+    global _warned_cpu_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        # The interpreter is never the fastest choice: CPU tensors take the reference.
-        if device.type == "cuda" and not isinstance(_triton_module(), Exception):
-            return "triton"
-        return "reference"
-    if backend == "triton":
-        mod = _triton_module()
-        if isinstance(mod, Exception):
-            raise RuntimeError(f"backend='triton' needs triton ({mod}); pip install triton")
-    return backend
+        if device.type == "cuda":
+            backend = "reference" if isinstance(_triton_module(), Exception) else "triton"
+        elif device.type == "cpu" and dtype in CPU_DTYPES:
+            reason = cpu_ext.unavailable_reason()
+            if reason is None:
+                return cpu_ext
+            if not _warned_cpu_fallback:
+                warnings.warn(f"fused_rnn: falling back to the reference loop: {reason}", stacklevel=3)
+                _warned_cpu_fallback = True
+            backend = "reference"
+        else:
+            backend = "reference"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' runs on CPU tensors, got {device.type} tensors; "
+                               f"use backend='auto'")
+        if dtype not in CPU_DTYPES:
+            raise RuntimeError(f"backend='cpu' supports float32 and float64, got {dtype}; "
+                               f"use backend='reference' or convert the inputs")
+        cpu_ext.load()  # raises RuntimeError saying how to fix a failed build
+        return cpu_ext
+    mod = _triton_module()
+    if isinstance(mod, Exception):
+        raise RuntimeError(f"backend='triton' needs triton ({mod}); pip install triton")
+    return mod
+
+
+class RecurrenceFunction(torch.autograd.Function):
+    """(kernels, proj, ids, w_h, b_h, h0, allow_tf32) -> (output [B, T, H], h_n [B, H]).
+
+    ``kernels`` is a backend module with ``rnn_fwd`` and ``rnn_bwd_chain``. ``ids [B, T]``
+    selects rows of ``proj [V, H]``; without it ``proj`` is ``[B, T, H]``. Differentiable in
+    ``proj``, ``w_h``, ``b_h`` and ``h0``.
+    """
+
+    @staticmethod
+    def forward(ctx, kernels, proj, ids, w_h, b_h, h0, allow_tf32):
+        ws = kernels.rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32)  # [B, T+1, H], fp32 or fp64
+        ctx.save_for_backward(proj, ids, w_h, ws)
+        ctx.kernels, ctx.allow_tf32, ctx.has_bias = kernels, allow_tf32, b_h is not None
+        if ids is not None:
+            ctx.mark_non_differentiable(ids)
+        return ws[:, 1:].to(w_h.dtype), ws[:, -1].to(w_h.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n):
+        proj, ids, w_h, ws = ctx.saved_tensors
+        # The sequential part: c_t = dz_t @ W_h, the gradient reaching h_{t-1} and r_t.
+        c = ctx.kernels.rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, ctx.allow_tf32)
+        # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
+        # dtype, cast to the inputs' dtype at the end.
+        H = w_h.shape[0]
+        p = (proj[ids] if ids is not None else proj).to(ws.dtype)
+        h = ws[:, 1:]
+        dz = ((grad_out.to(ws.dtype) + c[:, 1:]) * (1.0 - h * h)).reshape(-1, H)
+        a = (ws[:, :-1] + torch.relu(p)).reshape(-1, H)
+        grad_w_h = (dz.t() @ a).to(w_h.dtype)
+        grad_b_h = dz.sum(0).to(w_h.dtype) if ctx.has_bias else None
+        dp = c[:, :-1] * (p > 0)
+        if ids is not None:
+            grad_proj = torch.zeros(proj.shape, device=proj.device, dtype=ws.dtype)
+            grad_proj.index_add_(0, ids.reshape(-1), dp.reshape(-1, H))
+        else:
+            grad_proj = dp
+        grad_h0 = c[:, 0].to(w_h.dtype) if ctx.needs_input_grad[5] else None
+        return None, grad_proj.to(proj.dtype), None, grad_w_h, grad_b_h, grad_h0, None
 
 
 def _check_tensor(name, t, ndim, shape=None):
@@ -143,8 +215,9 @@ def fused_rnn(
         w_h: ``[H, H]``; b_h: ``[H]`` or None.
         h0: initial state ``[B, H]``, or None for zeros.
         embedding: ``[V, E]``, for token input.
-        backend: ``"triton"``, ``"reference"`` or ``"auto"`` (the fastest for the tensors'
-            device; see :func:`fused_rnn.backends`).
+        backend: ``"triton"`` (CUDA), ``"cpu"`` (the C++ extension; fp32/fp64), ``"reference"``
+            (the plain loop) or ``"auto"``: the fastest for the tensors' device and dtype (see
+            :func:`fused_rnn.backends`).
         allow_tf32: let fp32 recurrences use TF32 tensor cores (faster, ~1e-3 relative error).
             Off by default: fp32 results match the reference to fp32 rounding.
 
@@ -156,16 +229,15 @@ def fused_rnn(
     if not isinstance(w_h, torch.Tensor):
         raise TypeError(f"w_h must be a torch.Tensor, got {type(w_h).__name__}")
     _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding)
-    backend = _resolve_backend(backend, w_h.device)
-    if backend == "reference":
+    kernels = _resolve_backend(backend, w_h.device, w_h.dtype)
+    if kernels is None:
         return rnn_reference(x, w_in, b_in, w_h, b_h, h0, embedding=embedding)
     # The input projection is a parallel GEMM; autograd differentiates it.
     if embedding is not None:
         proj, ids = F.linear(embedding, w_in, b_in), x.to(torch.int64).contiguous()  # U [V, H]
     else:
         proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
-    mod = _triton_module()
-    h0 = h0.contiguous() if h0 is not None else None
-    return mod.TritonRNNFunction.apply(
-        proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
-        h0, allow_tf32)
+    return RecurrenceFunction.apply(
+        kernels, proj.contiguous(), ids, w_h.contiguous(),
+        b_h.contiguous() if b_h is not None else None,
+        h0.contiguous() if h0 is not None else None, allow_tf32)

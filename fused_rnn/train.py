@@ -199,7 +199,8 @@ def train(opts) -> CharLanguageModel:
             step += 1
             chars += x.numel()
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{running:.3f}", chars_per_s=f"{chars / (time.perf_counter() - t0):,.0f}")
+            bar.set_postfix(loss=f"{running:.3f}", chars_per_s=f"{chars / (time.perf_counter() - t0):,.0f}",
+                            refresh=False)
         bar.close()
         val = evaluate(model, val_data, opts.seq_len, opts.batch_size, device)
         print(f"epoch {epoch}: train loss {running:.4f}, val loss {val:.4f}")

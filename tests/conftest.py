@@ -18,3 +18,19 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture
 def device():
     return DEVICE
+
+
+class Kernel:
+    """A fused backend and the device its tensors live on."""
+
+    def __init__(self, backend, device):
+        self.backend, self.device = backend, device
+
+    def __repr__(self):
+        return self.backend
+
+
+# The one parity/gradient/bad-input suite runs over every fused backend.
+@pytest.fixture(params=[Kernel("triton", DEVICE), Kernel("cpu", "cpu")], ids=repr)
+def kernel(request):
+    return request.param

@@ -1,12 +1,15 @@
 """Bad input raises a clear error before any kernel runs; backends() and dispatch."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import fused_rnn
 from fused_rnn import fused_rnn as rnn
+from fused_rnn import function
+from fused_rnn.ops import cpu_ext
 from helpers import make_problem
 
 
@@ -40,7 +43,7 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference", "auto"])
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
 def test_bad_input_raises_clear_error(case, backend):
     error, message, change = BAD_INPUTS[case]
@@ -58,15 +61,63 @@ def test_unknown_backend():
 def test_backends_reports_availability():
     info = fused_rnn.backends()
     assert info["reference"].available
+    assert info["cpu"].available, info["cpu"].note  # CI builds the extension: it must load
     triton = info["triton"]
     assert isinstance(triton.note, str) and triton.note
     assert triton.available == (torch.cuda.is_available() or "cpu" in triton.devices)
 
 
-def test_auto_on_cpu_picks_the_reference():
+def test_auto_on_cpu_picks_the_extension_for_fp32_and_the_reference_for_bf16():
     args = problem()
-    torch.testing.assert_close(rnn(**args, backend="auto"), fused_rnn.rnn_reference(**args),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(rnn(**args, backend="auto"), rnn(**args, backend="cpu"), rtol=0, atol=0)
+    half = {k: (v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in args.items()}
+    torch.testing.assert_close(rnn(**half, backend="auto"), fused_rnn.rnn_reference(**half), rtol=0, atol=0)
+
+
+def test_cpu_backend_refuses_what_it_cannot_run():
+    half = {k: (v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in problem().items()}
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        rnn(**half, backend="cpu")
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_ext", "the extension could not be built (test)")
+    monkeypatch.setattr(function, "_warned_cpu_fallback", False)
+    args = problem()
+    with pytest.warns(UserWarning, match="falling back to the reference"):
+        got = rnn(**args)
+    torch.testing.assert_close(got, fused_rnn.rnn_reference(**args), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rnn(**args)  # only one warning per process
+    with pytest.raises(RuntimeError, match="could not be built"):
+        rnn(**args, backend="cpu")
+    info = fused_rnn.backends()["cpu"]
+    assert not info.available and "could not be built" in info.note
+
+
+EXT_ERRORS = {
+    "ids-out-of-range": (IndexError, lambda a: dict(ids=torch.full((3, 4), 7))),
+    "ids-not-int64": (TypeError, lambda a: dict(ids=a["ids"].int())),
+    "proj-wrong-H": (ValueError, lambda a: dict(proj=torch.zeros(7, 9))),
+    "w_h-int": (TypeError, lambda a: dict(w_h=torch.zeros(8, 8, dtype=torch.int32))),
+    "w_h-not-square": (ValueError, lambda a: dict(w_h=torch.zeros(8, 7))),
+    "b_h-dtype": (TypeError, lambda a: dict(b_h=torch.zeros(8, dtype=torch.float64))),
+    "h0-shape": (ValueError, lambda a: dict(h0=torch.zeros(2, 8))),
+}
+
+
+@pytest.mark.parametrize("case", EXT_ERRORS, ids=list(EXT_ERRORS))
+def test_extension_checks_its_inputs(case):
+    """The C++ entry points check their own inputs, with the Python side's error classes."""
+    error, change = EXT_ERRORS[case]
+    args = dict(proj=torch.zeros(7, 8), ids=torch.zeros(3, 4, dtype=torch.long), w_h=torch.zeros(8, 8),
+                b_h=torch.zeros(8), h0=torch.zeros(3, 8))
+    args.update(change(args))
+    with pytest.raises(error):
+        cpu_ext.load().rnn_fwd(**args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

@@ -1,4 +1,4 @@
-"""The Triton kernels against the plain PyTorch reference: forward and every gradient."""
+"""The fused backends against the plain PyTorch reference: forward and every gradient."""
 import pytest
 import torch
 
@@ -17,7 +17,7 @@ def shape_id(shape):
     return f"B{B}-T{T}-H{H}"
 
 
-def check_parity(args, dtype, backend="triton"):
+def check_parity(args, dtype, backend):
     got = run_with_grads(lambda **a: fused_rnn(**a, backend=backend), args)
     want = run_with_grads(rnn_reference, cast(args, torch.float64))
     assert got.keys() == want.keys()
@@ -30,34 +30,36 @@ def check_parity(args, dtype, backend="triton"):
 @pytest.mark.parametrize("h0", [True, False], ids=["h0", "zero-h0"])
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_fp32_matches_reference(shape, tokens, h0, device):
+def test_fp32_matches_reference(shape, tokens, h0, kernel):
     B, T, H = shape
-    args = make_problem(B, T, H, tokens=tokens, h0=h0, device=device, seed=B * 1000 + T * 10 + H)
-    check_parity(args, torch.float32)
+    args = make_problem(B, T, H, tokens=tokens, h0=h0, device=kernel.device, seed=B * 1000 + T * 10 + H)
+    check_parity(args, torch.float32, kernel.backend)
 
 
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
-def test_without_biases(tokens, device):
-    check_parity(make_problem(4, 6, 24, tokens=tokens, bias=False, device=device), torch.float32)
+def test_without_biases(tokens, kernel):
+    args = make_problem(4, 6, 24, tokens=tokens, bias=False, device=kernel.device)
+    check_parity(args, torch.float32, kernel.backend)
 
 
-def test_fp64_matches_reference(device):
-    check_parity(make_problem(5, 9, 40, dtype=torch.float64, device=device), torch.float64)
+def test_fp64_matches_reference(kernel):
+    args = make_problem(5, 9, 40, dtype=torch.float64, device=kernel.device)
+    check_parity(args, torch.float64, kernel.backend)
 
 
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
-def test_gradcheck_fp64(tokens, device):
-    args = make_problem(3, 4, 5, E=3, V=4, tokens=tokens, dtype=torch.float64, device=device)
+def test_gradcheck_fp64(tokens, kernel):
+    args = make_problem(3, 4, 5, E=3, V=4, tokens=tokens, dtype=torch.float64, device=kernel.device)
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def fn(*tensors):
-        return fused_rnn(**{**args, **dict(zip(names, tensors))}, backend="triton")
+        return fused_rnn(**{**args, **dict(zip(names, tensors))}, backend=kernel.backend)
 
     assert torch.autograd.gradcheck(fn, [args[k] for k in names])
 
 
-def test_non_contiguous_inputs(device):
-    args = make_problem(5, 7, 20, tokens=False, device=device)
+def test_non_contiguous_inputs(kernel):
+    args = make_problem(5, 7, 20, tokens=False, device=kernel.device)
     strided = {
         "x": args["x"].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(),
         "w_in": args["w_in"].detach().t().contiguous().t().requires_grad_(),
@@ -65,20 +67,20 @@ def test_non_contiguous_inputs(device):
         "h0": args["h0"].detach().t().contiguous().t().requires_grad_(),
     }
     assert not any(v.is_contiguous() for v in strided.values())
-    check_parity({**args, **strided}, torch.float32)
+    check_parity({**args, **strided}, torch.float32, kernel.backend)
 
 
-def test_token_ids_of_any_integer_dtype(device):
-    args = make_problem(3, 4, 8, device=device)
-    want = fused_rnn(**args, backend="triton")[0]
-    got = fused_rnn(**{**args, "x": args["x"].to(torch.int32)}, backend="triton")[0]
+def test_token_ids_of_any_integer_dtype(kernel):
+    args = make_problem(3, 4, 8, device=kernel.device)
+    want = fused_rnn(**args, backend=kernel.backend)[0]
+    got = fused_rnn(**{**args, "x": args["x"].to(torch.int32)}, backend=kernel.backend)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_only_h_n_used(device):
+def test_only_h_n_used(kernel):
     """Backward with no gradient arriving through `output`."""
-    args = make_problem(4, 6, 12, device=device)
-    got = torch.autograd.grad(fused_rnn(**args, backend="triton")[1].sum(), [args["w_h"], args["h0"]])
+    args = make_problem(4, 6, 12, device=kernel.device)
+    got = torch.autograd.grad(fused_rnn(**args, backend=kernel.backend)[1].sum(), [args["w_h"], args["h0"]])
     want = torch.autograd.grad(rnn_reference(**args)[1].sum(), [args["w_h"], args["h0"]])
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-5
@@ -88,13 +90,13 @@ def test_only_h_n_used(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(5, 40, 100), (64, 64, 256)], ids=shape_id)
 def test_half_precision_matches_reference(shape, dtype):
-    check_parity(make_problem(*shape, dtype=dtype, device="cuda"), dtype)
+    check_parity(make_problem(*shape, dtype=dtype, device="cuda"), dtype, "triton")
 
 
 @requires_cuda
 @pytest.mark.parametrize("H", [256, 384, 512, 1000, 1024])
 def test_large_hidden_sizes(H):
-    check_parity(make_problem(7, 24, H, E=32, device="cuda"), torch.float32)
+    check_parity(make_problem(7, 24, H, E=32, device="cuda"), torch.float32, "triton")
 
 
 @requires_cuda

@@ -1,5 +1,9 @@
 """The recurrence in Triton: one launch runs all T steps forward, one runs the BPTT chain backward.
 
+Entry points (shared with the CPU extension; `fused_rnn.function` wraps them in autograd):
+``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32) -> ws`` and
+``rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32) -> c``.
+
 The input projection ``p = W_in e(x) + b_in`` is not here: it is a parallel GEMM that the caller
 computes with PyTorch (for token input, once per vocabulary row: the table ``U [V, H]``), and
 autograd differentiates it. This file owns only the sequential part:
@@ -213,44 +217,3 @@ def rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32=False):
         DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
     )
     return c
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd
-
-
-class TritonRNNFunction(torch.autograd.Function):
-    """(proj, ids, w_h, b_h, h0) -> (output [B, T, H], h_n [B, H]); differentiable in proj, w_h,
-    b_h and h0. ``ids`` selects rows of ``proj [V, H]``; without it ``proj`` is ``[B, T, H]``."""
-
-    @staticmethod
-    def forward(ctx, proj, ids, w_h, b_h, h0, allow_tf32):
-        ws = rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32)
-        ctx.save_for_backward(proj, ids, w_h, ws)
-        ctx.allow_tf32 = allow_tf32
-        ctx.has_bias = b_h is not None
-        ctx.mark_non_differentiable(*([ids] if ids is not None else []))
-        dtype = w_h.dtype
-        return ws[:, 1:].to(dtype), ws[:, -1].to(dtype, copy=True)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_h_n):
-        proj, ids, w_h, ws = ctx.saved_tensors
-        c = rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, ctx.allow_tf32)
-        H = w_h.shape[0]
-        # Everything below is parallel over (B, T): done in the workspace dtype, then cast.
-        p = (proj[ids] if ids is not None else proj).to(ws.dtype)
-        h = ws[:, 1:]
-        dz = (grad_out.to(ws.dtype) + c[:, 1:]) * (1.0 - h * h)
-        a = ws[:, :-1] + torch.relu(p)
-        dz2 = dz.reshape(-1, H)
-        grad_w_h = (dz2.t() @ a.reshape(-1, H)).to(w_h.dtype)
-        grad_b_h = dz2.sum(0).to(w_h.dtype) if ctx.has_bias else None
-        dp = c[:, :-1] * (p > 0)
-        if ids is not None:
-            grad_proj = torch.zeros(proj.shape, device=proj.device, dtype=ws.dtype)
-            grad_proj.index_add_(0, ids.reshape(-1), dp.reshape(-1, H))
-        else:
-            grad_proj = dp
-        grad_h0 = c[:, 0].to(w_h.dtype) if ctx.needs_input_grad[4] else None
-        return grad_proj.to(proj.dtype), None, grad_w_h, grad_b_h, grad_h0, None

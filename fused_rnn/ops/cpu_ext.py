@@ -1,0 +1,63 @@
+"""The C++ CPU extension (csrc/): built by setup.py, or just in time on first use.
+
+Exposes the same two entry points as the Triton backend, ``rnn_fwd`` and ``rnn_bwd_chain``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).resolve().parents[2] / "csrc" / "fused_rnn_cpu.cpp"]
+_ext = None  # the loaded module, or the reason it could not be loaded (a str)
+
+
+def load():
+    """The extension module; raises RuntimeError saying how to fix it when it cannot be loaded."""
+    global _ext
+    if _ext is None:
+        _ext = _load()
+    if isinstance(_ext, str):
+        raise RuntimeError(_ext)
+    return _ext
+
+
+def unavailable_reason():
+    """None when the extension loads, else why not (builds it if needed)."""
+    try:
+        load()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def _load():
+    try:
+        from fused_rnn import _C  # built by setup.py
+
+        return _C
+    except ImportError:
+        pass
+    if not all(p.exists() for p in SOURCES):
+        return ("the fused_rnn CPU extension was not built and its sources (csrc/) are not beside "
+                "the package; reinstall from a source checkout: pip install --no-build-isolation .")
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
+        return build(name="fused_rnn_cpu", sources=[str(p) for p in SOURCES],
+                     extra_cflags=["-O3"], verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
+    except Exception as exc:  # no compiler, no ninja, compile error
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"the fused_rnn CPU extension could not be built ({first}); it needs a C++ compiler "
+                f"and ninja (pip install ninja). Set FUSED_RNN_VERBOSE_BUILD=1 to see the build log.")
+
+
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
+    return load().rnn_fwd(proj, ids, w_h, b_h, h0)
+
+
+def rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32=False):
+    return load().rnn_bwd_chain(grad_out.to(ws.dtype), grad_h_n.to(ws.dtype), ws, w_h)
