@@ -8,7 +8,10 @@ try:
 except ImportError:
     ext_modules, cmdclass = [], {}
 else:
-    ext_modules = [CppExtension("fused_rnn._C", ["csrc/fused_rnn_cpu.cpp"], extra_compile_args=["-O3"])]
+    # Same flags as the just-in-time build in fused_rnn/ops/cpu_ext.py. -fno-trapping-math lets
+    # gcc vectorize the clamps and selects of the elementwise passes.
+    ext_modules = [CppExtension("fused_rnn._C", ["csrc/fused_rnn_cpu.cpp"],
+                                extra_compile_args=["-O3", "-fno-trapping-math"])]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(

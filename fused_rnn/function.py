@@ -93,7 +93,7 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
 class RecurrenceFunction(torch.autograd.Function):
     """(kernels, proj, ids, w_h, b_h, h0, allow_tf32) -> (output [B, T, H], h_n [B, H]).
 
-    ``kernels`` is a backend module with ``rnn_fwd`` and ``rnn_bwd_chain``. ``ids [B, T]``
+    ``kernels`` is a backend module with ``rnn_fwd`` and ``rnn_bwd``. ``ids [B, T]``
     selects rows of ``proj [V, H]``; without it ``proj`` is ``[B, T, H]``. Differentiable in
     ``proj``, ``w_h``, ``b_h`` and ``h0``.
     """
@@ -110,25 +110,9 @@ class RecurrenceFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):
         proj, ids, w_h, ws = ctx.saved_tensors
-        # The sequential part: c_t = dz_t @ W_h, the gradient reaching h_{t-1} and r_t.
-        c = ctx.kernels.rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, ctx.allow_tf32)
-        # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
-        # dtype, cast to the inputs' dtype at the end.
-        H = w_h.shape[0]
-        p = (proj[ids] if ids is not None else proj).to(ws.dtype)
-        h = ws[:, 1:]
-        dz = ((grad_out.to(ws.dtype) + c[:, 1:]) * (1.0 - h * h)).reshape(-1, H)
-        a = (ws[:, :-1] + torch.relu(p)).reshape(-1, H)
-        grad_w_h = (dz.t() @ a).to(w_h.dtype)
-        grad_b_h = dz.sum(0).to(w_h.dtype) if ctx.has_bias else None
-        dp = c[:, :-1] * (p > 0)
-        if ids is not None:
-            grad_proj = torch.zeros(proj.shape, device=proj.device, dtype=ws.dtype)
-            grad_proj.index_add_(0, ids.reshape(-1), dp.reshape(-1, H))
-        else:
-            grad_proj = dp
-        grad_h0 = c[:, 0].to(w_h.dtype) if ctx.needs_input_grad[5] else None
-        return None, grad_proj.to(proj.dtype), None, grad_w_h, grad_b_h, grad_h0, None
+        grad_proj, grad_w_h, grad_b_h, grad_h0 = ctx.kernels.rnn_bwd(
+            grad_out, grad_h_n, ws, proj, ids, w_h, ctx.has_bias, ctx.needs_input_grad[5], ctx.allow_tf32)
+        return None, grad_proj, None, grad_w_h, grad_b_h, grad_h0, None
 
 
 def _check_tensor(name, t, ndim, shape=None):

@@ -1,6 +1,6 @@
 """The C++ CPU extension (csrc/): built by setup.py, or just in time on first use.
 
-Exposes the same two entry points as the Triton backend, ``rnn_fwd`` and ``rnn_bwd_chain``.
+Exposes the same two entry points as the Triton backend, ``rnn_fwd`` and ``rnn_bwd``.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def _load():
 
         print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
         return build(name="fused_rnn_cpu", sources=[str(p) for p in SOURCES],
-                     extra_cflags=["-O3"], verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
+                     extra_cflags=["-O3", "-fno-trapping-math"],  # as in setup.py
+                     verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
     except Exception as exc:  # no compiler, no ninja, compile error
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return (f"the fused_rnn CPU extension could not be built ({first}); it needs a C++ compiler "
@@ -59,5 +60,5 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     return load().rnn_fwd(proj, ids, w_h, b_h, h0)
 
 
-def rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32=False):
-    return load().rnn_bwd_chain(grad_out.to(ws.dtype), grad_h_n.to(ws.dtype), ws, w_h)
+def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0, allow_tf32=False):
+    return tuple(load().rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0))

@@ -2,7 +2,8 @@
 
 Entry points (shared with the CPU extension; `fused_rnn.function` wraps them in autograd):
 ``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32) -> ws`` and
-``rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32) -> c``.
+``rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0, allow_tf32)
+-> (grad_proj, grad_w_h, grad_b_h, grad_h0)``.
 
 The input projection ``p = W_in e(x) + b_in`` is not here: it is a parallel GEMM that the caller
 computes with PyTorch (for token input, once per vocabulary row: the table ``U [V, H]``), and
@@ -15,7 +16,8 @@ autograd differentiates it. This file owns only the sequential part:
 Each program owns a block of batch rows and all of H, so programs never wait on each other.
 A program writes h_t (or c_t) for one column block at a time and reads it back in full in the
 next step, with a barrier between the steps so all its threads see each other's writes.
-The weight/bias gradients and dL/dp are large parallel GEMMs/reductions done after the loop.
+The weight/bias gradients and dL/dp are large parallel GEMMs/reductions done after the loop
+(with PyTorch, in `rnn_bwd`).
 """
 from __future__ import annotations
 
@@ -200,7 +202,30 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     return ws
 
 
-def rnn_bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32=False):
+def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0, allow_tf32=False):
+    """Backward through all steps: ``(grad_proj, grad_w_h, grad_b_h, grad_h0)`` (the last two
+    None unless asked for), in the dtypes of ``proj`` and ``w_h``."""
+    c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32)
+    # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
+    # dtype, cast to the inputs' dtype at the end.
+    H = w_h.shape[0]
+    p = (proj[ids] if ids is not None else proj).to(ws.dtype)
+    h = ws[:, 1:]
+    dz = ((grad_out.to(ws.dtype) + c[:, 1:]) * (1.0 - h * h)).reshape(-1, H)
+    a = (ws[:, :-1] + torch.relu(p)).reshape(-1, H)
+    grad_w_h = (dz.t() @ a).to(w_h.dtype)
+    grad_b_h = dz.sum(0).to(w_h.dtype) if has_bias else None
+    dp = c[:, :-1] * (p > 0)
+    if ids is not None:
+        grad_proj = torch.zeros(proj.shape, device=proj.device, dtype=ws.dtype)
+        grad_proj.index_add_(0, ids.reshape(-1), dp.reshape(-1, H))
+    else:
+        grad_proj = dp
+    grad_h0 = c[:, 0].to(w_h.dtype) if need_grad_h0 else None
+    return grad_proj.to(proj.dtype), grad_w_h, grad_b_h, grad_h0
+
+
+def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32):
     """Runs the reverse-time chain. Returns ``c [B, T+1, H]`` with ``c[:, t] = dz_t @ W_h`` for
     ``t < T`` (the gradient reaching ``h_{t-1}`` and ``r_t`` from step ``t``) and
     ``c[:, T] = grad_h_n``."""
