@@ -3,7 +3,7 @@
 //   rnn_fwd(proj, ids, w_h, b_h, h0) -> ws [B, T+1, H]: ws[:, 0] = h0, ws[:, t+1] = h_t
 //       h_t = tanh((h_{t-1} + relu(p_t)) @ W_h^T + b_h), p_t = proj[ids[:, t]] (token input)
 //       or proj[:, t] (dense input, proj [B, T, H]).
-//   rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0)
+//   rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias)
 //       -> (grad_proj, grad_w_h, grad_b_h, grad_h0): the chain c_t = dz_t @ W_h with
 //       dz_t = (grad_out[:, t] + c_{t+1}) * (1 - h_t^2), c_T = grad_h_n, run per step; then
 //       grad_w_h = sum_t dz_t^T a_t (a_t = h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
@@ -172,7 +172,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
 std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_h_n,
                                                const at::Tensor& ws, const at::Tensor& proj_in,
                                                const c10::optional<at::Tensor>& ids_in, const at::Tensor& w_h,
-                                               bool has_bias, bool need_grad_h0) {
+                                               bool has_bias) {
   check_weights(w_h);
   TORCH_CHECK_VALUE(ws.dim() == 3 && ws.size(2) == w_h.size(0) && ws.size(1) >= 2 && ws.is_contiguous(),
                     "ws must be a contiguous [B, T+1, H] workspace from rnn_fwd, got ", ws.sizes());
@@ -196,7 +196,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   at::Tensor dz = at::empty({B, T, H}, ws.options());  // dz_t = g_t * (1 - h_t^2)
   at::Tensor a = at::empty({B, T, H}, ws.options());   // a_t = h_{t-1} + relu(p_t)
   at::Tensor dp = at::empty({B, T, H}, ws.options());  // dL/dp_t = c_t * (p_t > 0)
-  at::Tensor grad_h0 = need_grad_h0 ? at::empty({B, H}, ws.options()) : at::Tensor();
+  at::Tensor grad_h0;
 
   AT_DISPATCH_FLOATING_TYPES(ws.scalar_type(), "rnn_bwd", [&] {
     const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
@@ -228,7 +228,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
       });
       std::swap(c_next, c_t);
     }
-    if (need_grad_h0) grad_h0.copy_(c_next);  // c_0: the gradient reaching h0
+    grad_h0 = c_next;  // c_0: the gradient reaching h0
   });
 
   // The weight gradients: one large GEMM and one reduction over all B*T rows.
@@ -241,9 +241,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     grad_proj = at::zeros_like(proj);
     grad_proj.index_add_(0, ids.view({B * T}), dp.view({B * T, H}));
   }
-  c10::optional<at::Tensor> h0_out;
-  if (need_grad_h0) h0_out = grad_h0;
-  return {grad_proj, grad_w_h, grad_b_h, h0_out};
+  return {grad_proj, grad_w_h, grad_b_h, grad_h0};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -251,7 +249,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the [B, T+1, H] state workspace",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"));
   m.def("rnn_bwd", &rnn_bwd,
-        "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0 or None)",
+        "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0)",
         py::arg("grad_out"), py::arg("grad_h_n"), py::arg("ws"), py::arg("proj"), py::arg("ids"), py::arg("w_h"),
-        py::arg("has_bias"), py::arg("need_grad_h0"));
+        py::arg("has_bias"));
 }

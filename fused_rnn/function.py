@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,26 +55,22 @@ def backends() -> dict:
 _warned_cpu_fallback = False
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
-    """The kernel module for ``backend`` (None for the reference)."""
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that will run: "triton", "cpu" or "reference"; raises for an impossible ask."""
     global _warned_cpu_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            backend = "reference" if isinstance(_triton_module(), Exception) else "triton"
-        elif device.type == "cpu" and dtype in CPU_DTYPES:
+            return "reference" if isinstance(_triton_module(), Exception) else "triton"
+        if device.type == "cpu" and dtype in CPU_DTYPES:
             reason = cpu_ext.unavailable_reason()
             if reason is None:
-                return cpu_ext
+                return "cpu"
             if not _warned_cpu_fallback:
                 warnings.warn(f"fused_rnn: falling back to the reference loop: {reason}", stacklevel=3)
                 _warned_cpu_fallback = True
-            backend = "reference"
-        else:
-            backend = "reference"
-    if backend == "reference":
-        return None
+        return "reference"
     if backend == "cpu":
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpu' runs on CPU tensors, got {device.type} tensors; "
@@ -83,36 +79,80 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
             raise RuntimeError(f"backend='cpu' supports float32 and float64, got {dtype}; "
                                f"use backend='reference' or convert the inputs")
         cpu_ext.load()  # raises RuntimeError saying how to fix a failed build
-        return cpu_ext
-    mod = _triton_module()
-    if isinstance(mod, Exception):
-        raise RuntimeError(f"backend='triton' needs triton ({mod}); pip install triton")
-    return mod
+    elif backend == "triton" and isinstance(_triton_module(), Exception):
+        raise RuntimeError(f"backend='triton' needs triton ({_triton_module()}); pip install triton")
+    return backend
 
 
-class RecurrenceFunction(torch.autograd.Function):
-    """(kernels, proj, ids, w_h, b_h, h0, allow_tf32) -> (output [B, T, H], h_n [B, H]).
+def _kernels(backend: str):
+    """The module with ``rnn_fwd`` and ``rnn_bwd`` for a fused backend."""
+    return cpu_ext if backend == "cpu" else _triton_module()
 
-    ``kernels`` is a backend module with ``rnn_fwd`` and ``rnn_bwd``. ``ids [B, T]``
-    selects rows of ``proj [V, H]``; without it ``proj`` is ``[B, T, H]``. Differentiable in
-    ``proj``, ``w_h``, ``b_h`` and ``h0``.
-    """
 
-    @staticmethod
-    def forward(ctx, kernels, proj, ids, w_h, b_h, h0, allow_tf32):
-        ws = kernels.rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32)  # [B, T+1, H], fp32 or fp64
-        ctx.save_for_backward(proj, ids, w_h, ws)
-        ctx.kernels, ctx.allow_tf32, ctx.has_bias = kernels, allow_tf32, b_h is not None
-        if ids is not None:
-            ctx.mark_non_differentiable(ids)
-        return ws[:, 1:].to(w_h.dtype), ws[:, -1].to(w_h.dtype, copy=True)
+# The fused recurrence as PyTorch custom ops, so that torch.compile(fullgraph=True) can trace
+# through it (the fake implementations give it the output shapes) and autograd sees one node.
+#
+# fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32) -> (ws, h_n)
+#   ws [B, T+1, H] (fp32; fp64 for fp64 inputs): ws[:, 0] = h0, ws[:, t+1] = h_t. The public
+#   function returns ws[:, 1:] as the output; h_n [B, H] in the inputs' dtype.
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_h_n):
-        proj, ids, w_h, ws = ctx.saved_tensors
-        grad_proj, grad_w_h, grad_b_h, grad_h0 = ctx.kernels.rnn_bwd(
-            grad_out, grad_h_n, ws, proj, ids, w_h, ctx.has_bias, ctx.needs_input_grad[5], ctx.allow_tf32)
-        return None, grad_proj, None, grad_w_h, grad_b_h, grad_h0, None
+
+def _workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fused_rnn::recurrence", mutates_args=())
+def _recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
+                b_h: Optional[torch.Tensor], h0: Optional[torch.Tensor], backend: str,
+                allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    ws = _kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32)
+    return ws, ws[:, -1].to(w_h.dtype, copy=True)
+
+
+@_recurrence.register_fake
+def _(proj, ids, w_h, b_h, h0, backend, allow_tf32):
+    B, T = ids.shape if ids is not None else proj.shape[:2]
+    H = w_h.shape[0]
+    return w_h.new_empty((B, T + 1, H), dtype=_workspace_dtype(w_h.dtype)), w_h.new_empty((B, H))
+
+
+@torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())
+def _recurrence_backward(grad_ws: torch.Tensor, grad_h_n: torch.Tensor, ws: torch.Tensor,
+                         proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
+                         has_bias: bool, backend: str, allow_tf32: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_proj, grad_w_h, grad_b_h, grad_h0); grad_b_h is empty without a bias."""
+    grad_proj, grad_w_h, grad_b_h, grad_h0 = _kernels(backend).rnn_bwd(
+        grad_ws[:, 1:], grad_h_n, ws, proj, ids, w_h, has_bias, allow_tf32)
+    return grad_proj, grad_w_h, grad_b_h if has_bias else w_h.new_empty(0), grad_h0
+
+
+@_recurrence_backward.register_fake
+def _(grad_ws, grad_h_n, ws, proj, ids, w_h, has_bias, backend, allow_tf32):
+    B, H = ws.shape[0], ws.shape[2]
+    return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(H if has_bias else 0),
+            w_h.new_empty((B, H)))
+
+
+def _recurrence_setup_context(ctx, inputs, output):
+    proj, ids, w_h, b_h, h0, backend, allow_tf32 = inputs
+    ctx.save_for_backward(proj, ids, w_h, output[0])
+    ctx.has_bias, ctx.backend, ctx.allow_tf32 = b_h is not None, backend, allow_tf32
+
+
+def _recurrence_autograd(ctx, grad_ws, grad_h_n):
+    proj, ids, w_h, ws = ctx.saved_tensors
+    if grad_ws is None:
+        grad_ws = torch.zeros_like(ws)
+    if grad_h_n is None:
+        grad_h_n = w_h.new_zeros((ws.shape[0], ws.shape[2]))
+    grad_proj, grad_w_h, grad_b_h, grad_h0 = _recurrence_backward(
+        grad_ws, grad_h_n, ws, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32)
+    return (grad_proj, None, grad_w_h, grad_b_h if ctx.has_bias else None,
+            grad_h0 if ctx.needs_input_grad[4] else None, None, None)
+
+
+_recurrence.register_autograd(_recurrence_autograd, setup_context=_recurrence_setup_context)
 
 
 def _check_tensor(name, t, ndim, shape=None):
@@ -124,7 +164,7 @@ def _check_tensor(name, t, ndim, shape=None):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
-def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding):
+def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths=None):
     """Raises a ValueError/TypeError/IndexError for any malformed input; returns nothing."""
     _check_tensor("w_h", w_h, 2)
     H = w_h.shape[0]
@@ -171,11 +211,42 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding):
     for name, t in {**floats, "x": x}.items():
         if t.device != w_h.device:
             raise ValueError(f"all inputs must be on one device: w_h is on {w_h.device}, {name} is on {t.device}")
+    if lengths is not None:
+        _check_tensor("lengths", lengths, 1, (B,))
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    if torch.compiler.is_compiling():
+        return  # the value checks below need a host sync, which a compiled graph cannot have
     if tokens:
         V = embedding.shape[0]
         lo, hi = int(x.min()), int(x.max())  # one host sync, before any kernel runs
         if lo < 0 or hi >= V:
             raise IndexError(f"token ids must lie in [0, {V}), got values in [{lo}, {hi}]")
+    if lengths is not None:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > T:
+            raise ValueError(f"lengths must lie in [1, T={T}], got values in [{lo}, {hi}]")
+
+
+def _autocast_inputs(tensors: dict) -> dict:
+    """Under torch.autocast, float inputs in the autocast dtype (the recurrence is GEMM-bound,
+    so it runs in the lower precision, as nn.RNN does)."""
+    w_h = tensors["w_h"]
+    device_type = w_h.device.type if isinstance(w_h, torch.Tensor) else "cpu"
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype in FLOAT_DTYPES else v)
+            for k, v in tensors.items()}
+
+
+def _apply_lengths(output, h_n, lengths, T):
+    """Zeros past each sequence's end; h_n at each sequence's last valid step. The recurrence is
+    causal, so steps past the end never touch earlier ones and, masked out, get no gradient."""
+    valid = torch.arange(T, device=output.device)[None, :] < lengths[:, None]  # [B, T]
+    output = output * valid[..., None].to(output.dtype)
+    h_n = output[torch.arange(output.shape[0], device=output.device), lengths - 1]
+    return output, h_n
 
 
 def fused_rnn(
@@ -187,6 +258,7 @@ def fused_rnn(
     h0: Optional[torch.Tensor] = None,
     *,
     embedding: Optional[torch.Tensor] = None,
+    lengths: Optional[torch.Tensor] = None,
     backend: str = "auto",
     allow_tf32: bool = False,
 ):
@@ -199,6 +271,9 @@ def fused_rnn(
         w_h: ``[H, H]``; b_h: ``[H]`` or None.
         h0: initial state ``[B, H]``, or None for zeros.
         embedding: ``[V, E]``, for token input.
+        lengths: ``[B]`` integer sequence lengths in ``[1, T]`` for a padded batch: outputs past
+            a sequence's end are zeros, ``h_n`` is its state at its last valid step, and padding
+            gets no gradient. None: every sequence is T long.
         backend: ``"triton"`` (CUDA), ``"cpu"`` (the C++ extension; fp32/fp64), ``"reference"``
             (the plain loop) or ``"auto"``: the fastest for the tensors' device and dtype (see
             :func:`fused_rnn.backends`).
@@ -208,20 +283,26 @@ def fused_rnn(
     Returns:
         ``(output [B, T, H], h_n [B, H])``: every state ``h_1..h_T`` and the last one.
         Differentiable with respect to every float input. Float inputs share one dtype
-        (fp16, bf16, fp32, fp64); half types accumulate and keep the state in fp32.
+        (fp16, bf16, fp32, fp64); half types accumulate and keep the state in fp32. Under
+        ``torch.autocast`` the float inputs are cast to the autocast dtype.
     """
-    if not isinstance(w_h, torch.Tensor):
-        raise TypeError(f"w_h must be a torch.Tensor, got {type(w_h).__name__}")
-    _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding)
-    kernels = _resolve_backend(backend, w_h.device, w_h.dtype)
-    if kernels is None:
-        return rnn_reference(x, w_in, b_in, w_h, b_h, h0, embedding=embedding)
-    # The input projection is a parallel GEMM; autograd differentiates it.
-    if embedding is not None:
-        proj, ids = F.linear(embedding, w_in, b_in), x.to(torch.int64).contiguous()  # U [V, H]
+    t = _autocast_inputs(dict(x=x, w_in=w_in, b_in=b_in, w_h=w_h, b_h=b_h, h0=h0, embedding=embedding))
+    x, w_in, b_in, w_h, b_h, h0, embedding = (t[k] for k in ("x", "w_in", "b_in", "w_h", "b_h", "h0", "embedding"))
+    _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths)
+    backend = _resolve_backend(backend, w_h.device, w_h.dtype)
+    if backend == "reference":
+        output, h_n = rnn_reference(x, w_in, b_in, w_h, b_h, h0, embedding=embedding)
     else:
-        proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
-    return RecurrenceFunction.apply(
-        kernels, proj.contiguous(), ids, w_h.contiguous(),
-        b_h.contiguous() if b_h is not None else None,
-        h0.contiguous() if h0 is not None else None, allow_tf32)
+        # The input projection is a parallel GEMM; autograd differentiates it.
+        if embedding is not None:
+            proj, ids = F.linear(embedding, w_in, b_in), x.to(torch.int64).contiguous()  # U [V, H]
+        else:
+            proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
+        ws, h_n = _recurrence(
+            proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
+            h0.contiguous() if h0 is not None else None, backend, allow_tf32)
+        output = ws[:, 1:].to(w_h.dtype)
+    if lengths is not None:
+        output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
+                                     x.shape[1])
+    return output, h_n

@@ -1,13 +1,15 @@
-"""Drop-in nn.Modules built on :func:`fused_rnn.fused_rnn`."""
+"""Drop-in nn.Modules built on :func:`fused_rnn.fused_rnn`, and :func:`convert`."""
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .function import fused_rnn
+from .reference import CharLoopModel
 
 
 class FusedRNNLayer(nn.Module):
@@ -82,3 +84,100 @@ class FusedRNN(nn.Module):
         if self.dropout:
             s += f", dropout={self.dropout}"
         return s + f", backend={self.backend!r}"
+
+
+class FusedCharLoopModel(nn.Module):
+    """The course's ``CharLoopModel`` on the fused recurrence: same constructor, submodules
+    (``e``, ``l_in``, ``l_hidden``, ``l_out``) and state-dict keys, same outputs to fp32 rounding.
+
+    ``forward(*cs)`` takes one LongTensor ``[B]`` per step, as the course's model does, or
+    ``forward(x)`` takes ``x [B, T]``; both return ``log_softmax`` scores ``[B, vocab_size]`` for
+    the char after the last one.
+    """
+
+    def __init__(self, vocab_size: int, n_fac: int, n_hidden: int, backend: str = "auto"):
+        super().__init__()
+        self.e = nn.Embedding(vocab_size, n_fac)
+        self.l_in = nn.Linear(n_fac, n_hidden)
+        self.l_hidden = nn.Linear(n_hidden, n_hidden)
+        self.l_out = nn.Linear(n_hidden, vocab_size)
+        self.backend = backend
+
+    def forward(self, *cs: torch.Tensor) -> torch.Tensor:
+        if not cs:
+            raise TypeError("forward() needs the chars: one [B] tensor per step, or x [B, T]")
+        x = cs[0] if len(cs) == 1 and cs[0].dim() == 2 else torch.stack(cs, dim=1)
+        _, h_n = fused_rnn(x, self.l_in.weight, self.l_in.bias, self.l_hidden.weight,
+                           self.l_hidden.bias, embedding=self.e.weight, backend=self.backend)
+        return F.log_softmax(self.l_out(h_n), dim=-1)
+
+    @classmethod
+    def from_course_model(cls, model: nn.Module, backend: str = "auto") -> "FusedCharLoopModel":
+        """The fused model holding ``model``'s own submodules (so its parameters, device, dtype
+        and any optimizer that holds them carry over) and training mode."""
+        problem = course_model_mismatch(model)
+        if problem:
+            raise ValueError(f"{type(model).__name__} is not a course-style CharLoopModel: {problem}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.e, fused.l_in, fused.l_hidden, fused.l_out = model.e, model.l_in, model.l_hidden, model.l_out
+        fused.backend = backend
+        return fused.train(model.training)
+
+
+def course_model_mismatch(model: nn.Module) -> Optional[str]:
+    """None when ``model`` has the course model's four submodules with consistent shapes, else
+    what is wrong."""
+    kinds = {"e": nn.Embedding, "l_in": nn.Linear, "l_hidden": nn.Linear, "l_out": nn.Linear}
+    for name, kind in kinds.items():
+        sub = getattr(model, name, None)
+        if not isinstance(sub, kind):
+            return f"its submodule {name!r} is {type(sub).__name__ if sub is not None else 'missing'}, not {kind.__name__}"
+    e, l_in, l_hidden, l_out = model.e, model.l_in, model.l_hidden, model.l_out
+    H = l_hidden.out_features
+    checks = [(l_in.in_features == e.embedding_dim, "l_in.in_features != e.embedding_dim"),
+              (l_in.out_features == H, "l_in.out_features != l_hidden.out_features"),
+              (l_hidden.in_features == H, "l_hidden is not square"),
+              (l_out.in_features == H, "l_out.in_features != l_hidden.out_features"),
+              (l_out.out_features == e.num_embeddings, "l_out.out_features != e.num_embeddings")]
+    for ok, what in checks:
+        if not ok:
+            return what
+    return None
+
+
+def convert(model: nn.Module, classes: Optional[Sequence[type]] = None, backend: str = "auto") -> nn.Module:
+    """Replaces, in place, every course-style char model in ``model``'s tree by a
+    :class:`FusedCharLoopModel` holding the same submodules (weights, device, dtype, training
+    mode carry over). Returns ``model``, or the fused model when ``model`` itself is one.
+
+    Matched by default: instances of :class:`fused_rnn.reference.CharLoopModel`, and of any class
+    named ``CharLoopModel`` (as copied from the course's notebook) whose ``e``, ``l_in``,
+    ``l_hidden`` and ``l_out`` have matching shapes. With ``classes``, instances of those classes
+    instead; one that does not match is left alone with a warning saying why.
+    """
+    explicit = classes is not None
+    classes = tuple(classes) if explicit else (CharLoopModel,)
+
+    def wanted(m):
+        return isinstance(m, classes) or (not explicit and type(m).__name__ == "CharLoopModel")
+
+    def swap(m):
+        if isinstance(m, FusedCharLoopModel) or not wanted(m):
+            return None
+        problem = course_model_mismatch(m)
+        if problem is None:
+            return FusedCharLoopModel.from_course_model(m, backend)
+        if explicit:
+            warnings.warn(f"fused_rnn.convert: left {type(m).__name__} alone: {problem}", stacklevel=3)
+        return None
+
+    root = swap(model)
+    if root is not None:
+        return root
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            new = swap(child)
+            if new is not None:
+                setattr(parent, name, new)
+    return model

@@ -159,12 +159,41 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}") from None
 
 
+def _distributed_setup(device_name: str):
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per process, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_name)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
 def train(opts) -> CharLanguageModel:
-    """Runs the training described by the parsed command-line options ``opts``."""
+    """Runs the training described by the parsed command-line options ``opts``. Under torchrun,
+    each process trains on its own random windows with DistributedDataParallel; rank 0 reports,
+    evaluates, samples and saves."""
     from tqdm import tqdm
 
-    device = resolve_device(opts.device)
-    torch.manual_seed(opts.seed)
+    rank, world, device = _distributed_setup(opts.device)
+    try:
+        return _train(opts, rank, world, device, tqdm)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(opts, rank, world, device, tqdm):
+    main = rank == 0
+    log = print if main else (lambda *a, **k: None)
+    torch.manual_seed(opts.seed)  # the same initial weights in every process
     text = load_corpus(opts.corpus, opts.max_chars)
     vocab = "".join(sorted(set(text)))
     data = encode(text, vocab)
@@ -174,37 +203,43 @@ def train(opts) -> CharLanguageModel:
         raise UserError(f"corpus too short ({len(data)} chars) for --seq-len {opts.seq_len}")
     config = ModelConfig(vocab, opts.n_fac, opts.hidden_size, opts.num_layers, opts.dropout)
     model = CharLanguageModel(config, backend=opts.backend).to(device)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
-    g = torch.Generator().manual_seed(opts.seed)
-    print(f"corpus: {opts.corpus or 'Python standard library source'}, {len(data):,} chars, "
-          f"vocab {len(vocab)}; model: hidden {opts.hidden_size} x {opts.num_layers} layer(s), "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; device {device}, "
-          f"backend {opts.backend}")
-    print(f"epoch 0: val loss {evaluate(model, val_data, opts.seq_len, opts.batch_size, device):.4f} "
-          f"(uniform guess: {math.log(len(vocab)):.4f})")
+    g = torch.Generator().manual_seed(opts.seed + rank)  # each process its own windows
+    log(f"corpus: {opts.corpus or 'Python standard library source'}, {len(data):,} chars, "
+        f"vocab {len(vocab)}; model: hidden {opts.hidden_size} x {opts.num_layers} layer(s), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters; device {device}"
+        f"{f' x {world} processes' if world > 1 else ''}, backend {opts.backend}")
+    if main:
+        log(f"epoch 0: val loss {evaluate(model, val_data, opts.seq_len, opts.batch_size, device):.4f} "
+            f"(uniform guess: {math.log(len(vocab)):.4f})")
     step = 0
     for epoch in range(1, opts.epochs + 1):
         bar = tqdm(range(opts.steps), desc=f"epoch {epoch}/{opts.epochs}", dynamic_ncols=True,
-                   mininterval=1.0)
+                   mininterval=1.0, disable=not main)
         t0, chars, running = time.perf_counter(), 0, None
         for _ in bar:
             x, y = random_windows(train_data, opts.batch_size, opts.seq_len, g)
             x, y = x.to(device), y.to(device)
-            logits, _ = model(x)
+            logits, _ = net(x)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            chars += x.numel()
+            chars += x.numel() * world
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             bar.set_postfix(loss=f"{running:.3f}", chars_per_s=f"{chars / (time.perf_counter() - t0):,.0f}",
                             refresh=False)
         bar.close()
-        val = evaluate(model, val_data, opts.seq_len, opts.batch_size, device)
-        print(f"epoch {epoch}: train loss {running:.4f}, val loss {val:.4f}")
-        save_checkpoint(opts.checkpoint, model, step, val)
-    print(f"checkpoint: {opts.checkpoint}")
-    print("sample:\n" + sample(model, opts.prime, opts.sample_chars, seed=opts.seed))
+        if main:
+            val = evaluate(model, val_data, opts.seq_len, opts.batch_size, device)
+            log(f"epoch {epoch}: train loss {running:.4f}, val loss {val:.4f}")
+            save_checkpoint(opts.checkpoint, model, step, val)
+    if main:
+        log(f"checkpoint: {opts.checkpoint}")
+        log("sample:\n" + sample(model, opts.prime, opts.sample_chars, seed=opts.seed))
     return model

@@ -51,3 +51,18 @@ def test_bad_options_exit_2_in_one_line(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_train_under_torchrun_with_two_processes(corpus, tmp_path):
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fused_rnn", "train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "16",
+           "--batch-size", "4", "--epochs", "1", "--steps", "5", "--checkpoint", str(ckpt),
+           "--sample-chars", "10", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "x 2 processes" in out.stdout and out.stdout.count("epoch 1: train loss") == 1
+    assert ckpt.exists()

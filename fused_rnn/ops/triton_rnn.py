@@ -2,7 +2,7 @@
 
 Entry points (shared with the CPU extension; `fused_rnn.function` wraps them in autograd):
 ``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32) -> ws`` and
-``rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0, allow_tf32)
+``rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, allow_tf32)
 -> (grad_proj, grad_w_h, grad_b_h, grad_h0)``.
 
 The input projection ``p = W_in e(x) + b_in`` is not here: it is a parallel GEMM that the caller
@@ -202,9 +202,9 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     return ws
 
 
-def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0, allow_tf32=False):
-    """Backward through all steps: ``(grad_proj, grad_w_h, grad_b_h, grad_h0)`` (the last two
-    None unless asked for), in the dtypes of ``proj`` and ``w_h``."""
+def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, allow_tf32=False):
+    """Backward through all steps: ``(grad_proj, grad_w_h, grad_b_h, grad_h0)`` (``grad_b_h``
+    None without a bias), in the dtypes of ``proj`` and ``w_h``."""
     c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32)
     # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
     # dtype, cast to the inputs' dtype at the end.
@@ -221,7 +221,7 @@ def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, need_grad_h0, allo
         grad_proj.index_add_(0, ids.reshape(-1), dp.reshape(-1, H))
     else:
         grad_proj = dp
-    grad_h0 = c[:, 0].to(w_h.dtype) if need_grad_h0 else None
+    grad_h0 = c[:, 0].to(w_h.dtype)
     return grad_proj.to(proj.dtype), grad_w_h, grad_b_h, grad_h0
 
 

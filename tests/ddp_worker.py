@@ -1,0 +1,38 @@
+"""A 2-process DistributedDataParallel run of a fused char model (imported by test_ecosystem)."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from fused_rnn.train import CharLanguageModel, ModelConfig
+
+VOCAB = "abcdefghijklmnop"
+
+
+def batch():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(0, len(VOCAB), (8, 12), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def model(backend):
+    torch.manual_seed(0)
+    return CharLanguageModel(ModelConfig(VOCAB, n_fac=5, hidden_size=24, num_layers=2), backend=backend)
+
+
+def loss_of(m, x, y):
+    logits, _ = m(x)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def worker(rank, world_size, init_file, out_file, backend):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        ddp = DistributedDataParallel(model(backend))
+        x, y = batch()
+        shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
+        loss_of(ddp, x[shard], y[shard]).backward()
+        if rank == 0:
+            torch.save({k: p.grad for k, p in ddp.module.named_parameters()}, out_file)
+    finally:
+        dist.destroy_process_group()
