@@ -61,8 +61,9 @@ def build_parser():
     t.add_argument("--steps", type=positive_int, default=400, help="optimizer steps per epoch")
     t.add_argument("--lr", type=positive_float, default=3e-3)
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    t.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
-                   help="the recurrence's backend (reference: the plain loop, to compare)")
+    t.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
+                   help="the recurrence's backend: auto = the fused kernels for the device; "
+                        "reference = the plain PyTorch loop, to compare")
     t.add_argument("--checkpoint", default="checkpoints/char_rnn.pt")
     t.add_argument("--prime", default="def ", help="text the sample starts from")
     t.add_argument("--sample-chars", type=positive_int, default=300)

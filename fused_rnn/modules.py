@@ -24,10 +24,10 @@ class FusedRNNLayer(nn.Module):
         self.l_in = nn.Linear(input_size, hidden_size, bias=bias, **kw)
         self.l_hidden = nn.Linear(hidden_size, hidden_size, bias=bias, **kw)
 
-    def forward(self, x, h0=None, backend="auto"):
+    def forward(self, x, h0=None, lengths=None, backend="auto"):
         return fused_rnn(x, self.l_in.weight, self.l_in.bias, self.l_hidden.weight,
                          self.l_hidden.bias, h0, embedding=self.e.weight if self.e is not None else None,
-                         backend=backend)
+                         lengths=lengths, backend=backend)
 
 
 class FusedRNN(nn.Module):
@@ -44,8 +44,9 @@ class FusedRNN(nn.Module):
             embedding of ``input_size``.
         backend: see :func:`fused_rnn.fused_rnn`.
 
-    ``forward(x, h0=None)`` returns ``(output [B, T, H], h_n [num_layers, B, H])``
-    (``output`` is ``[T, B, H]`` when ``batch_first=False``).
+    ``forward(x, h0=None, lengths=None)`` returns ``(output [B, T, H], h_n [num_layers, B, H])``
+    (``output`` is ``[T, B, H]`` when ``batch_first=False``). ``lengths [B]`` gives each padded
+    sequence's length: outputs past it are zeros and ``h_n`` is the state at its last valid step.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -63,7 +64,8 @@ class FusedRNN(nn.Module):
                           vocab_size if i == 0 else None, device=device, dtype=dtype)
             for i in range(num_layers))
 
-    def forward(self, x: torch.Tensor, h0: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, h0: Optional[torch.Tensor] = None,
+                lengths: Optional[torch.Tensor] = None):
         if not self.batch_first:
             x = x.transpose(0, 1)
         if h0 is not None and (h0.dim() != 3 or h0.shape[0] != self.num_layers):
@@ -72,7 +74,7 @@ class FusedRNN(nn.Module):
         for i, layer in enumerate(self.layers):
             if i > 0 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout)
-            x, h_n = layer(x, None if h0 is None else h0[i], self.backend)
+            x, h_n = layer(x, None if h0 is None else h0[i], lengths, self.backend)
             finals.append(h_n)
         output = x if self.batch_first else x.transpose(0, 1)
         return output, torch.stack(finals)
@@ -92,7 +94,7 @@ class FusedCharLoopModel(nn.Module):
 
     ``forward(*cs)`` takes one LongTensor ``[B]`` per step, as the course's model does, or
     ``forward(x)`` takes ``x [B, T]``; both return ``log_softmax`` scores ``[B, vocab_size]`` for
-    the char after the last one.
+    the char after the last one (after each sequence's last valid char, given ``lengths=[B]``).
     """
 
     def __init__(self, vocab_size: int, n_fac: int, n_hidden: int, backend: str = "auto"):
@@ -103,12 +105,13 @@ class FusedCharLoopModel(nn.Module):
         self.l_out = nn.Linear(n_hidden, vocab_size)
         self.backend = backend
 
-    def forward(self, *cs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *cs: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not cs:
             raise TypeError("forward() needs the chars: one [B] tensor per step, or x [B, T]")
         x = cs[0] if len(cs) == 1 and cs[0].dim() == 2 else torch.stack(cs, dim=1)
         _, h_n = fused_rnn(x, self.l_in.weight, self.l_in.bias, self.l_hidden.weight,
-                           self.l_hidden.bias, embedding=self.e.weight, backend=self.backend)
+                           self.l_hidden.bias, embedding=self.e.weight, lengths=lengths,
+                           backend=self.backend)
         return F.log_softmax(self.l_out(h_n), dim=-1)
 
     @classmethod

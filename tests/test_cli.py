@@ -66,3 +66,16 @@ def test_train_under_torchrun_with_two_processes(corpus, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "x 2 processes" in out.stdout and out.stdout.count("epoch 1: train loss") == 1
     assert ckpt.exists()
+
+
+def test_mismatched_checkpoint_is_one_line(tmp_path, capsys):
+    import torch
+
+    from fused_rnn.train import CharLanguageModel, ModelConfig
+
+    path = tmp_path / "other.pt"
+    small = CharLanguageModel(ModelConfig("abc", hidden_size=8))
+    torch.save({"config": {"vocab": "abc", "hidden_size": 16}, "model": small.state_dict()}, path)
+    assert main(["sample", "--checkpoint", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "not a fused_rnn char model" in err and len(err.strip().splitlines()) == 1, err

@@ -185,3 +185,18 @@ def test_bad_lengths():
         rnn(**args, lengths=torch.tensor([5, 1]))
     with pytest.raises(TypeError, match="integer"):
         rnn(**args, lengths=torch.tensor([5.0, 1.0, 2.0]))
+
+
+def test_modules_take_lengths():
+    torch.manual_seed(0)
+    lengths = torch.tensor([6, 2, 4])
+    x = torch.randint(0, 15, (3, 6))
+    rnn_module = FusedRNN(6, 10, num_layers=2, vocab_size=15)
+    out, h_n = rnn_module(x, lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        alone_out, alone_h = rnn_module(x[b:b + 1, :n])
+        torch.testing.assert_close(out[b, :n], alone_out[0])
+        torch.testing.assert_close(h_n[:, b], alone_h[:, 0])
+    char_model = FusedCharLoopModel(15, 4, 8)
+    scores = char_model(x, lengths=lengths)
+    torch.testing.assert_close(scores[1], char_model(x[1:2, :2])[0])
