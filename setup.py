@@ -33,5 +33,6 @@ setup(
     extras_require={
         # numpy < 2.3: the Triton interpreter (used by the tests without a GPU) breaks on 2.3.
         "test": ["pytest", "numpy<2.3"],
+        "bench": ["matplotlib"],
     },
 )

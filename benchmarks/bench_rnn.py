@@ -6,7 +6,8 @@ Providers compute the same function: `eager` (the reference loop), `compiled` (t
 it), `cudnn` (nn.RNN with weight_ih = weight_hh = W_h, fed relu(l_in(e(x))); CUDA only) and
 `fused` (fused_rnn's fastest backend for the device). Medians: triton.testing.do_bench on CUDA;
 on CPU, interleaved rounds (provider A, B, C, A, B, C, ...) so machine noise hits all alike.
-Appends rows to benchmarks/results.csv and prints a markdown table.
+Appends rows to benchmarks/results.csv, prints a markdown table and draws the fused provider's
+speedup over the reference provider (cudnn when timed, else eager) per shape into a PNG.
 """
 from __future__ import annotations
 
@@ -159,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-csv", action="store_true", help="do not append to results.csv")
+    ap.add_argument("--plot", default=os.path.join(os.path.dirname(CSV_PATH), "speedup.png"),
+                    help="PNG of fused's speedup per shape ('' for none)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -203,13 +206,47 @@ def main(argv=None):
                 w.writeheader()
             w.writerows(rows)
     print_table(rows)
+    if args.plot:
+        plot_speedups(rows, args.plot, f"{gpu}, torch {torch.__version__}, triton {triton_version}")
+
+
+def reference_provider(providers):
+    return "cudnn" if "cudnn" in providers else providers[0]
+
+
+def plot_speedups(rows, path, title):
+    """One bar per (shape, mode, dtype): time of the reference provider / time of fused."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: pip install matplotlib)")
+        return
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    ref = reference_provider(providers)
+    if "fused" not in providers or ref == "fused":
+        return
+    ms = {(r["dtype"], r["B"], r["T"], r["H"], r["mode"], r["provider"]): r["ms"] for r in rows}
+    keys = list(dict.fromkeys(k[:5] for k in ms))
+    labels = [f"{d} B{B} T{T} H{H}\n{m}" for d, B, T, H, m in keys]
+    speedups = [ms[k + (ref,)] / ms[k + ("fused",)] for k in keys]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 4))
+    ax.bar(range(len(keys)), speedups, color=["tab:green" if v >= 1 else "tab:red" for v in speedups])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"speedup of fused over {ref} (x)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def print_table(rows):
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     keys = list(dict.fromkeys((r["dtype"], r["B"], r["T"], r["H"], r["mode"]) for r in rows))
     ms = {(r["dtype"], r["B"], r["T"], r["H"], r["mode"], r["provider"]): r["ms"] for r in rows}
-    ref = "cudnn" if "cudnn" in providers else providers[0]
+    ref = reference_provider(providers)
     print("\n| dtype | B | T | H | mode | " + " | ".join(f"{p} ms" for p in providers)
           + f" | fused speedup vs {ref} |")
     print("|---" * (6 + len(providers)) + "|")

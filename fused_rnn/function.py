@@ -1,4 +1,5 @@
-"""The public function: input checks, the input projection, and backend dispatch."""
+"""The public function: input checks, backend dispatch, the input projection, and the fused
+recurrence registered as PyTorch custom ops with autograd."""
 from __future__ import annotations
 
 import importlib
@@ -8,7 +9,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import cpu_ext
+from .ops import cpu_ext, workspace_dtype
 from .reference import rnn_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -97,10 +98,6 @@ def _kernels(backend: str):
 #   function returns ws[:, 1:] as the output; h_n [B, H] in the inputs' dtype.
 
 
-def _workspace_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("fused_rnn::recurrence", mutates_args=())
 def _recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
                 b_h: Optional[torch.Tensor], h0: Optional[torch.Tensor], backend: str,
@@ -113,7 +110,7 @@ def _recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tens
 def _(proj, ids, w_h, b_h, h0, backend, allow_tf32):
     B, T = ids.shape if ids is not None else proj.shape[:2]
     H = w_h.shape[0]
-    return w_h.new_empty((B, T + 1, H), dtype=_workspace_dtype(w_h.dtype)), w_h.new_empty((B, H))
+    return w_h.new_empty((B, T + 1, H), dtype=workspace_dtype(w_h.dtype)), w_h.new_empty((B, H))
 
 
 @torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())

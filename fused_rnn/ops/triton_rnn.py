@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import workspace_dtype
+
 # The interpreter (TRITON_INTERPRET=1, read when the kernels are defined) runs kernels on CPU
 # tensors; this module is imported lazily so the variable can be set up to first use.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -145,11 +147,6 @@ def rnn_bwd_kernel(
 # Launchers
 
 
-def _workspace_dtype(dtype: torch.dtype) -> torch.dtype:
-    """State and accumulation: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _block_sizes(B: int, H: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_N, BLOCK_K). tl.dot needs K >= 16."""
     h_block = max(16, triton.next_power_of_2(H))
@@ -184,7 +181,7 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     _check_runnable(w_h)
     B, T = (ids.shape if ids is not None else proj.shape[:2])
     H = w_h.shape[0]
-    ws = torch.empty(B, T + 1, H, device=w_h.device, dtype=_workspace_dtype(w_h.dtype))
+    ws = torch.empty(B, T + 1, H, device=w_h.device, dtype=workspace_dtype(w_h.dtype))
     if h0 is None:
         ws[:, 0].zero_()
     else:
