@@ -21,6 +21,7 @@ The weight/bias gradients and dL/dp are large parallel GEMMs/reductions done aft
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -156,6 +157,11 @@ def _block_sizes(B: int, H: int) -> tuple[int, int, int]:
     return 16, min(h_block, 64), min(h_block, 64)
 
 
+def _on_device(t: torch.Tensor):
+    """Kernels launch on the current CUDA device: make it the tensors' (e.g. cuda:1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
 
@@ -188,14 +194,15 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
         ws[:, 0].copy_(h0)
     BLOCK_B, BLOCK_N, BLOCK_K = _block_sizes(B, H)
     grid = (triton.cdiv(B, BLOCK_B),)
-    rnn_fwd_kernel[grid](
-        proj, ids if ids is not None else proj, w_h, b_h if b_h is not None else w_h, ws,
-        B, T, H,
-        TOKENS=ids is not None, HAS_BIAS=b_h is not None,
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625,
-        DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
-    )
+    with _on_device(ws):
+        rnn_fwd_kernel[grid](
+            proj, ids if ids is not None else proj, w_h, b_h if b_h is not None else w_h, ws,
+            B, T, H,
+            TOKENS=ids is not None, HAS_BIAS=b_h is not None,
+            BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625,
+            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
+        )
     return ws
 
 
@@ -233,9 +240,10 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32):
     grad_out = grad_out.to(ws.dtype).contiguous()
     BLOCK_B, BLOCK_N, BLOCK_K = _block_sizes(B, H)
     grid = (triton.cdiv(B, BLOCK_B),)
-    rnn_bwd_kernel[grid](
-        grad_out, ws, w_h, c, B, T, H,
-        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
-    )
+    with _on_device(ws):
+        rnn_bwd_kernel[grid](
+            grad_out, ws, w_h, c, B, T, H,
+            BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
+        )
     return c
