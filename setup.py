@@ -20,7 +20,11 @@ setup(
     description="The vanilla (Elman) char-RNN recurrence as fused Triton and C++ kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["fused_rnn", "fused_rnn.*"]),
+    # csrc/ also ships inside the package, so an install without the built extension can build
+    # it just in time.
+    packages=find_packages(include=["fused_rnn", "fused_rnn.*"]) + ["fused_rnn.csrc"],
+    package_dir={"fused_rnn.csrc": "csrc"},
+    package_data={"fused_rnn.csrc": ["*.cpp"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).resolve().parents[2] / "csrc" / "fused_rnn_cpu.cpp"]
+# The C++ source: inside the installed package, or in the source checkout (editable installs).
+_CANDIDATES = [Path(__file__).resolve().parents[1] / "csrc", Path(__file__).resolve().parents[2] / "csrc"]
+SOURCES = [next((d for d in _CANDIDATES if (d / "fused_rnn_cpu.cpp").exists()), _CANDIDATES[-1])
+           / "fused_rnn_cpu.cpp"]
 _ext = None  # the loaded module, or the reason it could not be loaded (a str)
 
 
@@ -41,8 +44,8 @@ def _load():
     except ImportError:
         pass
     if not all(p.exists() for p in SOURCES):
-        return ("the fused_rnn CPU extension was not built and its sources (csrc/) are not beside "
-                "the package; reinstall from a source checkout: pip install --no-build-isolation .")
+        return ("the fused_rnn CPU extension was not built and its source (csrc/) is missing; "
+                "reinstall from a source checkout: pip install --no-build-isolation .")
     try:
         from torch.utils.cpp_extension import load as build
 
