@@ -33,10 +33,13 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "ninja",
         "tqdm",
+        # torch warns at import without numpy; < 2.3: the Triton interpreter (used by the tests
+        # without a GPU) breaks on 2.3.
+        "numpy<2.3",
     ],
     extras_require={
-        # numpy < 2.3: the Triton interpreter (used by the tests without a GPU) breaks on 2.3.
-        "test": ["pytest", "numpy<2.3"],
+        "test": ["pytest", "hypothesis"],
+        "viz": ["matplotlib"],  # the loss curve of `train`, `inspect`
         "bench": ["matplotlib"],
     },
 )
