@@ -214,15 +214,20 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths=None):
             raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
     if torch.compiler.is_compiling():
         return  # the value checks below need a host sync, which a compiled graph cannot have
+    checks = []
     if tokens:
         V = embedding.shape[0]
-        lo, hi = int(x.min()), int(x.max())  # one host sync, before any kernel runs
-        if lo < 0 or hi >= V:
-            raise IndexError(f"token ids must lie in [0, {V}), got values in [{lo}, {hi}]")
+        checks.append((x, 0, V - 1, IndexError, f"token ids must lie in [0, {V})"))
     if lengths is not None:
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 1 or hi > T:
-            raise ValueError(f"lengths must lie in [1, T={T}], got values in [{lo}, {hi}]")
+        checks.append((lengths, 1, T, ValueError, f"lengths must lie in [1, T={T}]"))
+    for values, lo_ok, hi_ok, error, message in checks:
+        lo, hi = torch.aminmax(values)
+        if values.device.type == "cuda":
+            # No host sync per call: the check is queued on the stream before any kernel, and
+            # a bad value stops the program there with a device-side assert carrying the message.
+            torch._assert_async((lo >= lo_ok) & (hi <= hi_ok), message)
+        elif int(lo) < lo_ok or int(hi) > hi_ok:
+            raise error(f"{message}, got values in [{int(lo)}, {int(hi)}]")
 
 
 def _autocast_inputs(tensors: dict) -> dict:

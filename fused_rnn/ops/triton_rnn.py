@@ -13,22 +13,32 @@ autograd differentiates it. This file owns only the sequential part:
     backward  g_t = dL/dh_t (output grad + carry);  dz_t = g_t * (1 - h_t^2);  c_t = dz_t @ W_h
               c_t is both the carry into step t-1 and dL/dr_t.
 
-Each program owns a block of batch rows and all of H, so programs never wait on each other.
-A program writes h_t (or c_t) for one column block at a time and reads it back in full in the
-next step, with a barrier between the steps so all its threads see each other's writes.
+Two kernel families run the sequential part; ``FUSED_RNN_TRITON_KERNEL`` (read on every call:
+``auto``, ``blocked``, ``persistent``) picks one:
+
+* blocked (here; what ``auto`` runs): each program owns a block of batch rows and all of H, so
+  programs never wait on each other. A program writes h_t (or c_t) for one column block at a
+  time and reads it back in full in the next step, with a barrier between the steps so all its
+  threads see each other's writes. W_h is re-read from L2 every step.
+* persistent (`triton_persistent.py`): programs split H as well and keep their W_h slice on
+  chip, synchronising per batch group each step; `planner.py` says whether a problem fits.
+  Not yet validated on a GPU, so ``auto`` does not pick it.
+
 The weight/bias gradients and dL/dp are large parallel GEMMs/reductions done after the loop
-(with PyTorch, in `rnn_bwd`).
+(with PyTorch, in `rnn_bwd`; the token-table gradient has a deterministic kernel below for
+``torch.use_deterministic_algorithms(True)``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from . import workspace_dtype
+from . import planner, workspace_dtype
 
 # The interpreter (TRITON_INTERPRET=1, read when the kernels are defined) runs kernels on CPU
 # tensors; this module is imported lazily so the variable can be set up to first use.
@@ -144,14 +154,42 @@ def rnn_bwd_kernel(
         tl.debug_barrier()  # c_t must be visible to every thread of this program before step t-1
 
 
+@triton.jit
+def token_table_grad_kernel(
+    dp_ptr,  # [B*T, H] dL/dp per position (workspace dtype)
+    order_ptr,  # [B*T] int64 positions sorted by token id (stable)
+    seg_start_ptr,  # [V+1] int64: positions of token v are order[seg_start[v]:seg_start[v+1]]
+    grad_ptr,  # [V, H] dL/dU
+    H,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per (token, column block) sums its positions in a fixed order: the same bits
+    # every run, unlike index_add_'s float atomics on CUDA.
+    v = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    start = tl.load(seg_start_ptr + v)
+    end = tl.load(seg_start_ptr + v + 1)
+    acc = tl.zeros([BLOCK_N], dtype=grad_ptr.dtype.element_ty)
+    for i0 in range(start, end, BLOCK_R):
+        i = i0 + tl.arange(0, BLOCK_R)
+        i_ok = i < end
+        pos = tl.load(order_ptr + i, mask=i_ok, other=0)
+        rows = tl.load(dp_ptr + pos[:, None] * H + cols[None, :], mask=i_ok[:, None] & col_ok[None, :],
+                       other=0.0)
+        acc += tl.sum(rows, axis=0)
+    tl.store(grad_ptr + v.to(tl.int64) * H + cols, acc, mask=col_ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
 
-def _block_sizes(B: int, H: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K). tl.dot needs K >= 16."""
+def blocked_block_sizes(B: int, H: int, interpret: bool = INTERPRET) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K) of the blocked kernels. tl.dot needs K >= 16."""
     h_block = max(16, triton.next_power_of_2(H))
-    if INTERPRET:
+    if interpret:
         # The interpreter's cost is per operation, not per element: the fewest, largest blocks.
         return min(64, triton.next_power_of_2(B)), min(h_block, 128), min(h_block, 128)
     return 16, min(h_block, 64), min(h_block, 64)
@@ -178,6 +216,135 @@ def _check_runnable(t: torch.Tensor) -> None:
         f"before fused_rnn is imported); got a {t.device.type} tensor. Use backend='auto'.")
 
 
+# Which kernel family runs, read on every call so that a benchmark can switch it between calls.
+KERNEL_ENV = "FUSED_RNN_TRITON_KERNEL"
+KERNEL_CHOICES = ("auto", "blocked", "persistent")
+# Set to 1 to read the persistent kernels' timeout flag right after each launch (a host sync):
+# a timed-out call then reruns on the blocked kernels instead of returning NaN.
+SYNC_CHECK_ENV = "FUSED_RNN_SYNC_CHECK"
+# The interpreter runs programs one after another, so a cross-program barrier cannot complete
+# there: it runs the persistent kernels one step per launch (tests may switch this off to see
+# a barrier time out).
+PERSISTENT_STEPWISE = INTERPRET
+
+
+class PersistentKernelWarning(RuntimeWarning):
+    """The persistent kernels failed (launch error or barrier timeout); the blocked kernels run."""
+
+
+def selected_kernel() -> str:
+    """``FUSED_RNN_TRITON_KERNEL`` resolved to ``"blocked"`` or ``"persistent"``. ``auto`` is the
+    blocked kernels until a GPU run has validated the persistent ones."""
+    value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if value not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV} must be one of {KERNEL_CHOICES}, got {value!r}")
+    return "blocked" if value == "auto" else value
+
+
+class _PersistentState:
+    """Per process: whether the persistent path has failed, what was warned, and per device the
+    sticky timeout flag the kernels set, with a pinned host copy read without a sync."""
+
+    def __init__(self):
+        self.disabled_reason = None
+        self.warned = set()
+        self.flags = {}  # device -> (error [1] int32 on the device, pinned host copy, event)
+
+    def warn_once(self, message, category):
+        if message not in self.warned:
+            self.warned.add(message)
+            warnings.warn(f"fused_rnn: {message}", category, stacklevel=4)
+
+    def fail(self, reason):
+        self.disabled_reason = reason
+        self.warn_once(f"persistent Triton kernels disabled for this process: {reason}; the blocked "
+                       f"kernels run instead", PersistentKernelWarning)
+
+
+_persistent = _PersistentState()
+
+
+def reset_persistent_state() -> None:
+    """Forget an earlier persistent-kernel failure (for tests)."""
+    global _persistent
+    _persistent = _PersistentState()
+
+
+_sm_counts = {}
+
+
+def _sm_count(device: torch.device):
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def _persistent_plan(B, H, w_h, allow_tf32):
+    """The persistent plan to run, or None for the blocked kernels."""
+    if selected_kernel() != "persistent":
+        return None
+    if _persistent.disabled_reason is None:
+        _check_earlier_launches(w_h.device)
+    if _persistent.disabled_reason is not None:
+        return None
+    plan = planner.plan_persistent(B, H, w_h.dtype, _sm_count(w_h.device), allow_tf32=allow_tf32,
+                                   stepwise=PERSISTENT_STEPWISE)
+    if not plan.fits:
+        _persistent.warn_once(f"{KERNEL_ENV}=persistent: {plan.reason}; the blocked kernels run",
+                              UserWarning)
+        return None
+    return plan
+
+
+def _error_flag(device):
+    if device not in _persistent.flags:
+        error = torch.zeros(1, device=device, dtype=torch.int32)
+        host = torch.zeros(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        _persistent.flags[device] = (error, host, None)
+    return _persistent.flags[device][0]
+
+
+def _check_earlier_launches(device):
+    """Reads the pinned copy of the flag if the copy has landed (event done): no sync."""
+    if device not in _persistent.flags:
+        return
+    error, host, event = _persistent.flags[device]
+    if event is not None and event.query() and int(host[0]) != 0:
+        _persistent.fail("a barrier wait timed out in an earlier call (its outputs were NaN)")
+
+
+def _run_persistent(launch, ws) -> bool:
+    """Runs ``launch(error_flag)``; False (and the persistent path disabled, with a warning)
+    if it failed in a way seen now, so the caller reruns on the blocked kernels."""
+    device = ws.device
+    error = _error_flag(device)
+    if device.type != "cuda":  # the interpreter: launch errors are bugs, the flag costs nothing
+        launch(error)
+        if int(error[0]) != 0:
+            _persistent.fail("a barrier wait timed out")
+            return False
+        return True
+    try:
+        launch(error)
+    except RuntimeError as exc:  # e.g. a cooperative grid too large to be resident at once
+        _persistent.fail(f"launch failed ({str(exc).strip().splitlines()[0]})")
+        return False
+    if os.environ.get(SYNC_CHECK_ENV, "0") == "1":
+        if int(error[0]) != 0:
+            _persistent.fail("a barrier wait timed out")
+            return False
+    elif not torch.cuda.is_current_stream_capturing():
+        _, host, _ = _persistent.flags[device]
+        host.copy_(error, non_blocking=True)  # read at the next call, once it has landed
+        event = torch.cuda.Event()
+        event.record()
+        _persistent.flags[device] = (error, host, event)
+    return True
+
+
 def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     """Runs the forward recurrence. Returns the state workspace ``[B, T+1, H]`` (fp32/fp64):
     ``ws[:, 0] = h0`` and ``ws[:, t+1] = h_t``.
@@ -192,10 +359,13 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
         ws[:, 0].zero_()
     else:
         ws[:, 0].copy_(h0)
-    BLOCK_B, BLOCK_N, BLOCK_K = _block_sizes(B, H)
-    grid = (triton.cdiv(B, BLOCK_B),)
+    plan = _persistent_plan(B, H, w_h, allow_tf32)
     with _on_device(ws):
-        rnn_fwd_kernel[grid](
+        if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_fwd(
+                proj, ids, w_h, b_h, ws, plan, error, stepwise=PERSISTENT_STEPWISE), ws):
+            return ws
+        BLOCK_B, BLOCK_N, BLOCK_K = blocked_block_sizes(B, H)
+        rnn_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
             proj, ids if ids is not None else proj, w_h, b_h if b_h is not None else w_h, ws,
             B, T, H,
             TOKENS=ids is not None, HAS_BIAS=b_h is not None,
@@ -221,12 +391,31 @@ def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, allow_tf32=False):
     grad_b_h = dz.sum(0).to(w_h.dtype) if has_bias else None
     dp = c[:, :-1] * (p > 0)
     if ids is not None:
-        grad_proj = torch.zeros(proj.shape, device=proj.device, dtype=ws.dtype)
-        grad_proj.index_add_(0, ids.reshape(-1), dp.reshape(-1, H))
+        grad_proj = token_table_grad(ids, dp, proj.shape[0],
+                                     deterministic=torch.are_deterministic_algorithms_enabled())
     else:
         grad_proj = dp
     grad_h0 = c[:, 0].to(w_h.dtype)
     return grad_proj.to(proj.dtype), grad_w_h, grad_b_h, grad_h0
+
+
+def token_table_grad(ids, dp, V, deterministic=False):
+    """``dU [V, H]``: the sum of ``dp [B, T, H]`` over the positions of each token id.
+    ``deterministic``: sort the positions by id and sum each token's rows in order in a kernel
+    (bitwise reproducible); otherwise ``index_add_`` (float atomics on CUDA)."""
+    H = dp.shape[-1]
+    dp = dp.reshape(-1, H).contiguous()
+    ids = ids.reshape(-1)
+    grad = torch.zeros(V, H, device=dp.device, dtype=dp.dtype)
+    if not deterministic:
+        return grad.index_add_(0, ids, dp)
+    sorted_ids, order = torch.sort(ids, stable=True)
+    seg_start = torch.searchsorted(sorted_ids, torch.arange(V + 1, device=ids.device))
+    BLOCK_N = min(128, max(16, triton.next_power_of_2(H)))
+    with _on_device(dp):
+        token_table_grad_kernel[(V, triton.cdiv(H, BLOCK_N))](
+            dp, order, seg_start, grad, H, BLOCK_R=16, BLOCK_N=BLOCK_N)
+    return grad
 
 
 def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32):
@@ -238,12 +427,21 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32):
     c = torch.empty_like(ws)
     c[:, T].copy_(grad_h_n)
     grad_out = grad_out.to(ws.dtype).contiguous()
-    BLOCK_B, BLOCK_N, BLOCK_K = _block_sizes(B, H)
-    grid = (triton.cdiv(B, BLOCK_B),)
+    plan = _persistent_plan(B, H, w_h, allow_tf32)
     with _on_device(ws):
-        rnn_bwd_kernel[grid](
+        if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_bwd(
+                grad_out, ws, w_h, c, plan, error, stepwise=PERSISTENT_STEPWISE), ws):
+            return c
+        BLOCK_B, BLOCK_N, BLOCK_K = blocked_block_sizes(B, H)
+        rnn_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](
             grad_out, ws, w_h, c, B, T, H,
             BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
         )
     return c
+
+
+def _persistent_ops():
+    # Imported here: triton_persistent imports this module's _tanh.
+    from . import triton_persistent
+    return triton_persistent

@@ -1,0 +1,221 @@
+"""Compile every Triton kernel configuration the launchers would pick, for a named GPU, without one.
+
+    python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,1024 \
+        --dtypes fp32,bf16,fp16 [--batch-sizes 64,256] [--sm-count 132]
+
+For each (B, H, dtype) it asks the planner for the persistent forward and backward tilings (and
+says when they do not fit) and takes the blocked kernels' configuration, compiles each distinct
+kernel for the target (Triton compiles for a named GPU on a CPU-only machine), reads registers,
+spills and shared memory from the bundled ``ptxas -v``, and prints one markdown row per kernel.
+It exits non-zero when a compile fails, shared memory passes the target's limit, a persistent
+kernel spills (the planner counts on none), or the compiled kernel's registers and shared memory
+hold fewer programs per SM than the plan's co-residency assumes. The blocked kernels' spills are
+reported, not failed: they have no co-residency to keep.
+
+TRITON_INTERPRET must not be set (the interpreter's kernels cannot be compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+SM_COUNT = {80: 108, 90: 132}  # A100, H100/H200
+
+
+@dataclass
+class KernelConfig:
+    """One kernel compiled with one set of constexprs: what the launchers would launch."""
+    kernel: str  # "persistent_fwd", "persistent_bwd", "blocked_fwd", "blocked_bwd"
+    dtype: str
+    B: int
+    H: int
+    config: str  # human-readable tiling
+    fn: object = field(repr=False, default=None)
+    signature: dict = field(repr=False, default_factory=dict)
+    constexprs: dict = field(repr=False, default_factory=dict)
+    num_warps: int = 4
+    planned_programs_per_sm: int = 0  # 0: no co-residency assumed (blocked kernels)
+
+    def key(self):
+        return (self.fn.__name__, tuple(sorted(self.signature.items())),
+                tuple(sorted(self.constexprs.items())), self.num_warps)
+
+
+def _signature(fn, types: dict, H: int, constexprs: dict):
+    """Signature and divisibility attributes as the runtime specializes a launch: pointers are
+    16-byte aligned, H is marked divisible by 16 when it is, and an int equal to 1 is a constant
+    (B, T and the step bounds are not specialized: the kernels mark them do_not_specialize)."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = types.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name == "H" and H % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    constexprs = dict(constexprs)
+    if H == 1:
+        constexprs["H"] = 1
+        signature["H"] = "constexpr"
+    return signature, constexprs, attrs
+
+
+def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int) -> tuple[list, list]:
+    """(configs, notes): the kernels the launchers would run for this problem, and a note for
+    each persistent kernel the planner says does not fit."""
+    from .ops import planner, triton_persistent, triton_rnn
+
+    t = TRITON_TYPES[dtype]
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    configs, notes = [], []
+    plan = planner.plan_persistent(B, H, dtype, sm_count)
+    if plan.fits:
+        tiling = dict(BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
+                      DOT_PRECISION=plan.precision, STEPWISE=False)
+        fwd = dict(tiling, TOKENS=True, HAS_BIAS=True, TANH_SMALL=0.0625)
+        configs.append(KernelConfig(
+            "persistent_fwd", name, B, H, plan.describe(), triton_persistent.rnn_persistent_fwd_kernel,
+            {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}",
+             "arrivals_ptr": "*i32", "error_ptr": "*i32"}, fwd, plan.num_warps, plan.programs_per_sm))
+        configs.append(KernelConfig(
+            "persistent_bwd", name, B, H, plan.describe(), triton_persistent.rnn_persistent_bwd_kernel,
+            {"w_h_ptr": f"*{t}", "arrivals_ptr": "*i32", "error_ptr": "*i32"}, tiling,
+            plan.num_warps, plan.programs_per_sm))
+    else:
+        notes.append(f"{name} B={B} H={H}: persistent {plan.describe()}")
+    block_b, block_n, block_k = triton_rnn.blocked_block_sizes(B, H, interpret=False)
+    blocked = dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee")
+    config = f"{block_b}x{block_n}x{block_k}, 4 warps"
+    configs.append(KernelConfig(
+        "blocked_fwd", name, B, H, config, triton_rnn.rnn_fwd_kernel,
+        {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}"},
+        dict(blocked, TOKENS=True, HAS_BIAS=True, TANH_SMALL=0.0625)))
+    configs.append(KernelConfig(
+        "blocked_bwd", name, B, H, config, triton_rnn.rnn_bwd_kernel, {"w_h_ptr": f"*{t}"}, blocked))
+    return configs, notes
+
+
+_PTXAS_USAGE = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_config(cfg: KernelConfig, arch: int) -> dict:
+    """Compiles for sm_<arch>; returns registers, spill_bytes and shared_bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = _signature(cfg.fn, cfg.signature, cfg.H, cfg.constexprs)
+    src = ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": cfg.num_warps})
+    ptx = compiled.asm["ptx"]
+    gpu_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu_name}", path,
+                              "-o", os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    spills = _PTXAS_SPILL.search(log)
+    return {"registers": int(_PTXAS_USAGE.search(log).group(1)),
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else 0,
+            "shared_bytes": int(compiled.metadata.shared)}
+
+
+def check(configs_by_problem, arch: int, out=sys.stdout) -> list:
+    """Compiles every distinct kernel, prints the table; returns a list of failure messages."""
+    from .ops import planner
+
+    shared_limit = planner.SHARED_PER_BLOCK.get(arch, planner.SHARED_PER_BLOCK[80])
+    print("| kernel | dtype | B | H | config | registers | spill_bytes | shared_bytes | programs_per_sm |",
+          file=out)
+    print("|---|---|---|---|---|---|---|---|---|", file=out)
+    failures, cache = [], {}
+    for cfg in configs_by_problem:
+        key = cfg.key()
+        if key not in cache:
+            try:
+                cache[key] = compile_config(cfg, arch)
+            except Exception as exc:  # a compile failure is a finding, not a crash
+                cache[key] = exc
+        res = cache[key]
+        label = f"{cfg.kernel} {cfg.dtype} B={cfg.B} H={cfg.H}"
+        if isinstance(res, Exception):
+            first = str(res).strip().splitlines()[0] if str(res).strip() else type(res).__name__
+            print(f"| {cfg.kernel} | {cfg.dtype} | {cfg.B} | {cfg.H} | {cfg.config} | compile failed: "
+                  f"{first[:80]} | | | |", file=out)
+            failures.append(f"{label}: compile failed: {first}")
+            continue
+        per_sm = planner.programs_per_sm(res["registers"], res["shared_bytes"], cfg.num_warps, arch)
+        print(f"| {cfg.kernel} | {cfg.dtype} | {cfg.B} | {cfg.H} | {cfg.config} | {res['registers']} | "
+              f"{res['spill_bytes']} | {res['shared_bytes']} | {per_sm} |", file=out, flush=True)
+        if res["shared_bytes"] > shared_limit:
+            failures.append(f"{label}: {res['shared_bytes']} bytes of shared memory, sm_{arch} allows "
+                            f"{shared_limit}")
+        if cfg.planned_programs_per_sm:
+            if res["spill_bytes"]:
+                failures.append(f"{label}: spills {res['spill_bytes']} bytes; the planner counted on none")
+            if per_sm < cfg.planned_programs_per_sm:
+                failures.append(f"{label}: {per_sm} programs fit per SM, the plan assumes "
+                                f"{cfg.planned_programs_per_sm}")
+    return failures
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_rnn.compile_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="sm_90", help="sm_90 (H100/H200) or sm_80 (A100)")
+    parser.add_argument("--hidden-sizes", default="1,100,256,384,512,1000,1024", type=_ints)
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16")
+    parser.add_argument("--batch-sizes", default="256", type=_ints)
+    parser.add_argument("--sm-count", type=int, default=None,
+                        help="SMs the planner plans for (default: 132 for sm_90, 108 for sm_80)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    match = re.fullmatch(r"sm_(\d+)a?", args.arch)
+    if not match:
+        parser.error(f"--arch must look like sm_90, got {args.arch!r}")
+    arch = int(match.group(1))
+    sm_count = args.sm_count or SM_COUNT.get(arch, 108)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"--dtypes: {d!r} is not one of {sorted(DTYPES)}")
+    configs, notes = [], []
+    for d in dtypes:
+        for H in args.hidden_sizes:
+            for B in args.batch_sizes:
+                c, n = kernel_configs(B, H, DTYPES[d], sm_count)
+                configs += c
+                notes += n
+    print(f"Triton kernels compiled for sm_{arch} ({sm_count} SMs planned for)\n")
+    failures = check(configs, arch)
+    for note in notes:
+        print(f"- {note}")
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    print(f"\n{len(configs)} kernel configurations, {len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

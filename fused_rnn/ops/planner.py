@@ -1,0 +1,140 @@
+"""Which persistent split-H tiling runs a problem, or why none does.
+
+The persistent kernels (`triton_persistent.py`) need every program of the grid resident at once:
+a program waits each step for its group's siblings. So a plan is a tiling plus the co-residency it
+counts on: ``programs_per_sm`` programs of ``num_warps`` warps fit on one SM as long as the compiled
+kernel uses at most ``max_registers`` registers per thread and ``max_shared`` bytes of shared
+memory, and ``groups * col_blocks <= sm_count * programs_per_sm``. `fused_rnn.compile_check`
+compiles every plan for a named GPU and fails if the compiler's numbers break that assumption
+or spill. One function, :func:`plan_persistent`, is used by the launchers and by the check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Per-SM limits of the GPUs the plans are made for (sm_80 and sm_90 share the register file
+# and thread limits; shared memory differs): 64K registers, 2048 threads, 32 resident blocks.
+REGISTERS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+SHARED_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472, 100: 233472, 120: 102400}
+SHARED_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SHARED_RESERVED_PER_BLOCK = 1024  # the driver keeps 1 KB of shared memory per resident block
+
+# Tilings in order of preference, per operand precision and padded H: (rows per group, columns
+# per program, warps). Smaller column blocks spread a step over more SMs; more warps keep the
+# larger tiles out of spills. Each entry was compiled for sm_90 with ptxas -v (Triton 3.6):
+# `python -m fused_rnn.compile_check` re-checks them. Missing H_PAD: the persistent path does
+# not fit and the blocked kernels run.
+_TILINGS = {
+    # fp32 operands (exact products, "ieee")
+    ("fp32", 16): [(16, 16, 4)],
+    ("fp32", 32): [(16, 16, 4)],
+    ("fp32", 64): [(16, 16, 4)],
+    ("fp32", 128): [(16, 16, 4), (16, 32, 4)],
+    ("fp32", 256): [(16, 16, 4), (16, 32, 4), (16, 64, 8)],
+    ("fp32", 512): [(16, 16, 8), (16, 32, 8)],
+    ("fp32", 1024): [(16, 16, 8)],
+    # bf16/fp16 operands, fp32 accumulation
+    ("half", 16): [(16, 16, 4)],
+    ("half", 32): [(16, 16, 4)],
+    ("half", 64): [(16, 16, 4)],
+    ("half", 128): [(16, 16, 4), (16, 32, 4)],
+    ("half", 256): [(16, 16, 4), (16, 32, 4), (16, 64, 8)],
+    ("half", 512): [(16, 16, 8), (16, 32, 8)],
+    ("half", 1024): [(16, 16, 8)],
+}
+# Registers per thread each warp count is planned for: 4 warps at <= 255 registers leave room
+# for 2 programs per SM, 8 warps for 1 (65536 / (255 * 32 * warps), rounded down).
+_MAX_REGISTERS = 255
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _precision_class(dtype: torch.dtype) -> Optional[str]:
+    if dtype == torch.float32:
+        return "fp32"
+    if dtype in (torch.bfloat16, torch.float16):
+        return "half"
+    return None  # fp64 runs on the blocked kernels on a GPU (it is there for gradcheck)
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int = 90) -> int:
+    """How many programs of this kernel one SM holds at once, by registers, shared memory,
+    threads and the block limit (the occupancy calculator's arithmetic)."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256  # allocated in units of 256 per warp
+    by_registers = REGISTERS_PER_SM // (regs_per_warp * num_warps)
+    by_warps = MAX_WARPS_PER_SM // num_warps
+    smem_per_sm = SHARED_PER_SM.get(arch, SHARED_PER_SM[80])
+    by_shared = smem_per_sm // (shared + SHARED_RESERVED_PER_BLOCK)
+    return max(0, min(by_registers, by_warps, by_shared, MAX_BLOCKS_PER_SM))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A persistent tiling, or (``fits=False``) the reason there is none."""
+    fits: bool
+    reason: str = ""
+    block_b: int = 0  # batch rows per group
+    block_n: int = 0  # output columns per program
+    h_pad: int = 0  # H rounded up to a power of two (tl.arange), masked inside the kernel
+    num_warps: int = 4
+    precision: str = "ieee"  # tl.dot input_precision
+    groups: int = 0  # grid axis 0
+    col_blocks: int = 0  # grid axis 1: programs per group (the barrier's arrival count)
+    programs_per_sm: int = 0  # co-residency the grid counts on (0: stepwise, no barrier)
+    max_registers: int = _MAX_REGISTERS  # per thread, for that co-residency
+
+    @property
+    def grid(self) -> tuple:
+        return (self.groups, self.col_blocks)
+
+    def describe(self) -> str:
+        if not self.fits:
+            return f"does not fit: {self.reason}"
+        return (f"{self.block_b}x{self.block_n} of H_PAD={self.h_pad}, {self.num_warps} warps, "
+                f"{self.precision}, grid {self.groups}x{self.col_blocks}")
+
+
+def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int], *,
+                    allow_tf32: bool = False, stepwise: bool = False) -> Plan:
+    """The persistent tiling for a ``[B, H]`` state in ``dtype`` on a GPU with ``sm_count`` SMs.
+
+    ``stepwise=True`` (the interpreter: one launch per step, no barrier, no co-residency): the
+    smallest tiles, for every float dtype, so tests see many groups and column blocks.
+    Otherwise the first tiling of the table whose whole grid is resident at once; none: a Plan
+    with ``fits=False`` and the reason (the blocked kernels run).
+    """
+    if B < 1 or H < 1:
+        raise ValueError(f"B and H must be >= 1, got B={B}, H={H}")
+    h_pad = max(16, _next_power_of_2(H))
+    if stepwise:
+        precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+        return Plan(True, "stepwise", 16, 16, h_pad, 4, precision, -(-B // 16), -(-H // 16), 0)
+    cls = _precision_class(dtype)
+    if cls is None:
+        return Plan(False, f"no persistent tiling for {dtype} (the blocked kernels run it)")
+    if cls == "fp32" and allow_tf32:
+        # tf32x3/tf32 tiles spill at H=512 in the compile probe; TF32 is opt-in, keep it simple
+        return Plan(False, "allow_tf32 has no persistent tiling yet")
+    tilings = _TILINGS.get((cls, h_pad))
+    if tilings is None:
+        return Plan(False, f"H={H} (padded {h_pad}) has no tiling that keeps W_h on chip")
+    if sm_count is None or sm_count < 1:
+        raise ValueError(f"sm_count must be a positive int for a persistent plan, got {sm_count}")
+    for block_b, block_n, warps in tilings:
+        if block_n > h_pad:
+            continue
+        groups, col_blocks = -(-B // block_b), -(-H // block_n)
+        per_sm = max(1, REGISTERS_PER_SM // (-(-_MAX_REGISTERS * 32 // 256) * 256 * warps))
+        if groups * col_blocks <= sm_count * per_sm:
+            return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm)
+    block_b, block_n, warps = tilings[-1]
+    need = -(-B // block_b) * -(-H // block_n)
+    return Plan(False, f"B={B}, H={H} needs {need} resident programs with the largest tiling "
+                       f"({block_b}x{block_n}); {sm_count} SMs hold fewer")

@@ -1,0 +1,208 @@
+"""Persistent split-H kernels: one launch runs all T steps across the whole GPU, W_h on chip.
+
+Program ``(g, j)`` owns batch rows block ``g`` (a *group*) and output columns block ``j``. It
+loads its ``[H, BLOCK_N]`` slice of ``W_h`` once; each step it reads the full-width previous
+state of its group (written by its sibling programs), computes its columns, stores them, and
+waits at a barrier shared only by the group's ``col_blocks`` programs: one counter per
+(group, step), a release ``atomic_add`` to arrive and a bounded acquire spin to wait (a fresh
+counter per step, so nothing is ever reset; no whole-grid barrier).
+
+    forward   h_t[g, j] = tanh((h_{t-1}[g, :] + relu(p_t[g, :])) @ W_h[j, :]^T + b_h[j])
+    backward  c_t[g, j] = ((g_t + c_{t+1})[g, :] * (1 - h_t[g, :]^2)) @ W_h[:, j]
+
+Never hang, never silently wrong: the grid is launched cooperatively (a grid that cannot be
+resident at once fails at launch), every spin is bounded, and a program whose wait times out
+sets an error flag and writes NaN into every output it owns from then on (so a wrong result
+cannot pass unnoticed; the launcher in `triton_rnn.py` reads the flag and stops using this path).
+
+Stepwise mode (``STEPWISE=True``): the same kernels run one step per launch, the launch
+boundary standing in for the barrier. The Triton interpreter runs programs one after another,
+so that is how CI tests the split tiling on CPU; only the barrier itself is left to the GPU.
+The tiling comes from `planner.plan_persistent`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .planner import Plan
+from .triton_rnn import _tanh
+
+# Spin iterations before a barrier wait gives up. One acquire load round trip is ~1 us, so this
+# is seconds: far past any real step (~us), short enough that a broken barrier fails the call.
+SPIN_LIMIT = 1 << 22
+
+
+@triton.jit
+def _group_barrier(arrivals_ptr, n_arrivals, spin_limit, ok):
+    """Arrive at this (group, step)'s counter and wait until ``n_arrivals`` programs have.
+    Returns ``ok`` (int32 0/1) cleared if the wait timed out; a program already failed
+    arrives but does not wait, so its siblings are not held up by it."""
+    # Every thread's stores of this step are issued before the (cumulative) release.
+    tl.debug_barrier()
+    tl.atomic_add(arrivals_ptr, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(arrivals_ptr, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (seen < n_arrivals) & (spins < spin_limit) & (ok != 0):
+        seen = tl.atomic_add(arrivals_ptr, 0, sem="acquire", scope="gpu")
+        spins += 1
+    tl.debug_barrier()  # no thread reads the siblings' columns before the acquire
+    return ok & (seen >= n_arrivals).to(tl.int32)
+
+
+@triton.jit(do_not_specialize=["B", "T", "step_begin", "step_end", "spin_limit"])
+def rnn_persistent_fwd_kernel(
+    proj_ptr,  # [R, H]: rows of p (R = V for token input, B*T for dense input)
+    ids_ptr,  # [B, T] int64 token ids (token input only)
+    w_h_ptr,  # [H, H]
+    b_h_ptr,  # [H]
+    h_ptr,  # [B, T+1, H] state workspace: h[:, 0] = h0 on entry, h[:, t+1] = h_t on exit
+    arrivals_ptr,  # [groups, T] int32 zeros: the barrier counters
+    error_ptr,  # [1] int32: set to 1 when a barrier wait times out
+    B,
+    T,
+    H,
+    step_begin,  # steps [step_begin, step_end) run in this launch (all of them unless stepwise)
+    step_end,
+    spin_limit,
+    TOKENS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    H_PAD: tl.constexpr,
+    TANH_SMALL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    STEPWISE: tl.constexpr,
+):
+    group = tl.program_id(0)
+    n_col_blocks = tl.num_programs(1)
+    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows64 = rows.to(tl.int64)  # B*T*H passes 2^31 at realistic sizes
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, H_PAD)
+    row_ok, col_ok, k_ok = rows < B, cols < H, ks < H
+    in_mask = row_ok[:, None] & k_ok[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    # This program's slice of W_h, on chip for all steps: w[k, n] = W_h[n, k].
+    w = tl.load(w_h_ptr + cols[None, :].to(tl.int64) * H + ks[:, None],
+                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(h_ptr.dtype.element_ty)
+    h_rows = h_ptr + rows64 * (T + 1) * H
+    ok = tl.full([], 1, tl.int32)
+    for t in range(step_begin, step_end):
+        t64 = tl.cast(t, tl.int64)
+        if TOKENS:
+            src = tl.load(ids_ptr + rows64 * T + t64, mask=row_ok, other=0)
+        else:
+            src = rows64 * T + t64
+        h_prev = h_rows + t64 * H
+        # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
+        h = tl.load(h_prev[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
+        p = tl.load(proj_ptr + (src * H)[:, None] + ks[None, :], mask=in_mask, other=0.0)
+        a = h + tl.maximum(p.to(h.dtype), 0.0)
+        acc = tl.dot(a.to(w.dtype), w, input_precision=DOT_PRECISION, out_dtype=h.dtype)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        h_t = tl.where(ok != 0, _tanh(acc, TANH_SMALL), float("nan"))
+        tl.store(h_prev[:, None] + H + cols[None, :], h_t, mask=out_mask)
+        if not STEPWISE:
+            still_ok = _group_barrier(arrivals_ptr + group * T + t, n_col_blocks, spin_limit, ok)
+            tl.store(error_ptr, 1, mask=(ok != 0) & (still_ok == 0))
+            ok = still_ok
+
+
+@triton.jit(do_not_specialize=["B", "T", "step_begin", "step_end", "spin_limit"])
+def rnn_persistent_bwd_kernel(
+    grad_out_ptr,  # [B, T, H] dL/dh_t from the output (workspace dtype)
+    h_ptr,  # [B, T+1, H] the forward's state workspace
+    w_h_ptr,  # [H, H]
+    c_ptr,  # [B, T+1, H]: c[:, T] = dL/dh_n on entry; c[:, t] = dz_t @ W_h on exit
+    arrivals_ptr,  # [groups, T] int32 zeros
+    error_ptr,  # [1] int32
+    B,
+    T,
+    H,
+    step_begin,  # reverse steps s = T-1-t in [step_begin, step_end) run in this launch
+    step_end,
+    spin_limit,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    H_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    STEPWISE: tl.constexpr,
+):
+    group = tl.program_id(0)
+    n_col_blocks = tl.num_programs(1)
+    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows64 = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, H_PAD)
+    row_ok, col_ok, k_ok = rows < B, cols < H, ks < H
+    in_mask = row_ok[:, None] & k_ok[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    # w[k, n] = W_h[k, n]
+    w = tl.load(w_h_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    ws_rows = rows64 * (T + 1) * H
+    go_rows = rows64 * T * H
+    ok = tl.full([], 1, tl.int32)
+    for s in range(step_begin, step_end):
+        t = tl.cast(T - 1 - s, tl.int64)
+        c_next = c_ptr + ws_rows + (t + 1) * H
+        offs = ks[None, :]
+        g = tl.load(grad_out_ptr + go_rows[:, None] + t * H + offs, mask=in_mask, other=0.0) \
+            + tl.load(c_next[:, None] + offs, mask=in_mask, other=0.0, cache_modifier=".cg")
+        h = tl.load(h_ptr + ws_rows[:, None] + (t + 1) * H + offs, mask=in_mask, other=0.0)
+        dz = g * (1.0 - h * h)
+        acc = tl.dot(dz.to(w.dtype), w, input_precision=DOT_PRECISION, out_dtype=g.dtype)
+        c_t = tl.where(ok != 0, acc, float("nan"))
+        tl.store(c_next[:, None] - H + cols[None, :], c_t, mask=out_mask)
+        if not STEPWISE:
+            still_ok = _group_barrier(arrivals_ptr + group * T + s, n_col_blocks, spin_limit, ok)
+            tl.store(error_ptr, 1, mask=(ok != 0) & (still_ok == 0))
+            ok = still_ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Each runs the kernel over all steps into a workspace the caller allocated and
+# returns nothing; a timed-out barrier shows in ``error`` (and as NaN in the workspace).
+
+
+def _launch(kernel, plan: Plan, args: tuple, T: int, stepwise: bool, spin_limit, constexprs: dict):
+    spin_limit = SPIN_LIMIT if spin_limit is None else spin_limit
+    if stepwise:
+        for step in range(T):  # the launch boundary is the barrier
+            kernel[plan.grid](*args, step, step + 1, spin_limit, STEPWISE=True, **constexprs,
+                              num_warps=plan.num_warps)
+    else:
+        # Cooperative: a grid that cannot be resident at once fails here instead of hanging.
+        kernel[plan.grid](*args, 0, T, spin_limit, STEPWISE=False, **constexprs,
+                          num_warps=plan.num_warps, launch_cooperative_grid=True)
+
+
+def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool,
+                   spin_limit: int | None = None) -> None:
+    """Fills ``ws [B, T+1, H]`` (``ws[:, 0]`` set by the caller) with ``h_1..h_T``."""
+    B, T1, H = ws.shape
+    T = T1 - 1
+    arrivals = torch.zeros(plan.groups * T, device=ws.device, dtype=torch.int32)
+    args = (proj, ids if ids is not None else proj, w_h, b_h if b_h is not None else w_h, ws,
+            arrivals, error, B, T, H)
+    _launch(rnn_persistent_fwd_kernel, plan, args, T, stepwise, spin_limit, dict(
+        TOKENS=ids is not None, HAS_BIAS=b_h is not None, BLOCK_B=plan.block_b,
+        BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
+        TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625, DOT_PRECISION=plan.precision))
+
+
+def persistent_bwd(grad_out, ws, w_h, c, plan: Plan, error, *, stepwise: bool,
+                   spin_limit: int | None = None) -> None:
+    """Fills ``c [B, T+1, H]`` (``c[:, T]`` set by the caller) with ``c_0..c_{T-1}``."""
+    B, T1, H = ws.shape
+    T = T1 - 1
+    arrivals = torch.zeros(plan.groups * T, device=ws.device, dtype=torch.int32)
+    args = (grad_out, ws, w_h, c, arrivals, error, B, T, H)
+    _launch(rnn_persistent_bwd_kernel, plan, args, T, stepwise, spin_limit, dict(
+        BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
+        DOT_PRECISION=plan.precision))
