@@ -1,0 +1,214 @@
+"""fused_rnn.inspection: the numbers behind the pictures, and the inspect command end to end."""
+import argparse
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_rnn import rnn_reference
+from fused_rnn.inspection import (DEFAULT_TEXT, add_inspect_arguments, char_features, choose_units, gradient_norms,
+                                  next_char_probs, run_inspect, save_loss_curve, unit_activations)
+from fused_rnn.train import CharLanguageModel, ModelConfig, UserError, encode
+
+CODE = "def add(a, b):\n    # sum\n    return 'a' + (b * 2)\n\n" * 3
+
+
+def make_model(num_layers=1, dtype=torch.float64, backend="auto", seed=0):
+    """A small random model whose recurrence neither dies out nor saturates at once."""
+    torch.manual_seed(seed)
+    model = CharLanguageModel(ModelConfig("".join(sorted(set(CODE))), n_fac=5, hidden_size=12,
+                                          num_layers=num_layers), backend=backend)
+    with torch.no_grad():
+        for layer in model.rnn.layers:
+            layer.l_hidden.weight *= 3
+    return model.to(dtype).eval()
+
+
+def reference_gradient_norms(model, text, ends, D):
+    """||dL_e/dh_{e-k}|| for the last layer, by autograd through rnn_reference run one step at a
+    time (each step's state a separate tensor of the graph), in the model's dtype."""
+    ids = encode(text, model.config.vocab)
+    layers, H = model.rnn.layers, model.config.hidden_size
+    h = [torch.zeros(1, H, dtype=model.l_out.weight.dtype) for _ in layers]
+    states = []
+    for t in range(len(ids)):
+        x = ids[None, t:t + 1]
+        for i, layer in enumerate(layers):
+            x, h[i] = rnn_reference(x, layer.l_in.weight, layer.l_in.bias, layer.l_hidden.weight,
+                                    layer.l_hidden.bias, h[i], embedding=layer.e.weight if i == 0 else None)
+        states.append(h[-1])
+    out = []
+    for e in ends:
+        loss = F.cross_entropy(model.l_out(states[e]), ids[e + 1:e + 2])
+        grads = torch.autograd.grad(loss, [states[e - k] for k in range(D + 1)], retain_graph=True)
+        out.append([g.double().norm().item() for g in grads])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_gradient_norms_match_autograd_through_the_reference(num_layers, backend):
+    model = make_model(num_layers)
+    text, D, ends = CODE[:40], 12, [12, 25, 38]
+    if backend == "triton":  # the interpreter is slow: a shorter text
+        text, D, ends = CODE[:20], 6, [6, 18]
+    want = reference_gradient_norms(model, text, ends, D)
+    model.rnn.backend = backend
+    got = gradient_norms(model, text, max_distance=D, ends=ends)
+    assert list(got["distance"]) == list(range(D + 1)) and list(got["ends"]) == ends
+    assert got["norms"].shape == want.shape
+    np.testing.assert_allclose(got["norms"], want, rtol=1e-9)
+    assert np.ptp(np.log(want)) > 1  # the norms differ (a test on a constant would be weak)
+
+
+def test_gradient_norms_in_float32_match_float64_even_when_tiny():
+    model64 = make_model()
+    with torch.no_grad():  # a contracting recurrence: norms fall far below 1e-19
+        model64.rnn.layers[0].l_hidden.weight /= 30
+    model32 = make_model().float()
+    model32.load_state_dict(model64.state_dict())
+    text = CODE[:60]
+    want = reference_gradient_norms(model64, text, [50], 24)
+    got = gradient_norms(model32, text, max_distance=24, ends=[50])["norms"]
+    assert 1e-35 < want[0, -1] < 1e-24  # squares of the fp32 gradient's elements would underflow
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+
+
+def test_gradient_norms_default_ends_cover_the_text():
+    model = make_model()
+    res = gradient_norms(model, CODE[:50], max_distance=20, n_ends=4)  # losses at 20..48
+    assert list(res["ends"]) == [20, 29, 39, 48] and res["norms"].shape == (4, 21)
+    res = gradient_norms(model, CODE[:50], max_distance=100, n_ends=4)  # capped by the text
+    assert list(res["ends"]) == [48] and res["norms"].shape == (1, 49)
+
+
+def test_activations_and_probabilities_are_the_models_own():
+    model = make_model(num_layers=2)
+    text = CODE[:30]
+    ids = encode(text, model.config.vocab)
+    x = ids[None]
+    for layer in model.rnn.layers:
+        x, _ = rnn_reference(x, layer.l_in.weight, layer.l_in.bias, layer.l_hidden.weight,
+                             layer.l_hidden.bias, embedding=layer.e.weight if layer.e is not None else None)
+    acts = unit_activations(model, text)
+    np.testing.assert_allclose(acts, x[0].detach().numpy(), rtol=0, atol=1e-12)
+    probs = next_char_probs(model, text)
+    want = torch.softmax(model.l_out(x[0]), -1).detach().numpy()
+    np.testing.assert_allclose(probs, want, rtol=0, atol=1e-12)
+
+
+def test_char_features():
+    text = 'if x:\n    s = "a#(b" # c(\n    f(g[1], \'\'\'q\'\'\')\n'
+    f = char_features(text)
+    marked = lambda name: "".join(c if v else "." for c, v in zip(text, f[name]))  # noqa: E731
+
+    def only(*parts):  # the text with everything but these parts replaced by dots
+        out = ["."] * len(text)
+        for part in parts:
+            i = text.index(part)
+            out[i:i + len(part)] = part
+        return "".join(out)
+
+    assert marked("inside a string") == only('"a#(b"', "'''q'''")
+    assert marked("inside a comment") == only("# c(")
+    assert [i for i, v in enumerate(f["in the indentation"]) if v] == [6, 7, 8, 9, 26, 27, 28, 29]
+    assert list(f["indentation depth"][:6]) == [0] * 6 and set(f["indentation depth"][6:]) == {4}
+    assert list(f["column in the line"][:7]) == [0, 1, 2, 3, 4, 5, 0]
+    assert [i for i, v in enumerate(f["is a newline"]) if v] == [i for i, c in enumerate(text) if c == "\n"]
+    depth = dict(zip(range(len(text)), f["bracket depth"]))
+    assert depth[text.index("f(") + 1] == 1 and depth[text.index("[1") ] == 2
+    assert depth[text.index("]")] == 1 and depth[len(text) - 2] == 0
+    assert max(f["bracket depth"][:text.index("f(")]) == 0  # brackets in strings and comments do not count
+
+
+def test_choose_units_finds_a_planted_unit_then_fills_by_variance():
+    rng = np.random.default_rng(0)
+    n = 300
+    in_string = (np.arange(n) % 20 < 7).astype(float)
+    acts = rng.normal(0, 0.1, (n, 6))
+    acts[:, 4] += in_string  # unit 4 tracks strings
+    acts[:, 2] *= 5  # unit 2 varies most among the rest
+    units = choose_units(acts, {"inside a string": in_string, "constant": np.ones(n)}, 3)
+    assert [u for u, _, _ in units] == [4, 2, units[2][0]] and units[2][0] not in (2, 4)
+    assert units[0][1].startswith("inside a string (r = +0.9") and units[1][1].startswith("large variance")
+    assert len(choose_units(acts, {}, 10)) == 6  # no more units than the model has
+
+
+def test_save_loss_curve(tmp_path):
+    path = tmp_path / "sub" / "loss.png"
+    history = {"step": [1, 2, 3, 4], "train_loss": [4.0, 3.0, 2.5, 2.2], "val": [[2, 3.1], [4, 2.4]]}
+    assert save_loss_curve(str(path), history) == str(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_matplotlib(monkeypatch, checkpoint, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[viz\]"'):
+        save_loss_curve(str(tmp_path / "loss.png"), {"step": [], "train_loss": [], "val": []})
+    with pytest.raises(UserError, match=r'inspect needs matplotlib: pip install -e "\.\[viz\]"'):
+        run_inspect(parse(["--checkpoint", checkpoint, "--out", str(tmp_path / "out")]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command, on a tiny model trained here
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from fused_rnn.__main__ import main
+
+    folder = tmp_path_factory.mktemp("inspect")
+    corpus = folder / "corpus.txt"
+    corpus.write_text((CODE * 5 + DEFAULT_TEXT) * 3)  # every char of the built-in text
+    path = folder / "model.pt"
+    assert main(["train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "16", "--n-fac", "6",
+                 "--batch-size", "8", "--epochs", "1", "--steps", "20", "--checkpoint", str(path),
+                 "--sample-chars", "5"]) == 0
+    return str(path)
+
+
+def parse(argv):
+    return add_inspect_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+FILES = ["cell.png", "unrolled.png", "activations.png", "gradients.png", "index.html"]
+
+
+@pytest.mark.parametrize("source", [[], ["--prime", "def "], ["--text", "CORPUS"]], ids=["default", "prime", "text"])
+def test_inspect_writes_every_file(source, checkpoint, tmp_path, capsys):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(CODE)
+    out = tmp_path / "out"
+    source = [str(corpus) if a == "CORPUS" else a for a in source]
+    assert run_inspect(parse(["--checkpoint", checkpoint, "--out", str(out), "--chars", "120",
+                              "--units", "3"] + source)) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(out / f) for f in FILES]
+    for f in FILES[:-1]:
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "index.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4 and "<p>" in page and 'src="cell.png"' not in page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/nonexistent/model.pt"], "not found"),
+    (["--checkpoint", "GARBAGE"], "is not a fused_rnn char model"),
+    (["--text", "EMPTY"], "is empty"),
+    (["--text", "/nonexistent/text.txt"], "cannot read text"),
+    (["--text", "ALIEN"], "outside the model's vocabulary: '\\t', 'é'"),
+    (["--prime", "déf"], "outside the model's vocabulary: 'é'"),
+    (["--prime", ""], "is empty"),
+], ids=["missing-checkpoint", "garbage-checkpoint", "empty-text", "missing-text", "unknown-chars",
+        "unknown-prime", "empty-prime"])
+def test_user_errors_are_one_line(argv, message, checkpoint, tmp_path):
+    files = {"GARBAGE": b"not a checkpoint", "EMPTY": b"", "ALIEN": "def\tf(): return 'é'\n".encode()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    argv = [str(tmp_path / a) if a in files else a for a in argv]
+    if "--checkpoint" not in argv:
+        argv += ["--checkpoint", checkpoint]
+    with pytest.raises(UserError) as exc:
+        run_inspect(parse(argv + ["--out", str(tmp_path / "out")]))
+    assert message in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
