@@ -1,20 +1,38 @@
-"""Times the recurrence (token input, projection included) across providers.
+"""Times the recurrence (token input, input projection included) against the peers a user would
+run instead.
 
-    python benchmarks/bench_rnn.py --shapes design --providers eager,cudnn,fused --modes fwd,fwd+bwd
+    python benchmarks/bench_rnn.py --shapes cpu --providers loop,nnrnn,compiled,fused,gemm
 
-Providers compute the same function: `eager` (the reference loop), `compiled` (torch.compile of
-it), `cudnn` (nn.RNN with weight_ih = weight_hh = W_h, fed relu(l_in(e(x))); CUDA only) and
-`fused` (fused_rnn's fastest backend for the device). Medians: triton.testing.do_bench on CUDA;
-on CPU, interleaved rounds (provider A, B, C, A, B, C, ...) so machine noise hits all alike.
-Appends rows to benchmarks/results.csv, prints a markdown table and draws the fused provider's
-speedup over the reference provider (cudnn when timed, else eager) per shape into a PNG.
+Every provider computes the same function, ``(output [B, T, H], h_n [B, H])`` from token ids:
+
+* ``loop``: the course's CharLoopModel loop as written (embedding and ``l_in`` inside the step
+  loop), returning every state. The baseline a user of the course has.
+* ``reference``: ``fused_rnn.rnn_reference`` (projection hoisted out of the loop). The ground
+  truth of the tests; its ``r[:, t]`` slices make autograd write a zero ``[B, T, H]`` tensor per
+  step in the backward, so it is a misleading speed baseline: shown, never the "strongest".
+* ``nnrnn``: ``torch.nn.RNN`` with ``weight_ih = weight_hh = W_h`` fed ``relu(l_in(e(x)))``: cuDNN
+  on CUDA, ATen's RNN on the CPU.
+* ``compiled``: ``torch.compile`` of ``loop``. For T > 64 the whole unrolled loop takes many
+  minutes to compile on a small CPU, so there it compiles one step (the cell) and loops in Python.
+* ``fused``: ``fused_rnn`` with ``backend="auto"``; ``fused-blocked`` / ``fused-persistent``
+  force a Triton kernel through ``FUSED_RNN_TRITON_KERNEL`` (CUDA).
+* ``gemm``: only the matrix products the fused path must do (forward: one ``[B, H] x [H, H]`` per
+  step; backward: one more per step and the ``[H, B*T] x [B*T, H]`` weight gradient): the floor.
+
+Medians: ``triton.testing.do_bench`` on CUDA; on the CPU, interleaved rounds (A, B, C, A, B, C,
+...) in one process so machine drift hits all providers alike. Rows are appended to a CSV (with
+the device name, versions and date); a markdown table is printed last, with fused's speedup over
+the strongest other provider and the GEMM floor's share of fused's time; a PNG plot of the
+speedups is drawn when matplotlib is installed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
+import platform
 import statistics
 import time
 
@@ -29,13 +47,15 @@ SHAPE_SETS = {
     # design notes, section 3: the shapes with measured peer timings on an H200
     "design": [(512, 8, 256), (64, 512, 256), (256, 512, 256), (1024, 512, 256), (256, 512, 512)],
     "course": [(512, 8, 256)],
-    "cpu": [(512, 8, 256), (64, 256, 256)],
+    "cpu": [(512, 8, 256), (64, 256, 256), (256, 64, 512)],
     "grid": [(B, T, H) for B in (64, 256, 1024) for T in (8, 512) for H in (128, 256, 512, 1024)]
     + [(512, 8, 256)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CSV_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")
-CSV_FIELDS = ["date", "gpu", "torch", "triton", "provider", "mode", "dtype", "B", "T", "H", "ms", "peak_mb"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSV_FIELDS = ["date", "device", "torch", "triton", "provider", "mode", "dtype", "B", "T", "H", "ms", "peak_mb"]
+PEERS = ("loop", "nnrnn", "compiled")  # what "strongest" is taken over (reference is not a fair peer)
+COMPILE_WHOLE_LOOP_MAX_T = 64
 
 
 def make_params(H, dtype, device, seed=0):
@@ -49,7 +69,23 @@ def make_params(H, dtype, device, seed=0):
                 b_in=rand(H, scale=0.1), w_h=rand(H, H, scale=H ** -0.5), b_h=rand(H, scale=0.1))
 
 
-class CudnnPeer(torch.nn.Module):
+def course_cell(c, h, p):
+    """One step of the course's CharLoopModel: ``tanh(l_hidden(h + relu(l_in(e(c)))))``."""
+    inp = F.relu(F.linear(F.embedding(c, p["embedding"]), p["w_in"], p["b_in"]))
+    return torch.tanh(F.linear(h + inp, p["w_h"], p["b_h"]))
+
+
+def course_loop(x, p, cell=course_cell):
+    """The course's loop over the steps, keeping every state."""
+    h = p["w_h"].new_zeros(x.shape[0], p["w_h"].shape[0])
+    states = []
+    for t in range(x.shape[1]):
+        h = cell(x[:, t], h, p)
+        states.append(h)
+    return torch.stack(states, dim=1), h
+
+
+class TiedRNN(torch.nn.Module):
     """nn.RNN computing the same h_t: tanh(W_h r_t + W_h h_{t-1} + b_h) with r_t = relu(l_in(e(x)))."""
 
     def __init__(self, params):
@@ -73,28 +109,59 @@ class CudnnPeer(torch.nn.Module):
         return output, h_n[0]
 
 
-def make_providers(names, params, device):
-    def reference(x):
-        return rnn_reference(x, params["w_in"], params["b_in"], params["w_h"], params["b_h"],
-                             embedding=params["embedding"])
+@contextlib.contextmanager
+def triton_kernel(name):
+    """FUSED_RNN_TRITON_KERNEL=name for the calls inside."""
+    old = os.environ.get("FUSED_RNN_TRITON_KERNEL")
+    os.environ["FUSED_RNN_TRITON_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FUSED_RNN_TRITON_KERNEL"]
+        else:
+            os.environ["FUSED_RNN_TRITON_KERNEL"] = old
+
+
+def make_providers(names, params, x):
+    """{name: (fn, weights, gemm_only)}: fn(x) -> (output, h_n); the gradient is taken w.r.t. weights."""
+    device, T = x.device, x.shape[1]
+    weights = list(params.values())
 
     def fused(x):
         return fused_rnn.fused_rnn(x, params["w_in"], params["b_in"], params["w_h"], params["b_h"],
                                    embedding=params["embedding"])
 
+    def forced(kernel):
+        def fn(x):
+            with triton_kernel(kernel):
+                return fused(x)
+        return fn
+
     out = {}
     for name in names:
-        if name == "eager":
-            out[name] = (reference, list(params.values()))
+        if name == "loop":
+            out[name] = (lambda x: course_loop(x, params), weights)
+        elif name == "reference":
+            out[name] = (lambda x: rnn_reference(x, params["w_in"], params["b_in"], params["w_h"],
+                                                 params["b_h"], embedding=params["embedding"]), weights)
         elif name == "compiled":
-            out[name] = (torch.compile(reference), list(params.values()))
-        elif name == "cudnn":
-            if device.type != "cuda":
-                continue
-            peer = CudnnPeer(params)
+            if T <= COMPILE_WHOLE_LOOP_MAX_T:
+                out[name] = (torch.compile(lambda x: course_loop(x, params)), weights)
+            else:
+                cell = torch.compile(course_cell)
+                out[name] = (lambda x: course_loop(x, params, cell), weights)
+        elif name == "nnrnn":
+            peer = TiedRNN(params)
             out[name] = (peer, list(peer.parameters()))
         elif name == "fused":
-            out[name] = (fused, list(params.values()))
+            out[name] = (fused, weights)
+        elif name in ("fused-blocked", "fused-persistent"):
+            if device.type != "cuda":
+                continue
+            out[name] = (forced(name.split("-")[1]), weights)
+        elif name == "gemm":
+            continue  # timed separately: it is a different step
         else:
             raise SystemExit(f"unknown provider {name!r}")
     return out
@@ -118,7 +185,24 @@ def make_step(fn, weights, x, mode):
     return step
 
 
-def median_ms(steps: dict, device, rounds=15) -> dict:
+def make_gemm_step(B, T, H, dtype, device, mode):
+    """Only the matrix products of the fused path, in its shapes: the floor it is measured against."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(B, H, generator=g).to(device, dtype)
+    w = torch.randn(H, H, generator=g).to(device, dtype)
+    out = torch.empty(B, H, device=device, dtype=dtype)
+    rows = torch.randn(B * T, H, generator=g).to(device, dtype) if mode != "fwd" else None
+
+    def step():
+        for _ in range(T if mode == "fwd" else 2 * T):
+            torch.mm(a, w, out=out)
+        if rows is not None:
+            return rows.t() @ rows
+        return out
+    return step
+
+
+def median_ms(steps: dict, device, rounds=15, budget_s=60) -> dict:
     if device.type == "cuda":
         import triton.testing
         return {k: triton.testing.do_bench(s, warmup=25, rep=200, return_mode="median")
@@ -126,7 +210,7 @@ def median_ms(steps: dict, device, rounds=15) -> dict:
     for s in steps.values():  # warm up (compiles, allocator)
         s()
     times = {k: [] for k in steps}
-    deadline = time.perf_counter() + 60
+    deadline = time.perf_counter() + budget_s
     for _ in range(rounds):
         for k, s in steps.items():
             t0 = time.perf_counter()
@@ -149,33 +233,50 @@ def peak_mb(step, device):
 
 
 def max_rel_err(got, want):
-    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} x{torch.get_num_threads()} threads"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="design", help=f"one of {list(SHAPE_SETS)} or B,T,H[;B,T,H...]")
-    ap.add_argument("--providers", default="eager,cudnn,fused")
+    ap.add_argument("--providers", default="loop,nnrnn,fused,gemm",
+                    help="comma-separated: loop, reference, nnrnn, compiled, fused, fused-blocked, "
+                         "fused-persistent, gemm")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--dtypes", default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no-csv", action="store_true", help="do not append to results.csv")
-    ap.add_argument("--plot", default=os.path.join(os.path.dirname(CSV_PATH), "speedup.png"),
-                    help="PNG of fused's speedup per shape ('' for none)")
+    ap.add_argument("--rounds", type=int, default=15, help="CPU: interleaved rounds per shape and mode")
+    ap.add_argument("--csv", default=os.path.join(HERE, "results.csv"), help="CSV to append rows to")
+    ap.add_argument("--no-csv", action="store_true", help="do not write a CSV")
+    ap.add_argument("--plot", default=os.path.join(HERE, "speedup.png"),
+                    help="PNG of fused's speedup over the strongest peer per shape ('' for none)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     shapes = SHAPE_SETS.get(args.shapes) or [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    names = args.providers.split(",")
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
-    meta = dict(date=datetime.date.today().isoformat(), gpu=gpu, torch=torch.__version__, triton=triton_version)
-    print(f"# {gpu}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
+    meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
+                triton=triton_version)
+    print(f"# {meta['device']}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
 
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -183,39 +284,52 @@ def main(argv=None):
         for B, T, H in shapes:
             params = make_params(H, dtype, device)
             x = torch.randint(0, V, (B, T), device=device)
-            providers = make_providers(args.providers.split(","), params, device)
+            providers = make_providers(names, params, x)
             # The peers must compute the same function: check each forward against the first.
             outs = {k: fn(x)[0].detach() for k, (fn, _) in providers.items()}
-            first = next(iter(outs.values()))
-            errs = {k: max_rel_err(o, first) for k, o in outs.items()}
+            first = next(iter(outs))
+            errs = {k: max_rel_err(o, outs[first]) for k, o in outs.items()}
             for mode in args.modes.split(","):
                 steps = {k: make_step(fn, w, x, mode) for k, (fn, w) in providers.items()}
-                ms = median_ms(steps, device)
+                if "gemm" in names:
+                    steps["gemm"] = make_gemm_step(B, T, H, dtype, device, mode)
+                ms = median_ms(steps, device, rounds=args.rounds)
                 for k in steps:
-                    row = dict(meta, provider=k, mode=mode, dtype=dtype_name, B=B, T=T, H=H,
-                               ms=round(ms[k], 4), peak_mb=round(peak_mb(steps[k], device), 1))
-                    rows.append(row)
-                    print(f"{dtype_name} B={B} T={T} H={H} {mode:8s} {k:9s} {ms[k]:9.3f} ms"
-                          f"  (fwd rel err vs {next(iter(outs))}: {errs[k]:.1e})", flush=True)
+                    rows.append(dict(meta, provider=k, mode=mode, dtype=dtype_name, B=B, T=T, H=H,
+                                     ms=round(ms[k], 4), peak_mb=round(peak_mb(steps[k], device), 1)))
+                    err = f"  (fwd rel err vs {first}: {errs[k]:.1e})" if k in errs else ""
+                    print(f"{dtype_name} B={B} T={T} H={H} {mode:8s} {k:16s} {ms[k]:9.3f} ms{err}", flush=True)
             del providers, steps, outs
-    if not args.no_csv:
-        new = not os.path.exists(CSV_PATH)
-        with open(CSV_PATH, "a", newline="") as f:
+    if args.csv and not args.no_csv:
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             if new:
                 w.writeheader()
             w.writerows(rows)
     print_table(rows)
     if args.plot:
-        plot_speedups(rows, args.plot, f"{gpu}, torch {torch.__version__}, triton {triton_version}")
+        plot_speedups(rows, args.plot, f"{meta['device']}, torch {torch.__version__}, triton {triton_version}")
 
 
-def reference_provider(providers):
-    return "cudnn" if "cudnn" in providers else providers[0]
+def summarize(rows):
+    """[(key, {provider: ms}, strongest peer, fused speedup over it, GEMM share of fused)] per
+    (dtype, B, T, H, mode); the fused provider is the fastest of fused* present."""
+    keys = list(dict.fromkeys((r["dtype"], r["B"], r["T"], r["H"], r["mode"]) for r in rows))
+    out = []
+    for key in keys:
+        ms = {r["provider"]: r["ms"] for r in rows if (r["dtype"], r["B"], r["T"], r["H"], r["mode"]) == key}
+        fused = min((v for k, v in ms.items() if k.startswith("fused")), default=None)
+        peers = {k: v for k, v in ms.items() if k in PEERS}
+        best = min(peers, key=peers.get) if peers else None
+        speedup = peers[best] / fused if best and fused else None
+        share = ms["gemm"] / fused if "gemm" in ms and fused else None
+        out.append((key, ms, best, speedup, share))
+    return out
 
 
 def plot_speedups(rows, path, title):
-    """One bar per (shape, mode, dtype): time of the reference provider / time of fused."""
+    """One bar per (shape, mode, dtype): time of the strongest peer / time of fused."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -223,19 +337,16 @@ def plot_speedups(rows, path, title):
     except ImportError:
         print("(no plot: pip install matplotlib)")
         return
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    ref = reference_provider(providers)
-    if "fused" not in providers or ref == "fused":
+    bars = [(key, best, s) for key, _, best, s, _ in summarize(rows) if s is not None]
+    if not bars:
         return
-    ms = {(r["dtype"], r["B"], r["T"], r["H"], r["mode"], r["provider"]): r["ms"] for r in rows}
-    keys = list(dict.fromkeys(k[:5] for k in ms))
-    labels = [f"{d} B{B} T{T} H{H}\n{m}" for d, B, T, H, m in keys]
-    speedups = [ms[k + (ref,)] / ms[k + ("fused",)] for k in keys]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 4))
-    ax.bar(range(len(keys)), speedups, color=["tab:green" if v >= 1 else "tab:red" for v in speedups])
+    labels = [f"{d} B{B} T{T} H{H}\n{m} vs {best}" for (d, B, T, H, m), best, _ in bars]
+    speedups = [s for _, _, s in bars]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars)), 4))
+    ax.bar(range(len(bars)), speedups, color=["tab:green" if v >= 1 else "tab:red" for v in speedups])
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(keys)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"speedup of fused over {ref} (x)")
+    ax.set_xticks(range(len(bars)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup of fused over the strongest peer (x)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -244,17 +355,13 @@ def plot_speedups(rows, path, title):
 
 def print_table(rows):
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    keys = list(dict.fromkeys((r["dtype"], r["B"], r["T"], r["H"], r["mode"]) for r in rows))
-    ms = {(r["dtype"], r["B"], r["T"], r["H"], r["mode"], r["provider"]): r["ms"] for r in rows}
-    ref = reference_provider(providers)
     print("\n| dtype | B | T | H | mode | " + " | ".join(f"{p} ms" for p in providers)
-          + f" | fused speedup vs {ref} |")
-    print("|---" * (6 + len(providers)) + "|")
-    for key in keys:
-        vals = [ms.get(key + (p,)) for p in providers]
-        speed = ms.get(key + (ref,), float("nan")) / ms.get(key + ("fused",), float("nan"))
-        print("| " + " | ".join(str(k) for k in key) + " | "
-              + " | ".join(f"{v:.3f}" if v is not None else "-" for v in vals) + f" | {speed:.2f}x |")
+          + " | fused vs strongest peer | GEMM floor share of fused |")
+    print("|---" * (7 + len(providers)) + "|")
+    for key, ms, best, speedup, share in summarize(rows):
+        cells = [f"{ms[p]:.3f}" if p in ms else "-" for p in providers]
+        print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells)
+              + f" | {f'{speedup:.2f}x ({best})' if speedup else '-'} | {f'{share:.0%}' if share else '-'} |")
 
 
 if __name__ == "__main__":
