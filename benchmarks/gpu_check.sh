@@ -1,26 +1,140 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the test suite natively on CUDA, then fused vs eager vs cuDNN
-# timings at the design shapes. Each stage has its own time limit so one hang cannot eat the rest.
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]    (writes logs and results.csv there too)
+# One call on a bare GPU machine (nothing installed, no C++ extension built): checks both Triton
+# kernel families and times them against cuDNN, in under 8 minutes. Every stage has its own time
+# limit, all of them share one overall deadline, and a stage that cannot run fails fast; a
+# summary (ok / FAIL / TIMEOUT / SKIP per stage) is printed last.
+#
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]     (default $OUT; every log and results.csv go there)
+#
+# Stages: environment; the sm_90 compile check (in the background, CPU only); the CUDA test
+# suite with FUSED_RNN_TRITON_KERNEL=persistent (a persistent-kernel failure is an error there,
+# not a fallback) and =blocked; the barrier stress run; the timing table (benchmarks/bench_rnn.py);
+# determinism / no-sync / bad-id / 2^31-offset checks; compute-sanitizer memcheck on two small shapes.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/fused_rnn_gpu_check}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+export PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS, for the determinism tests
+unset TRITON_INTERPRET
+deadline=$((SECONDS + 470))  # leaves room for the machine's start-up within 8 minutes
+summary=()
 
-# The Triton suite natively (the cpu-backend tests ran in CI already; skipping them here saves
-# building the C++ extension on the GPU machine).
-timeout 300 python -m pytest -q -x -p no:cacheprovider tests/test_parity.py tests/test_modules.py \
-    tests/test_reference.py -k "not cpu" 2>&1 | tee "$out/pytest.log" | tail -5
-echo "pytest exit: ${PIPESTATUS[0]}"
+record() {  # record NAME RC SECONDS LOG
+    local status=ok
+    if [ "$2" = skip ]; then status=SKIP
+    elif [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then status=TIMEOUT
+    elif [ "$2" -ne 0 ]; then status="FAIL(rc=$2)"; fi
+    summary+=("$(printf '| %-26s | %-12s | %4s s | %s |' "$1" "$status" "$3" "$4")")
+}
 
-timeout 240 python benchmarks/bench_rnn.py --shapes design --providers eager,cudnn,fused \
-    --modes fwd,fwd+bwd --dtypes fp32 --plot "$out/speedup_fp32.png" > "$out/bench_fp32.log" 2>&1
-echo "bench fp32 exit: $?"
-timeout 90 python benchmarks/bench_rnn.py --shapes "256,512,256" --providers cudnn,fused \
-    --modes fwd --dtypes bf16 --plot "" > "$out/bench_bf16.log" 2>&1
-echo "bench bf16 exit: $?"
-cp benchmarks/results.csv "$out/" 2>/dev/null
-echo; grep -h "^|" "$out"/bench_*.log
+stage() {  # stage NAME LIMIT_S LOG command...: runs with min(LIMIT_S, time left), logs to $out/LOG
+    local name=$1 limit=$2 log=$3 t0=$SECONDS
+    shift 3
+    local left=$((deadline - SECONDS))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: SKIP (out of time)"; record "$name" skip 0 "$log"; return
+    fi
+    echo "== $name (limit ${limit} s)"
+    timeout -k 5 "$limit" "$@" > "$out/$log" 2>&1
+    local rc=$?
+    tail -n 4 "$out/$log"
+    record "$name" "$rc" $((SECONDS - t0)) "$log"
+}
+
+gpu_stage() {  # like stage, but fails at once without a CUDA device (pytest and the benchmark
+    # would otherwise run their slow CPU paths)
+    if [ "$have_gpu" -eq 0 ]; then
+        echo "== $1: FAIL (no CUDA device)"; echo "no CUDA device" > "$out/$3"; record "$1" 1 0 "$3"; return
+    fi
+    stage "$@"
+}
+
+# -- environment
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE')"
+} > "$out/env.log" 2>&1
+env_rc=$?
+cat "$out/env.log"
+have_gpu=1
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "no CUDA device: the GPU stages fail fast below"
+    have_gpu=0 env_rc=1
+fi
+record environment "$env_rc" 0 env.log
+
+# -- compile check for sm_90, in the background (CPU only): every kernel the planner would pick
+cc_t0=$SECONDS
+timeout -k 5 300 python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,384,512,1000,1024 \
+    --dtypes fp32,bf16,fp16 --batch-sizes 64,256 > "$out/compile_check.log" 2>&1 &
+cc_pid=$!
+
+# -- the CUDA test suite, both kernel families (the cpu backend's tests ran in CI)
+tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py"
+FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 100 pytest_persistent.log \
+    python -m pytest -q -x -p no:cacheprovider -k "not cpu" \
+    -W "error::fused_rnn.ops.triton_rnn.PersistentKernelWarning" $tests
+
+stage "barrier stress" 45 stress_barrier.log \
+    python benchmarks/stress_barrier.py --launches 400 --seconds 35
+
+# -- timings: cuDNN (nnrnn) against both kernel families; the course loop at one shape only
+# (about 100 ms a call at T=512)
+shapes="512,8,256;64,512,256;256,512,256;1024,512,256;256,512,512;256,512,1024"
+gpu_stage "bench" 150 bench.log \
+    python benchmarks/bench_rnn.py --shapes "$shapes" --providers nnrnn,fused-blocked,fused-persistent \
+    --modes fwd,fwd+bwd --dtypes fp32,bf16 --csv "$out/results.csv" --plot "$out/speedup.png"
+gpu_stage "bench loop" 30 bench_loop.log \
+    python benchmarks/bench_rnn.py --shapes "512,8,256" --providers loop,nnrnn,fused-persistent \
+    --modes fwd,fwd+bwd --dtypes fp32 --csv "$out/results.csv" --plot ""
+
+stage "extra checks" 70 extra_checks.log python benchmarks/gpu_extra_checks.py
+
+FUSED_RNN_TRITON_KERNEL=blocked gpu_stage "pytest blocked" 80 pytest_blocked.log \
+    python -m pytest -q -x -p no:cacheprovider -k "not cpu" $tests
+
+# -- compute-sanitizer memcheck on two small shapes, both kernel families
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+if [ -n "$sanitizer" ]; then
+    cat > "$out/sanitizer_case.py" <<'EOF'
+import os, torch
+from fused_rnn import fused_rnn
+for kernel in ("blocked", "persistent"):
+    os.environ["FUSED_RNN_TRITON_KERNEL"] = kernel
+    for B, T, H in ((5, 7, 100), (33, 3, 300)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w_in = torch.randn(H, 8, device="cuda", generator=g, requires_grad=True)
+        w_h = (torch.randn(H, H, device="cuda", generator=g) / H ** 0.5).requires_grad_()
+        emb = torch.randn(11, 8, device="cuda", generator=g, requires_grad=True)
+        x = torch.randint(0, 11, (B, T), device="cuda", generator=g)
+        out, h_n = fused_rnn(x, w_in, None, w_h, None, embedding=emb)
+        (out.sum() + h_n.sum()).backward()
+        torch.cuda.synchronize()
+        print(kernel, B, T, H, "ok")
+EOF
+    echo "compute-sanitizer: $sanitizer"
+    gpu_stage "compute-sanitizer" 60 sanitizer.log \
+        "$sanitizer" --tool memcheck --error-exitcode 1 python "$out/sanitizer_case.py"
+else
+    echo "compute-sanitizer: not on PATH nor under /usr/local/cuda*/bin: memcheck skipped" | tee "$out/sanitizer.log"
+    record "compute-sanitizer" skip 0 "sanitizer.log (not found)"
+fi
+
+# -- the compile check's result
+left=$((deadline - SECONDS)); [ "$left" -lt 1 ] && left=1
+( sleep "$left"; kill "$cc_pid" 2>/dev/null ) & watchdog=$!
+wait "$cc_pid"; cc_rc=$?
+kill "$watchdog" 2>/dev/null
+[ "$cc_rc" -eq 143 ] && cc_rc=124  # killed at the deadline
+tail -n 3 "$out/compile_check.log"
+record "compile check sm_90" "$cc_rc" $((SECONDS - cc_t0)) compile_check.log
+
+echo
+grep -h "^|" "$out/bench.log" "$out/bench_loop.log" 2>/dev/null | tail -n 40
+echo
+echo "| stage | status | time | log (under $out) |"
+echo "|---|---|---|---|"
+printf '%s\n' "${summary[@]}"

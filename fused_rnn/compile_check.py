@@ -72,7 +72,7 @@ def _signature(fn, types: dict, H: int, constexprs: dict):
     return signature, constexprs, attrs
 
 
-def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int) -> tuple[list, list]:
+def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int = 90) -> tuple[list, list]:
     """(configs, notes): the kernels the launchers would run for this problem, and a note for
     each persistent kernel the planner says does not fit."""
     from .ops import planner, triton_persistent, triton_rnn
@@ -80,15 +80,17 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int) -> tuple[l
     t = TRITON_TYPES[dtype]
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     configs, notes = [], []
-    plan = planner.plan_persistent(B, H, dtype, sm_count)
+    plan = planner.plan_persistent(B, H, dtype, sm_count, arch=arch)
     if plan.fits:
         tiling = dict(BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
                       DOT_PRECISION=plan.precision, STEPWISE=False)
-        fwd = dict(tiling, TOKENS=True, HAS_BIAS=True, TANH_SMALL=0.0625)
-        configs.append(KernelConfig(
-            "persistent_fwd", name, B, H, plan.describe(), triton_persistent.rnn_persistent_fwd_kernel,
-            {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}",
-             "arrivals_ptr": "*i32", "error_ptr": "*i32"}, fwd, plan.num_warps, plan.programs_per_sm))
+        for tokens in (True, False):  # token input gathers rows of U; dense input reads P
+            fwd = dict(tiling, TOKENS=tokens, HAS_BIAS=True, TANH_SMALL=0.0625)
+            configs.append(KernelConfig(
+                "persistent_fwd" + ("" if tokens else "_dense"), name, B, H, plan.describe(),
+                triton_persistent.rnn_persistent_fwd_kernel,
+                {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}",
+                 "arrivals_ptr": "*i32", "error_ptr": "*i32"}, fwd, plan.num_warps, plan.programs_per_sm))
         configs.append(KernelConfig(
             "persistent_bwd", name, B, H, plan.describe(), triton_persistent.rnn_persistent_bwd_kernel,
             {"w_h_ptr": f"*{t}", "arrivals_ptr": "*i32", "error_ptr": "*i32"}, tiling,
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_90", help="sm_90 (H100/H200) or sm_80 (A100)")
     parser.add_argument("--hidden-sizes", default="1,100,256,384,512,1000,1024", type=_ints)
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
-    parser.add_argument("--batch-sizes", default="256", type=_ints)
+    parser.add_argument("--batch-sizes", default="64,256", type=_ints)
     parser.add_argument("--sm-count", type=int, default=None,
                         help="SMs the planner plans for (default: 132 for sm_90, 108 for sm_80)")
     args = parser.parse_args(argv)
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
     for d in dtypes:
         for H in args.hidden_sizes:
             for B in args.batch_sizes:
-                c, n = kernel_configs(B, H, DTYPES[d], sm_count)
+                c, n = kernel_configs(B, H, DTYPES[d], sm_count, arch)
                 configs += c
                 notes += n
     print(f"Triton kernels compiled for sm_{arch} ({sm_count} SMs planned for)\n")

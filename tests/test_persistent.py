@@ -6,6 +6,7 @@ boundary standing in for the group barrier): the same tile code, so these tests 
 tiling (several groups x several column blocks, odd B and H, T = 1) against the reference. The
 barrier itself runs here only where it cannot block (one program per group) or must time out.
 """
+import os
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from fused_rnn import fused_rnn, rnn_reference
 from fused_rnn.ops import planner
-from conftest import DEVICE
+from conftest import DEVICE, requires_cuda
 from helpers import TOLERANCE, cast, make_problem, rel_err, run_with_grads
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
@@ -67,12 +68,15 @@ def test_planner_pads_odd_hidden_sizes():
 def test_planner_grid_is_resident(dtype):
     """Every plan's grid fits the SMs at the co-residency it assumes, and a grid too large for
     every tiling is refused, not planned."""
-    for sm_count in (1, 8, 108, 132):
+    for arch, sm_count in ((80, 108), (90, 1), (90, 8), (90, 132)):
         for B in (1, 17, 64, 256, 1000, 4096):
             for H in (1, 16, 100, 256, 384, 512, 1000, 1024):
-                plan = planner.plan_persistent(B, H, dtype, sm_count)
+                plan = planner.plan_persistent(B, H, dtype, sm_count, arch=arch)
                 if plan.fits:
                     assert plan.groups * plan.col_blocks <= sm_count * plan.programs_per_sm
+                    shared = planner.shared_bytes(plan.block_b, plan.block_n, plan.h_pad)
+                    assert shared <= planner.SHARED_PER_BLOCK[arch]
+                    assert plan.programs_per_sm <= planner.programs_per_sm(0, shared, plan.num_warps, arch)
                     assert plan.groups * plan.block_b >= B and plan.col_blocks * plan.block_n >= H
                     assert plan.h_pad >= H and plan.block_n <= plan.h_pad
                 else:
@@ -147,6 +151,33 @@ def test_stepwise_gradcheck_fp64(shape, fast, tokens, persistent):
     assert persistent["fwd"] > 0 and persistent["bwd"] > 0
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(5, 3, 1), (64, 64, 256), (7, 24, 384), (256, 16, 512), (33, 40, 1000)],
+                         ids=lambda s: "B{}-T{}-H{}".format(*s))
+def test_cuda_persistent_matches_reference(shape, dtype, persistent):
+    """The real barrier on a GPU: the kernels must run (no fallback warning) and match."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", triton_rnn.PersistentKernelWarning)
+        check_parity(make_problem(*shape, E=32, dtype=dtype, device="cuda"), dtype)
+    assert persistent == {"fwd": 1, "bwd": 1}
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ["blocked", "persistent"])
+def test_cuda_call_has_no_host_sync(kernel, monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", kernel)
+    args = make_problem(16, 8, 64, device="cuda")
+    lengths = torch.tensor([8, 3] * 8, device="cuda")
+    run_with_grads(lambda **a: fused_rnn(**a, backend="triton", lengths=lengths), args)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_rnn(**args, backend="triton", lengths=lengths)[0].sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The barrier, where the interpreter can run it
 
@@ -156,7 +187,7 @@ def test_barrier_with_one_program_per_group_runs_through(monkeypatch, persistent
     """One column block per group: each program is its group's only arrival, so the real
     (non-stepwise) kernels with their atomics and spins complete in the interpreter."""
     monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", False)
-    monkeypatch.setattr(triton_rnn, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_rnn, "_gpu", lambda device: (132, 90))
     args = make_problem(21, 3, 13, device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", triton_rnn.PersistentKernelWarning)
@@ -190,7 +221,7 @@ def test_barrier_timeout_sets_flag_and_nan():
 @pytest.mark.skipif(not INTERPRET, reason="runs the barrier kernel through the interpreter")
 def test_timeout_warns_and_reruns_on_blocked_kernels(monkeypatch, persistent):
     monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", False)
-    monkeypatch.setattr(triton_rnn, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_rnn, "_gpu", lambda device: (132, 90))
     monkeypatch.setattr(triton_persistent, "SPIN_LIMIT", 8)
     args = make_problem(5, 3, 20, device=DEVICE)
     with pytest.warns(triton_rnn.PersistentKernelWarning, match="barrier wait timed out"):
@@ -221,7 +252,7 @@ def test_bad_kernel_variable(monkeypatch):
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter plans stepwise without SMs")
 def test_persistent_that_does_not_fit_runs_blocked(monkeypatch, persistent):
     monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", False)
-    monkeypatch.setattr(triton_rnn, "_sm_count", lambda device: 1)
+    monkeypatch.setattr(triton_rnn, "_gpu", lambda device: (1, 90))
     args = make_problem(40, 2, 40, device=DEVICE)  # 3 groups x 3 column blocks on 1 SM
     with pytest.warns(UserWarning, match="blocked kernels run"):
         check_parity(args, torch.float32)
@@ -243,6 +274,8 @@ def test_token_table_grad_deterministic_kernel():
     assert torch.equal(got, triton_rnn.token_table_grad(ids, dp, V, deterministic=True))
 
 
+@pytest.mark.skipif(DEVICE == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                    reason="deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts")
 def test_deterministic_mode_uses_the_sorted_kernel(monkeypatch):
     calls = []
     original = triton_rnn.token_table_grad

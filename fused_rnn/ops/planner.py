@@ -2,9 +2,8 @@
 
 The persistent kernels (`triton_persistent.py`) need every program of the grid resident at once:
 a program waits each step for its group's siblings. So a plan is a tiling plus the co-residency it
-counts on: ``programs_per_sm`` programs of ``num_warps`` warps fit on one SM as long as the compiled
-kernel uses at most ``max_registers`` registers per thread and ``max_shared`` bytes of shared
-memory, and ``groups * col_blocks <= sm_count * programs_per_sm``. `fused_rnn.compile_check`
+counts on: ``programs_per_sm`` programs of ``num_warps`` warps fit on one SM by the registers and
+shared memory the compiled kernels use, and ``groups * col_blocks <= sm_count * programs_per_sm``. `fused_rnn.compile_check`
 compiles every plan for a named GPU and fails if the compiler's numbers break that assumption
 or spill. One function, :func:`plan_persistent`, is used by the launchers and by the check.
 """
@@ -24,44 +23,26 @@ SHARED_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472, 100: 233472, 12
 SHARED_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 SHARED_RESERVED_PER_BLOCK = 1024  # the driver keeps 1 KB of shared memory per resident block
 
-# Tilings in order of preference, per operand precision and padded H: (rows per group, columns
-# per program, warps). Smaller column blocks spread a step over more SMs; more warps keep the
-# larger tiles out of spills. Each entry was compiled for sm_90 with ptxas -v (Triton 3.6):
-# `python -m fused_rnn.compile_check` re-checks them. Missing H_PAD: the persistent path does
-# not fit and the blocked kernels run.
-_TILINGS = {
-    # fp32 operands (exact products, "ieee")
-    ("fp32", 16): [(16, 16, 4)],
-    ("fp32", 32): [(16, 16, 4)],
-    ("fp32", 64): [(16, 16, 4)],
-    ("fp32", 128): [(16, 16, 4), (16, 32, 4)],
-    ("fp32", 256): [(16, 16, 4), (16, 32, 4), (16, 64, 8)],
-    ("fp32", 512): [(16, 16, 8), (16, 32, 8)],
-    ("fp32", 1024): [(16, 16, 8)],
-    # bf16/fp16 operands, fp32 accumulation
-    ("half", 16): [(16, 16, 4)],
-    ("half", 32): [(16, 16, 4)],
-    ("half", 64): [(16, 16, 4)],
-    ("half", 128): [(16, 16, 4), (16, 32, 4)],
-    ("half", 256): [(16, 16, 4), (16, 32, 4), (16, 64, 8)],
-    ("half", 512): [(16, 16, 8), (16, 32, 8)],
-    ("half", 1024): [(16, 16, 8)],
-}
-# Registers per thread each warp count is planned for: 4 warps at <= 255 registers leave room
-# for 2 programs per SM, 8 warps for 1 (65536 / (255 * 32 * warps), rounded down).
-_MAX_REGISTERS = 255
+# Tilings in order of preference, per padded H: (rows per group, columns per program, warps,
+# programs per SM the grid counts on). Smaller column blocks spread a step over more SMs; a
+# larger one is the fallback when the grid would not be resident. The kernels multiply in fp32
+# for fp32, bf16 and fp16 weights alike (half weights are upcast once, on chip), so one table
+# serves all three. Compiled for sm_90 (Triton 3.6, ptxas -v; registers fwd / bwd):
+#   H=256  16x16 4 warps: 136 / 114 registers, 32 KB shared -> 3 per SM;  16x32 4 warps: 136 / 109, 48 KB -> 3
+#   H=512  16x16 8 warps: 112 / 94, 64 KB -> 2;    16x32 4 warps: 186 / 160, 96 KB -> 2
+#   H=1024 16x16 8 warps: 186 / 126, 128 KB -> 1;  16x32 8 warps: 186 / 122, 192 KB -> 1
+# Spilled, so left out: 32x16 at H=512, 16x64 (bwd) at H=256, 16x16 4 warps at H=1024; and bf16
+# tensor-core (mma) tiles with all of H as K: 250 registers at H=256, 500-1600 bytes of spills at
+# H=512. `python -m fused_rnn.compile_check` re-checks every plan against these assumptions.
+# An H_PAD not in the table: the persistent path does not fit and the blocked kernels run.
+_SMALL = [(16, 16, 4, 3), (16, 32, 4, 3)]
+_TILINGS = {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _SMALL, 256: _SMALL,
+            512: [(16, 16, 8, 2), (16, 32, 4, 2)],
+            1024: [(16, 16, 8, 1), (16, 32, 8, 1)]}
 
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _precision_class(dtype: torch.dtype) -> Optional[str]:
-    if dtype == torch.float32:
-        return "fp32"
-    if dtype in (torch.bfloat16, torch.float16):
-        return "half"
-    return None  # fp64 runs on the blocked kernels on a GPU (it is there for gradcheck)
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int = 90) -> int:
@@ -88,7 +69,6 @@ class Plan:
     groups: int = 0  # grid axis 0
     col_blocks: int = 0  # grid axis 1: programs per group (the barrier's arrival count)
     programs_per_sm: int = 0  # co-residency the grid counts on (0: stepwise, no barrier)
-    max_registers: int = _MAX_REGISTERS  # per thread, for that co-residency
 
     @property
     def grid(self) -> tuple:
@@ -101,9 +81,16 @@ class Plan:
                 f"{self.precision}, grid {self.groups}x{self.col_blocks}")
 
 
+def shared_bytes(block_b: int, block_n: int, h_pad: int) -> int:
+    """Shared memory the kernels take (what the compiler reported for every tiling above): the
+    fp32 W_h slice [H_PAD, BLOCK_N] and the fp32 operand tile [BLOCK_B, H_PAD]."""
+    return 4 * h_pad * (block_n + block_b)
+
+
 def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int], *,
-                    allow_tf32: bool = False, stepwise: bool = False) -> Plan:
-    """The persistent tiling for a ``[B, H]`` state in ``dtype`` on a GPU with ``sm_count`` SMs.
+                    allow_tf32: bool = False, stepwise: bool = False, arch: int = 90) -> Plan:
+    """The persistent tiling for a ``[B, H]`` state in ``dtype`` on a GPU with ``sm_count`` SMs
+    of compute capability ``arch`` (90: H100/H200, 80: A100; it sets the shared memory per SM).
 
     ``stepwise=True`` (the interpreter: one launch per step, no barrier, no co-residency): the
     smallest tiles, for every float dtype, so tests see many groups and column blocks.
@@ -116,25 +103,31 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
     if stepwise:
         precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
         return Plan(True, "stepwise", 16, 16, h_pad, 4, precision, -(-B // 16), -(-H // 16), 0)
-    cls = _precision_class(dtype)
-    if cls is None:
-        return Plan(False, f"no persistent tiling for {dtype} (the blocked kernels run it)")
-    if cls == "fp32" and allow_tf32:
-        # tf32x3/tf32 tiles spill at H=512 in the compile probe; TF32 is opt-in, keep it simple
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        # fp64 is there for gradcheck: the blocked kernels run it on a GPU
+        return Plan(False, f"no persistent tiling for {dtype}")
+    if dtype == torch.float32 and allow_tf32:
+        # tf32x3 tiles spilled at H=256 and 512 in the compile probe; TF32 is opt-in
         return Plan(False, "allow_tf32 has no persistent tiling yet")
-    tilings = _TILINGS.get((cls, h_pad))
+    tilings = _TILINGS.get(h_pad)
     if tilings is None:
         return Plan(False, f"H={H} (padded {h_pad}) has no tiling that keeps W_h on chip")
     if sm_count is None or sm_count < 1:
         raise ValueError(f"sm_count must be a positive int for a persistent plan, got {sm_count}")
-    for block_b, block_n, warps in tilings:
-        if block_n > h_pad:
+    smem_per_sm = SHARED_PER_SM.get(arch, min(SHARED_PER_SM.values()))
+    smem_per_block = SHARED_PER_BLOCK.get(arch, min(SHARED_PER_BLOCK.values()))
+    for block_b, block_n, warps, per_sm in tilings:
+        shared = shared_bytes(block_b, block_n, h_pad)
+        if block_n > h_pad or shared > smem_per_block:
             continue
+        if H % 16:
+            # rows not 16-byte aligned: scalar loads, more registers (H=100: 184 vs 136 at H=128)
+            per_sm = max(1, per_sm - 1)
+        per_sm = min(per_sm, smem_per_sm // (shared + SHARED_RESERVED_PER_BLOCK))
         groups, col_blocks = -(-B // block_b), -(-H // block_n)
-        per_sm = max(1, REGISTERS_PER_SM // (-(-_MAX_REGISTERS * 32 // 256) * 256 * warps))
         if groups * col_blocks <= sm_count * per_sm:
             return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm)
-    block_b, block_n, warps = tilings[-1]
+    block_b, block_n, warps, _ = tilings[-1]
     need = -(-B // block_b) * -(-H // block_n)
     return Plan(False, f"B={B}, H={H} needs {need} resident programs with the largest tiling "
                        f"({block_b}x{block_n}); {sm_count} SMs hold fewer")

@@ -84,9 +84,11 @@ def rnn_persistent_fwd_kernel(
     row_ok, col_ok, k_ok = rows < B, cols < H, ks < H
     in_mask = row_ok[:, None] & k_ok[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
-    # This program's slice of W_h, on chip for all steps: w[k, n] = W_h[n, k].
+    # This program's slice of W_h, on chip for all steps: w[k, n] = W_h[n, k]. Products run in
+    # the workspace dtype (fp32 for bf16/fp16 weights, upcast once): a 16-row tile gains nothing
+    # from tensor cores, and bf16 mma tiles with the whole of H as K spill at H=512 (sm_90).
     w = tl.load(w_h_ptr + cols[None, :].to(tl.int64) * H + ks[:, None],
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(h_ptr.dtype.element_ty)
     if HAS_BIAS:
         bias = tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(h_ptr.dtype.element_ty)
     h_rows = h_ptr + rows64 * (T + 1) * H
@@ -102,7 +104,7 @@ def rnn_persistent_fwd_kernel(
         h = tl.load(h_prev[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
         p = tl.load(proj_ptr + (src * H)[:, None] + ks[None, :], mask=in_mask, other=0.0)
         a = h + tl.maximum(p.to(h.dtype), 0.0)
-        acc = tl.dot(a.to(w.dtype), w, input_precision=DOT_PRECISION, out_dtype=h.dtype)
+        acc = tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=h.dtype)
         if HAS_BIAS:
             acc += bias[None, :]
         h_t = tl.where(ok != 0, _tanh(acc, TANH_SMALL), float("nan"))
@@ -144,7 +146,7 @@ def rnn_persistent_bwd_kernel(
     out_mask = row_ok[:, None] & col_ok[None, :]
     # w[k, n] = W_h[k, n]
     w = tl.load(w_h_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(c_ptr.dtype.element_ty)
     ws_rows = rows64 * (T + 1) * H
     go_rows = rows64 * T * H
     ok = tl.full([], 1, tl.int32)
@@ -156,7 +158,7 @@ def rnn_persistent_bwd_kernel(
             + tl.load(c_next[:, None] + offs, mask=in_mask, other=0.0, cache_modifier=".cg")
         h = tl.load(h_ptr + ws_rows[:, None] + (t + 1) * H + offs, mask=in_mask, other=0.0)
         dz = g * (1.0 - h * h)
-        acc = tl.dot(dz.to(w.dtype), w, input_precision=DOT_PRECISION, out_dtype=g.dtype)
+        acc = tl.dot(dz, w, input_precision=DOT_PRECISION, out_dtype=g.dtype)
         c_t = tl.where(ok != 0, acc, float("nan"))
         tl.store(c_next[:, None] - H + cols[None, :], c_t, mask=out_mask)
         if not STEPWISE:

@@ -270,16 +270,18 @@ def reset_persistent_state() -> None:
     _persistent = _PersistentState()
 
 
-_sm_counts = {}
+_gpus = {}
 
 
-def _sm_count(device: torch.device):
+def _gpu(device: torch.device):
+    """(SM count, compute capability as 90 for sm_90) of a CUDA device; (None, 90) otherwise."""
     if device.type != "cuda":
-        return None
+        return None, 90
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
+    if index not in _gpus:
+        props = torch.cuda.get_device_properties(index)
+        _gpus[index] = (props.multi_processor_count, props.major * 10 + props.minor)
+    return _gpus[index]
 
 
 def _persistent_plan(B, H, w_h, allow_tf32):
@@ -290,8 +292,9 @@ def _persistent_plan(B, H, w_h, allow_tf32):
         _check_earlier_launches(w_h.device)
     if _persistent.disabled_reason is not None:
         return None
-    plan = planner.plan_persistent(B, H, w_h.dtype, _sm_count(w_h.device), allow_tf32=allow_tf32,
-                                   stepwise=PERSISTENT_STEPWISE)
+    sm_count, arch = _gpu(w_h.device)
+    plan = planner.plan_persistent(B, H, w_h.dtype, sm_count, allow_tf32=allow_tf32,
+                                   stepwise=PERSISTENT_STEPWISE, arch=arch)
     if not plan.fits:
         _persistent.warn_once(f"{KERNEL_ENV}=persistent: {plan.reason}; the blocked kernels run",
                               UserWarning)
