@@ -179,10 +179,10 @@ def gradient_norms(model: CharLanguageModel, text: str, max_distance: int = 100,
     """How the gradient of one prediction's loss reaches earlier states, through the fused backward.
 
     For each loss position ``e`` (the loss ``L_e = -log p(x_{e+1} | x_0..x_e)``) and distance
-    ``k``, ``||dL_e / dh_{e-k}||`` for the last layer's states. Distance ``k >= 1`` comes from one
-    batched fused forward + backward: row ``(e, k)`` restarts the recurrence from ``h_{e-k}``
-    (as ``h0``), reads the ``k`` chars up to ``x_e`` (``lengths`` masks the rest), and autograd
-    returns ``dL_e / dh0``, which the fused backward computes through every step in between.
+    ``k``, ``||dL_e / dh_{e-k}||`` for the last layer's states. The recurrence is rerun from
+    ``h_{e-D}`` one fused step per call, all losses side by side in one batch, so that every
+    state is a tensor of the autograd graph; each call's fused backward returns the carry
+    ``dL/dh_{t-1}`` of its step, and autograd chains them.
 
     Returns ``{"distance": [D+1], "ends": [E], "norms": [E, D+1]}`` (numpy).
     """
@@ -196,28 +196,19 @@ def gradient_norms(model: CharLanguageModel, text: str, max_distance: int = 100,
     if len(ends) == 0 or int(ends.min()) < D or int(ends.max()) > N - 2:
         raise ValueError(f"loss positions must lie in [{D}, {N - 2}] for max_distance {D}")
     layer, backend = model.rnn.layers[-1], model.rnn.backend
-    inp = _last_layer_input(model, ids)
+    inp = _last_layer_input(model, ids)[0]  # [N] ids or [N, H] states of the layer below
     with torch.no_grad():
-        states = layer(inp, None, None, backend)[0][0]  # [N, H]
-    targets = ids[ends + 1]
-
-    h_e = states[ends].clone().requires_grad_()  # distance 0: through the output layer only
-    g0 = torch.autograd.grad(F.cross_entropy(model.l_out(h_e), targets, reduction="sum"), h_e)[0]
+        states = layer(inp[None], None, None, backend)[0][0]  # [N, H]
+    starts = ends - D
+    chain = [states[starts].clone().requires_grad_()]  # h_{e-D}, one row per loss
+    for i in range(1, D + 1):
+        _, h = layer(inp[starts + i][:, None], chain[-1], None, backend)
+        chain.append(h)  # h_{e-D+i}
+    loss = F.cross_entropy(model.l_out(chain[-1]), ids[ends + 1], reduction="sum")  # rows independent
+    grads = torch.autograd.grad(loss, chain)
     # norms in float64: squaring fp32 gradients of ~1e-23 would underflow to zero
-    norms = [g0.double().norm(dim=-1)[:, None]]
-    if D > 0:
-        E = len(ends)
-        k = torch.arange(1, D + 1).repeat(E)  # row (e, k), k fastest
-        e = ends.repeat_interleave(D)
-        h0 = states[e - k].clone().requires_grad_()
-        pos = ((e - k)[:, None] + 1 + torch.arange(D)).clamp(max=N - 1)  # padding past k is masked
-        x = inp[0][pos]
-        _, h_n = layer(x, h0, k, backend)
-        loss = F.cross_entropy(model.l_out(h_n), ids[e + 1], reduction="sum")  # rows independent
-        g = torch.autograd.grad(loss, h0)[0]
-        norms.append(g.double().norm(dim=-1).reshape(E, D))
-    return {"distance": np.arange(D + 1), "ends": ends.numpy(),
-            "norms": torch.cat(norms, dim=1).detach().numpy()}
+    norms = torch.stack([g.double().norm(dim=-1) for g in reversed(grads)], dim=1)
+    return {"distance": np.arange(D + 1), "ends": ends.numpy(), "norms": norms.detach().numpy()}
 
 
 def fresh_model(model: CharLanguageModel, seed: int = 0) -> CharLanguageModel:
@@ -410,7 +401,7 @@ def _text_grid(text, max_lines, max_cols):
     return rows, idx
 
 
-def draw_activations(text, acts, units, path, heat_chars: int = 110, max_lines: int = 16,
+def draw_activations(text, acts, units, path, heat_chars: int = 90, max_lines: int = 16,
                      max_cols: int = 58) -> str:
     """Per chosen unit, the text coloured by its activation; then a units x chars heatmap."""
     plt = _pyplot()
@@ -426,11 +417,11 @@ def draw_activations(text, acts, units, path, heat_chars: int = 110, max_lines: 
     fig = plt.figure(figsize=(13, panel_rows * panel_h + heat_h + 0.9), dpi=85)
     height = fig.get_figheight()
     gs = GridSpec(panel_rows + 1, 2, figure=fig, height_ratios=[panel_h] * panel_rows + [heat_h],
-                  hspace=0.45, wspace=0.05, left=0.07, right=0.97, top=1 - 0.75 / height, bottom=0.6 / height)
+                  hspace=0.32, wspace=0.05, left=0.07, right=0.97, top=1 - 0.75 / height, bottom=0.6 / height)
     # RdBu mixed with white, so the black chars stay readable on saturated units
     from matplotlib.colors import ListedColormap
 
-    cmap = ListedColormap(0.6 * plt.get_cmap("RdBu_r")(np.linspace(0, 1, 256)) + 0.4)
+    cmap = ListedColormap(0.6 * plt.get_cmap("bwr")(np.linspace(0, 1, 256)) + 0.4)
     norm = plt.Normalize(-1, 1)
     for p, (u, label, _) in enumerate(units):
         ax = fig.add_subplot(gs[p // 2, p % 2])
@@ -463,24 +454,35 @@ def draw_activations(text, acts, units, path, heat_chars: int = 110, max_lines: 
     return str(path)
 
 
+def step_factors(res: dict) -> np.ndarray:
+    """``[E, D]``: by how much each step back multiplies the gradient's norm, ``||dL/dh_{e-k}|| /
+    ||dL/dh_{e-k+1}||``."""
+    n = np.maximum(res["norms"], 1e-300)
+    return n[:, 1:] / n[:, :-1]
+
+
 def draw_gradients(trained: dict, fresh: dict, path) -> str:
-    """||dL/dh_t|| against the distance from the loss, trained vs freshly initialised."""
+    """||dL/dh_t|| against the distance from the loss, trained vs freshly initialised, and the
+    factor each step back multiplies it by."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=90)
     for res, name, color in [(trained, "trained model", "tab:blue"), (fresh, "freshly initialised", "tab:orange")]:
-        d, n = res["distance"], np.maximum(res["norms"], 1e-30)
-        for ax, values in [(axes[0], n), (axes[1], n / n[:, :1])]:
+        d = res["distance"]
+        for ax, x, values in [(axes[0], d, np.maximum(res["norms"], 1e-300)), (axes[1], d[1:], step_factors(res))]:
             lo, mid, hi = np.quantile(values, [0.25, 0.5, 0.75], axis=0)
-            ax.fill_between(d, lo, hi, color=color, alpha=0.2, lw=0)
-            ax.plot(d, mid, color=color, lw=2, label=f"{name} (median, 25-75% band)")
-    for ax, ylabel in [(axes[0], "||dL/dh_t||"), (axes[1], "||dL/dh_t|| / ||dL/dh_loss step||")]:
-        ax.set_yscale("log")
+            ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+            ax.plot(x, mid, color=color, lw=2, label=f"{name} (median, 25-75% band)")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("||dL/dh_t||  (log scale)")
+    axes[0].set_title("Gradient of one prediction's loss reaching earlier states", fontsize=10.5)
+    axes[1].axhline(1, color="0.4", lw=1, ls=":")
+    axes[1].set_ylim(0, max(1.2, float(np.quantile(step_factors(trained), 0.9)) * 1.1))
+    axes[1].set_ylabel("||dL/dh_t-1|| / ||dL/dh_t||")
+    axes[1].set_title("What each step back multiplies it by (below 1: it shrinks)", fontsize=10.5)
+    for ax in axes:
         ax.set_xlabel("distance from the loss (steps back)")
-        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=9)
-    axes[0].set_title("Gradient of one prediction's loss reaching earlier states", fontsize=10.5)
-    axes[1].set_title("The same, relative to the state at the loss step", fontsize=10.5)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -531,11 +533,12 @@ def _png_base64(path):
         return base64.b64encode(fh.read()).decode("ascii")
 
 
-def _decay_note(res, at):
-    """'falls by a factor X over `at` steps' for the median relative norm."""
-    rel = np.median(res["norms"] / np.maximum(res["norms"][:, :1], 1e-30), axis=0)
+def _decay(res, at):
+    """(distance, median ||dL/dh|| there relative to the loss step, median factor per step)."""
+    rel = np.median(res["norms"] / np.maximum(res["norms"][:, :1], 1e-300), axis=0)
     at = min(at, len(rel) - 1)
-    return at, rel[at]
+    factor = float(np.median(step_factors(res))) if len(rel) > 1 else float("nan")
+    return at, rel[at], factor
 
 
 def run_inspect(opts) -> int:
@@ -568,8 +571,8 @@ def run_inspect(opts) -> int:
     draw_activations(text, acts, units, paths["activations"])
     draw_gradients(trained, fresh, paths["gradients"])
 
-    at, t_decay = _decay_note(trained, 20)
-    _, f_decay = _decay_note(fresh, 20)
+    at, t_decay, t_factor = _decay(trained, 20)
+    _, f_decay, f_factor = _decay(fresh, 20)
     n_feat = sum(1 for _, label, _ in units if "r =" in label)
     captions = {
         "cell": f"One step of the RNN. The character <code>x_t</code> is looked up in an embedding of "
@@ -597,14 +600,17 @@ def run_inspect(opts) -> int:
                        f"one unit per fact, strongest first ({n_feat} found); then the units whose value varies "
                        f"most. A correlation on a few hundred characters is a hint, not a proof. "
                        f"The heatmap shows the same units side by side over the first characters.",
-        "gradients": f"How far back can the model learn from? For {len(trained['ends'])} predictions in the "
-                     f"text, the size of the gradient of that prediction's loss with respect to each earlier "
-                     f"state{layer_note}, computed by the fused backward (median and 25-75% band, log scale). "
-                     f"Each step back multiplies it by the tanh derivative and <code>l_hidden</code>'s weights, "
-                     f"so it shrinks or grows geometrically. {at} steps back, the trained model's gradient is "
-                     f"{t_decay:.2g} times its size at the loss step; a freshly initialised model's is "
-                     f"{f_decay:.2g} times. Anything that shrinks that fast is hard to learn from: this is "
-                     f"the vanishing gradient of vanilla RNNs.",
+        "gradients": f"How far back can the model learn from? Training changes the weights by gradients, "
+                     f"and a character far back in the text can only teach the model through the gradient "
+                     f"that reaches its state. For {len(trained['ends'])} predictions in the text, the left panel "
+                     f"shows the size of the gradient of that prediction's loss with respect to each earlier "
+                     f"state{layer_note} (median and 25-75% band over the predictions, log scale), computed with "
+                     f"the fused backward. Each step back multiplies it by the tanh's slope and "
+                     f"<code>l_hidden</code>'s weights (right panel): typically by {t_factor:.2f} in the trained "
+                     f"model and {f_factor:.2f} in a freshly initialised one. {at} steps back, the trained "
+                     f"model's gradient is {t_decay:.1e} times its size at the loss step, the fresh "
+                     f"one's {f_decay:.1e} times. This geometric shrinking is the vanishing gradient of "
+                     f"vanilla RNNs: what lies a few dozen characters back barely reaches the weights.",
     }
     titles = {"cell": "1. The cell", "unrolled": "2. Unrolled over time",
               "activations": "3. What the units learned", "gradients": "4. How gradients flow back"}
@@ -618,9 +624,11 @@ img{{max-width:100%;border:1px solid #ddd}} pre{{background:#f6f6f6;padding:.8em
 p{{max-width:900px}}</style></head><body>
 <h1>Inside the char-RNN</h1>
 <p>A vanilla recurrent network that reads text one character at a time and predicts the next one.
-This model: {V} characters, an embedding of {E}, {L} layer(s) of {H} hidden units; checkpoint
+This model: {V} characters, an embedding of {E}, {L} layer{"s" if L > 1 else ""} of {H} hidden units; checkpoint
 <code>{html.escape(os.path.basename(opts.checkpoint))}</code>. On the text below it predicts the next character
-with a loss of {nll:.3f} nats per character, and its first guess is right {right:.0%} of the time.</p>
+with a loss of {nll:.3f} nats per character, and its first guess is right {right:.0%} of the time.
+The pictures go from the cell (one step), to the cell repeated over the text, to what single units of
+its state respond to, to how far back training can reach.</p>
 <pre>{html.escape(text)}</pre>
 {sections}
 </body></html>
