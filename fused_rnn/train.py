@@ -428,8 +428,8 @@ def _train(opts, rank, world, device):
                     # (the epoch's end saves anyway, after its validation loss)
                     if main and opts.save_every and step % opts.save_every == 0 and step % steps:
                         save()
-                    progress.update(loss=f"{running:.3f}",
-                                    chars_per_s=f"{chars / (time.perf_counter() - t0):,.0f}")
+                    progress.update(**{"loss": f"{running:.3f}",
+                                       "chars/s": f"{chars / (time.perf_counter() - t0):,.0f}"})
             finally:
                 progress.close()
             if main:

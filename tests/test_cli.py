@@ -1,5 +1,11 @@
-"""python -m fused_rnn train / sample: a real (tiny) run, and one-line errors for bad input."""
+"""python -m fused_rnn train / sample / inspect: a real (tiny) run, and one-line errors for bad input."""
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from fused_rnn.__main__ import main
 
@@ -53,24 +59,44 @@ def test_bad_options_exit_2_in_one_line(argv, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_train_under_torchrun_with_two_processes(corpus, tmp_path):
-    import subprocess
-    import sys
+def torchrun_train(corpus, ckpt, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "fused_rnn", "train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "16",
+            "--batch-size", "4", "--checkpoint", str(ckpt), "--sample-chars", "10", "--device", "cpu", *extra]
 
+
+def test_train_under_torchrun_with_two_processes(corpus, tmp_path):
     ckpt = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "fused_rnn", "train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "16",
-           "--batch-size", "4", "--epochs", "1", "--steps", "5", "--checkpoint", str(ckpt),
-           "--sample-chars", "10", "--device", "cpu"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(torchrun_train(corpus, ckpt, "--epochs", "1", "--steps", "5", "--save-every", "2"),
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "x 2 processes" in out.stdout and out.stdout.count("epoch 1: train loss") == 1
-    assert ckpt.exists()
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+
+
+def test_sigterm_under_torchrun_saves_once(corpus, tmp_path):
+    """torchrun passes SIGTERM to every process; they stop at the same step and rank 0 alone saves."""
+    import signal
+    import time
+
+    ckpt = tmp_path / "ddp.pt"
+    proc = subprocess.Popen(torchrun_train(corpus, ckpt, "--epochs", "1", "--steps", "100000", "--save-every", "3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ckpt.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun reports the signal itself
+    stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM at step")]
+    assert len(stopped) == 1 and str(ckpt) in stopped[0], out + err
+    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    assert torch.load(ckpt, weights_only=True)["step"] == step
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_mismatched_checkpoint_is_one_line(tmp_path, capsys):
-    import torch
-
     from fused_rnn.train import CharLanguageModel, ModelConfig
 
     path = tmp_path / "other.pt"
@@ -79,3 +105,52 @@ def test_mismatched_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(path)]) == 1
     err = capsys.readouterr().err
     assert "not a fused_rnn char model" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_command_lists_the_commands(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    for command in ("train", "sample", "inspect"):
+        assert any(line.split()[:1] == [command] for line in err.splitlines()), err
+
+
+def test_inspect_is_wired_with_one_line_errors(tmp_path, capsys):
+    assert main(["inspect", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m fused_rnn inspect: error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_training_history_and_loss_curve(corpus, tmp_path, capsys):
+    ckpt = tmp_path / "model.pt"
+    assert main(["train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "16", "--batch-size", "4",
+                 "--epochs", "2", "--steps", "3", "--checkpoint", str(ckpt), "--sample-chars", "5"]) == 0
+    out = capsys.readouterr().out
+    history = torch.load(ckpt, weights_only=True)["history"]
+    assert history["step"] == [1, 2, 3, 4, 5, 6] and len(history["train_loss"]) == 6
+    assert [step for step, _ in history["val"]] == [0, 3, 6]
+    png = tmp_path / "model_loss.png"
+    if importlib.util.find_spec("matplotlib"):
+        assert f"loss curve: {png}" in out and png.stat().st_size > 0, out
+    else:
+        assert "loss curve: not drawn" in out, out
+
+
+def test_loss_curve_without_matplotlib_is_one_plain_line(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    ckpt = tmp_path / "model.pt"
+    assert main(["train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "16", "--batch-size", "4",
+                 "--epochs", "1", "--steps", "2", "--checkpoint", str(ckpt), "--sample-chars", "5"]) == 0
+    captured = capsys.readouterr()
+    assert 'loss curve: not drawn (pip install -e ".[viz]" for matplotlib)\n' in captured.out
+    assert "Warning" not in captured.err and not (tmp_path / "model_loss.png").exists()
+
+
+def test_progress_without_a_terminal_prints_plain_lines(capsys):
+    from fused_rnn.train import Progress
+
+    progress = Progress(3, "epoch 1/1", True, interval=0)
+    for _ in range(3):
+        progress.update(loss="1.000")
+    progress.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == [f"epoch 1/1: step {i}/3, loss 1.000" for i in (1, 2, 3)]
