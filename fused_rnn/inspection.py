@@ -593,7 +593,8 @@ def run_inspect(opts) -> int:
                     f"one step at a time; the numbers are the sizes of <code>dL/dh_t</code> for the loss at the "
                     f"last step shown.",
         "activations": f"Each of the {H} hidden units{layer_note} is one number in the state, between -1 and +1. "
-                       f"Each panel colours the text by one unit's value after reading each character. "
+                       f"Each panel colours the text (at most its first 16 lines and 58 columns) by one unit's value "
+                       f"after reading each character. "
                        f"The units are chosen from this text: first the units most strongly correlated "
                        f"(Pearson |r| &ge; 0.4) with simple facts about each character (inside a string, inside a "
                        f"comment, in the indentation, indentation depth, bracket depth, column, newline), "

@@ -212,3 +212,14 @@ def test_user_errors_are_one_line(argv, message, checkpoint, tmp_path):
     with pytest.raises(UserError) as exc:
         run_inspect(parse(argv + ["--out", str(tmp_path / "out")]))
     assert message in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+
+
+def test_through_the_command_line(checkpoint, tmp_path, capsys):
+    from fused_rnn.__main__ import main
+
+    out = tmp_path / "cli"
+    assert main(["inspect", "--checkpoint", checkpoint, "--out", str(out), "--chars", "100", "--units", "2"]) == 0
+    assert capsys.readouterr().out.split() == [str(out / f) for f in FILES]
+    assert main(["inspect", "--checkpoint", checkpoint, "--prime", "déf"]) == 1
+    err = capsys.readouterr().err
+    assert "outside the model's vocabulary: 'é'" in err and len(err.strip().splitlines()) == 1, err
