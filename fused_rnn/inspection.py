@@ -249,11 +249,10 @@ def save_loss_curve(path, history) -> str:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if len(loss):
         ax.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.8, label="train loss (each step)")
-        smooth, s = [], loss[0]
-        for v in loss:  # exponential moving average, as the progress bar shows
-            s = 0.95 * s + 0.05 * v
-            smooth.append(s)
-        ax.plot(steps, smooth, color="tab:blue", lw=1.8, label="train loss (moving average)")
+        w = max(1, len(loss) // 40)  # a centred running mean: it does not lag behind the raw loss
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w // 2:w // 2 + len(smooth)], smooth, color="tab:blue", lw=1.8,
+                label=f"train loss (mean of {w} steps)" if w > 1 else "train loss")
     if len(val):
         ax.plot(val[:, 0], val[:, 1], "o-", color="tab:red", lw=1.5, label="validation loss (each epoch)")
     ax.set_xlabel("optimizer step")
