@@ -71,6 +71,7 @@ def test_train_under_torchrun_with_two_processes(corpus, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "x 2 processes" in out.stdout and out.stdout.count("epoch 1: train loss") == 1
+    assert "Warning" not in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert torch.load(ckpt, weights_only=True)["step"] == 5
 
 
