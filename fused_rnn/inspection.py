@@ -345,8 +345,9 @@ def draw_unrolled(model: CharLanguageModel, text: str, path, steps: int = 10) ->
     probs = next_char_probs(model, text[:S + 1])[:S]
     grads = gradient_norms(model, text[:S + 1], max_distance=S - 1, ends=[S - 1])["norms"][0]
     vocab = model.config.vocab
-    fig, ax = plt.subplots(figsize=(1.3 * S + 3.2, 5.4), dpi=90)
-    ax.set_xlim(-0.9, 1.3 * S + 2.3)
+    width = max(S, 7)  # room for the title under short texts
+    fig, ax = plt.subplots(figsize=(1.3 * width + 3.2, 5.4), dpi=90)
+    ax.set_xlim(-0.9, 1.3 * width + 2.3)
     ax.set_ylim(-0.4, 6.3)
     ax.axis("off")
     xs = [1.3 * (i + 1) for i in range(S)]  # h_0 sits at x = 0
@@ -468,6 +469,8 @@ def draw_gradients(trained: dict, fresh: dict, path) -> str:
     for res, name, color in [(trained, "trained model", "tab:blue"), (fresh, "freshly initialised", "tab:orange")]:
         d = res["distance"]
         for ax, x, values in [(axes[0], d, np.maximum(res["norms"], 1e-300)), (axes[1], d[1:], step_factors(res))]:
+            if values.size == 0:
+                continue  # a 2-char text: no step back to show
             lo, mid, hi = np.quantile(values, [0.25, 0.5, 0.75], axis=0)
             ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
             ax.plot(x, mid, color=color, lw=2, label=f"{name} (median, 25-75% band)")
@@ -475,13 +478,15 @@ def draw_gradients(trained: dict, fresh: dict, path) -> str:
     axes[0].set_ylabel("||dL/dh_t||  (log scale)")
     axes[0].set_title("Gradient of one prediction's loss reaching earlier states", fontsize=10.5)
     axes[1].axhline(1, color="0.4", lw=1, ls=":")
-    axes[1].set_ylim(0, max(1.2, float(np.quantile(step_factors(trained), 0.9)) * 1.1))
+    factors = step_factors(trained)
+    axes[1].set_ylim(0, max(1.2, float(np.quantile(factors, 0.9)) * 1.1 if factors.size else 0))
     axes[1].set_ylabel("||dL/dh_t-1|| / ||dL/dh_t||")
     axes[1].set_title("What each step back multiplies it by (below 1: it shrinks)", fontsize=10.5)
     for ax in axes:
         ax.set_xlabel("distance from the loss (steps back)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -549,7 +554,10 @@ def run_inspect(opts) -> int:
         raise UserError(MATPLOTLIB_HINT) from None
     model = load_checkpoint(opts.checkpoint, device="cpu", backend="auto").eval()
     text = _read_text(opts, model)
-    os.makedirs(opts.out, exist_ok=True)
+    try:
+        os.makedirs(opts.out, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make the folder {opts.out!r}: {exc.strerror}") from None
     cfg = model.config
     V, E, H, L = len(cfg.vocab), cfg.n_fac, cfg.hidden_size, cfg.num_layers
     layer_note = f" (the last of its {L} layers)" if L > 1 else ""
