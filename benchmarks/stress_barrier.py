@@ -5,13 +5,20 @@ failures, and exits non-zero on any.
 Usage: python benchmarks/stress_barrier.py [--launches 300] [--seconds 60] [--seed 0]
 Shapes are drawn so that grids range from one program to every SM busy, T from 1 to 96, odd B
 and H included, fp32 and bf16, forward and backward chain.
+
+``--cpu-dry-run`` runs the same loop on small fp32 shapes through the Triton interpreter in
+stepwise mode (no barrier): it checks this script, not the barrier.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
+
+if "--cpu-dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton kernels are defined
 
 import torch
 
@@ -42,14 +49,17 @@ def main():
     parser.add_argument("--launches", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=60.0, help="stop drawing new shapes after this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-dry-run", action="store_true", help="check this script without a GPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    dry = args.cpu_dry_run
+    if not dry and not torch.cuda.is_available():
         print("FAIL: no CUDA device: the barrier stress needs a GPU (the interpreter cannot run "
-              "a cross-program barrier)")
+              "a cross-program barrier; --cpu-dry-run checks this script)")
         return 2
     from fused_rnn.ops import planner, triton_persistent
 
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    device = "cpu" if dry else "cuda"
+    sm_count = None if dry else torch.cuda.get_device_properties(0).multi_processor_count
     rng = random.Random(args.seed)
     start = time.time()
     stats = dict(launches=0, mismatches=0, timeouts=0, launch_failures=0, not_planned=0)
@@ -59,25 +69,28 @@ def main():
         B = rng.choice([1, 5, 16, 17, 64, 100, 256, 256, 300, rng.randint(1, 600)])
         T = rng.choice([1, 2, 3, 17, 64, 96])
         dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
-        plan = planner.plan_persistent(B, H, dtype, sm_count)
+        if dry:  # the interpreter: small fp32 problems, one launch per step
+            H, B, T, dtype = rng.choice([1, 7, 20, 33]), rng.choice([1, 5, 17, 20]), rng.choice([1, 2, 3]), torch.float32
+        plan = planner.plan_persistent(B, H, dtype, sm_count, stepwise=dry)
         if not plan.fits:
             stats["not_planned"] += 1
             continue
-        g = torch.Generator(device="cuda").manual_seed(rng.randrange(1 << 30))
-        proj = ((torch.rand(B, T, H, generator=g, device="cuda") - 0.5) * 2).to(dtype)
-        w_h = ((torch.rand(H, H, generator=g, device="cuda") * 2 - 1) * 1.5 * H ** -0.5).to(dtype)
-        b_h = (torch.rand(H, generator=g, device="cuda") - 0.5).to(dtype)
-        ws = torch.zeros(B, T + 1, H, device="cuda")
-        ws[:, 0] = torch.rand(B, H, generator=g, device="cuda") - 0.5
-        grad_out = torch.randn(B, T, H, generator=g, device="cuda")
+        g = torch.Generator(device=device).manual_seed(rng.randrange(1 << 30))
+        proj = ((torch.rand(B, T, H, generator=g, device=device) - 0.5) * 2).to(dtype)
+        w_h = ((torch.rand(H, H, generator=g, device=device) * 2 - 1) * 1.5 * H ** -0.5).to(dtype)
+        b_h = (torch.rand(H, generator=g, device=device) - 0.5).to(dtype)
+        ws = torch.zeros(B, T + 1, H, device=device)
+        ws[:, 0] = torch.rand(B, H, generator=g, device=device) - 0.5
+        grad_out = torch.randn(B, T, H, generator=g, device=device)
         c = torch.zeros_like(ws)
-        c[:, T] = torch.randn(B, H, generator=g, device="cuda")
-        error = torch.zeros(1, device="cuda", dtype=torch.int32)
+        c[:, T] = torch.randn(B, H, generator=g, device=device)
+        error = torch.zeros(1, device=device, dtype=torch.int32)
         name = f"B={B} T={T} H={H} {str(dtype)[6:]} [{plan.describe()}]"
         try:
-            triton_persistent.persistent_fwd(proj, None, w_h, b_h, ws, plan, error, stepwise=False)
-            triton_persistent.persistent_bwd(grad_out, ws, w_h, c, plan, error, stepwise=False)
-            torch.cuda.synchronize()
+            triton_persistent.persistent_fwd(proj, None, w_h, b_h, ws, plan, error, stepwise=dry)
+            triton_persistent.persistent_bwd(grad_out, ws, w_h, c, plan, error, stepwise=dry)
+            if not dry:
+                torch.cuda.synchronize()
         except RuntimeError as exc:
             stats["launch_failures"] += 1
             print(f"LAUNCH FAILED {name}: {str(exc).splitlines()[0]}", flush=True)
@@ -97,7 +110,7 @@ def main():
             if not err < tol:  # NaN counts as a mismatch
                 stats["mismatches"] += 1
                 print(f"MISMATCH {what} {name}: relative error {err:.2e}", flush=True)
-    print(f"{time.time() - start:.0f} s, SMs {sm_count}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    print(f"{time.time() - start:.0f} s, SMs {sm_count or 'none (dry run)'}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     print("worst relative errors: " + ", ".join(f"{w} {d[6:]} {e:.1e}" for (w, d), e in sorted(worst.items())))
     bad = stats["mismatches"] + stats["timeouts"] + stats["launch_failures"]
     if stats["launches"] == 0:

@@ -44,10 +44,14 @@ class KernelConfig:
     constexprs: dict = field(repr=False, default_factory=dict)
     num_warps: int = 4
     planned_programs_per_sm: int = 0  # 0: no co-residency assumed (blocked kernels)
+    num_stages: int = 3  # Triton's default; the persistent launchers use triton_persistent.NUM_STAGES
 
     def key(self):
+        """Configurations with equal keys compile to the same code: H enters only through its
+        specialization (a constant when 1, divisible by 16 or not)."""
         return (self.fn.__name__, tuple(sorted(self.signature.items())),
-                tuple(sorted(self.constexprs.items())), self.num_warps)
+                tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages,
+                self.H == 1, self.H % 16 == 0)
 
 
 def _signature(fn, types: dict, H: int, constexprs: dict):
@@ -90,11 +94,12 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
                 "persistent_fwd" + ("" if tokens else "_dense"), name, B, H, plan.describe(),
                 triton_persistent.rnn_persistent_fwd_kernel,
                 {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}",
-                 "arrivals_ptr": "*i32", "error_ptr": "*i32"}, fwd, plan.num_warps, plan.programs_per_sm))
+                 "arrivals_ptr": "*i32", "error_ptr": "*i32"}, fwd, plan.num_warps, plan.programs_per_sm,
+                triton_persistent.NUM_STAGES))
         configs.append(KernelConfig(
             "persistent_bwd", name, B, H, plan.describe(), triton_persistent.rnn_persistent_bwd_kernel,
             {"w_h_ptr": f"*{t}", "arrivals_ptr": "*i32", "error_ptr": "*i32"}, tiling,
-            plan.num_warps, plan.programs_per_sm))
+            plan.num_warps, plan.programs_per_sm, triton_persistent.NUM_STAGES))
     else:
         notes.append(f"{name} B={B} H={H}: persistent {plan.describe()}")
     block_b, block_n, block_k = triton_rnn.blocked_block_sizes(B, H, interpret=False)
@@ -123,7 +128,7 @@ def compile_config(cfg: KernelConfig, arch: int) -> dict:
     signature, constexprs, attrs = _signature(cfg.fn, cfg.signature, cfg.H, cfg.constexprs)
     src = ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps})
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = compiled.asm["ptx"]
     gpu_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as tmp:

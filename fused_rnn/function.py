@@ -223,8 +223,9 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths=None):
     for values, lo_ok, hi_ok, error, message in checks:
         lo, hi = torch.aminmax(values)
         if values.device.type == "cuda":
-            # No host sync per call: the check is queued on the stream before any kernel, and
-            # a bad value stops the program there with a device-side assert carrying the message.
+            # No host sync per call: the check is queued on the stream before any kernel, and a
+            # bad value stops the program there with a device-side assert (the message shows
+            # only on CPU; a kernel cannot print it).
             torch._assert_async((lo >= lo_ok) & (hi <= hi_ok), message)
         elif int(lo) < lo_ok or int(hi) > hi_ok:
             raise error(f"{message}, got values in [{int(lo)}, {int(hi)}]")

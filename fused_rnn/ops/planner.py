@@ -121,12 +121,17 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
         if block_n > h_pad or shared > smem_per_block:
             continue
         if H % 16:
-            # rows not 16-byte aligned: scalar loads, more registers (H=100: 184 vs 136 at H=128)
-            per_sm = max(1, per_sm - 1)
+            # Rows not 16-byte aligned: scalar loads, more registers (fwd at H=100: 184 against
+            # 136 at H=128; at H=1000 16x32 spills). One program per SM fewer, none at H_PAD=1024.
+            per_sm -= 1
+            if per_sm < 1:
+                continue
         per_sm = min(per_sm, smem_per_sm // (shared + SHARED_RESERVED_PER_BLOCK))
         groups, col_blocks = -(-B // block_b), -(-H // block_n)
         if groups * col_blocks <= sm_count * per_sm:
             return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm)
+    if H % 16 and h_pad >= 1024:
+        return Plan(False, f"H={H} is not a multiple of 16: its tilings at H_PAD={h_pad} spill")
     block_b, block_n, warps, _ = tilings[-1]
     need = -(-B // block_b) * -(-H // block_n)
     return Plan(False, f"B={B}, H={H} needs {need} resident programs with the largest tiling "

@@ -172,16 +172,21 @@ def rnn_persistent_bwd_kernel(
 # returns nothing; a timed-out barrier shows in ``error`` (and as NaN in the workspace).
 
 
+# No software pipelining of the step loop: it would issue the next step's loads of the siblings'
+# columns before this step's barrier has been passed.
+NUM_STAGES = 1
+
+
 def _launch(kernel, plan: Plan, args: tuple, T: int, stepwise: bool, spin_limit, constexprs: dict):
     spin_limit = SPIN_LIMIT if spin_limit is None else spin_limit
     if stepwise:
         for step in range(T):  # the launch boundary is the barrier
             kernel[plan.grid](*args, step, step + 1, spin_limit, STEPWISE=True, **constexprs,
-                              num_warps=plan.num_warps)
+                              num_warps=plan.num_warps, num_stages=NUM_STAGES)
     else:
         # Cooperative: a grid that cannot be resident at once fails here instead of hanging.
         kernel[plan.grid](*args, 0, T, spin_limit, STEPWISE=False, **constexprs,
-                          num_warps=plan.num_warps, launch_cooperative_grid=True)
+                          num_warps=plan.num_warps, num_stages=NUM_STAGES, launch_cooperative_grid=True)
 
 
 def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool,

@@ -250,15 +250,15 @@ class _PersistentState:
         self.warned = set()
         self.flags = {}  # device -> (error [1] int32 on the device, pinned host copy, event)
 
-    def warn_once(self, message, category):
-        if message not in self.warned:
-            self.warned.add(message)
+    def warn_once(self, key, message, category):
+        if key not in self.warned:
+            self.warned.add(key)
             warnings.warn(f"fused_rnn: {message}", category, stacklevel=4)
 
     def fail(self, reason):
         self.disabled_reason = reason
-        self.warn_once(f"persistent Triton kernels disabled for this process: {reason}; the blocked "
-                       f"kernels run instead", PersistentKernelWarning)
+        self.warn_once("failed", f"persistent Triton kernels disabled for this process: {reason}; "
+                       f"the blocked kernels run instead", PersistentKernelWarning)
 
 
 _persistent = _PersistentState()
@@ -296,8 +296,8 @@ def _persistent_plan(B, H, w_h, allow_tf32):
     plan = planner.plan_persistent(B, H, w_h.dtype, sm_count, allow_tf32=allow_tf32,
                                    stepwise=PERSISTENT_STEPWISE, arch=arch)
     if not plan.fits:
-        _persistent.warn_once(f"{KERNEL_ENV}=persistent: {plan.reason}; the blocked kernels run",
-                              UserWarning)
+        _persistent.warn_once("does not fit", f"{KERNEL_ENV}=persistent: {plan.reason}; the blocked "
+                              f"kernels run (warned once)", UserWarning)
         return None
     return plan
 
@@ -332,8 +332,9 @@ def _run_persistent(launch, ws) -> bool:
         return True
     try:
         launch(error)
-    except RuntimeError as exc:  # e.g. a cooperative grid too large to be resident at once
-        _persistent.fail(f"launch failed ({str(exc).strip().splitlines()[0]})")
+    except Exception as exc:  # e.g. a cooperative grid too large to be resident, out of resources
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _persistent.fail(f"launch failed ({type(exc).__name__}: {first_line})")
         return False
     if os.environ.get(SYNC_CHECK_ENV, "0") == "1":
         if int(error[0]) != 0:

@@ -1,0 +1,100 @@
+"""The compile check: every kernel configuration the planner picks compiles for sm_90 and sm_80
+without a GPU, without spills where the planner counts on none, and at the co-residency it
+assumes; and the check fails when those numbers say otherwise."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from fused_rnn import compile_check  # noqa: E402
+
+
+def run_cli(*args):
+    # The interpreter's kernels cannot be compiled: run without TRITON_INTERPRET.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "fused_rnn.compile_check", *args], env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+# A spread that costs ~25 compiles: H = 1 (a constant), unaligned H, a 512 tiling, H = 1024 at a
+# batch it fits, half types, and sm_80's smaller shared memory.
+@pytest.mark.parametrize("args", [
+    ("--arch", "sm_90", "--hidden-sizes", "1,512", "--dtypes", "fp32", "--batch-sizes", "256"),
+    ("--arch", "sm_90", "--hidden-sizes", "100,1024", "--dtypes", "bf16", "--batch-sizes", "64"),
+    ("--arch", "sm_80", "--hidden-sizes", "256", "--dtypes", "fp16", "--batch-sizes", "256"),
+], ids=["sm90-fp32", "sm90-bf16", "sm80-fp16"])
+def test_planned_kernels_compile(args):
+    run = run_cli(*args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| persistent")]
+    n_hidden = len(args[3].split(","))
+    assert len(rows) == 3 * n_hidden, run.stdout  # fwd (token and dense input) and bwd per H
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[6]) == 0, row  # spill bytes
+
+
+def test_cli_refuses_the_interpreter_and_bad_arguments():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "fused_rnn.compile_check"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "TRITON_INTERPRET" in run.stderr
+    run = run_cli("--dtypes", "fp8")
+    assert run.returncode != 0 and "fp8" in run.stderr
+
+
+def _fake_config(planned_per_sm):
+    return compile_check.KernelConfig("persistent_fwd", "fp32", 256, 256, "16x16", fn=None,
+                                      num_warps=4, planned_programs_per_sm=planned_per_sm)
+
+
+@pytest.mark.parametrize("result,planned,failure", [
+    ({"registers": 136, "spill_bytes": 0, "shared_bytes": 32768}, 3, None),
+    ({"registers": 184, "spill_bytes": 0, "shared_bytes": 32768}, 3, "2 programs fit per SM"),
+    ({"registers": 255, "spill_bytes": 64, "shared_bytes": 32768}, 2, "spills 64 bytes"),
+    ({"registers": 64, "spill_bytes": 0, "shared_bytes": 300000}, 1, "shared memory"),
+    (RuntimeError("out of resource: shared memory"), 1, "compile failed"),
+], ids=["ok", "co-residency", "spills", "shared", "compile-error"])
+def test_check_fails_on_what_breaks_the_plan(monkeypatch, result, planned, failure):
+    def fake_compile(cfg, arch):
+        if isinstance(result, Exception):
+            raise result
+        return result
+    monkeypatch.setattr(compile_check, "compile_config", fake_compile)
+    monkeypatch.setattr(compile_check.KernelConfig, "key", lambda self: id(self))
+    out = io.StringIO()
+    failures = compile_check.check([_fake_config(planned)], 90, out=out)
+    assert "| persistent_fwd | fp32 | 256 | 256 |" in out.getvalue()
+    if failure is None:
+        assert failures == []
+    else:
+        assert failures and any(failure in f for f in failures), failures
+
+
+def test_blocked_kernel_spills_are_reported_not_failed(monkeypatch):
+    monkeypatch.setattr(compile_check, "compile_config",
+                        lambda cfg, arch: {"registers": 255, "spill_bytes": 456, "shared_bytes": 61440})
+    monkeypatch.setattr(compile_check.KernelConfig, "key", lambda self: id(self))
+    cfg = compile_check.KernelConfig("blocked_bwd", "fp32", 256, 256, "16x64x64", fn=None)
+    assert compile_check.check([cfg], 90, out=io.StringIO()) == []
+
+
+def test_configs_follow_the_planner():
+    configs, notes = compile_check.kernel_configs(256, 1024, torch.float32, 132)
+    assert [c.kernel for c in configs] == ["blocked_fwd", "blocked_bwd"] and "does not fit" in notes[0]
+    configs, notes = compile_check.kernel_configs(64, 1024, torch.bfloat16, 132)
+    assert [c.kernel for c in configs][:3] == ["persistent_fwd", "persistent_fwd_dense", "persistent_bwd"]
+    assert configs[0].planned_programs_per_sm == 1 and not notes
+
+
+def test_configs_that_compile_differently_have_different_keys():
+    """H reaches the compiler through its specialization: H=100 (rows not 16-aligned) must not
+    reuse H=256's compile, nor H=1 (a constant)."""
+    def blocked(H):
+        return compile_check.kernel_configs(256, H, torch.float32, 132)[0][-1]
+    assert blocked(256).key() == blocked(512).key()
+    assert len({blocked(1).key(), blocked(100).key(), blocked(256).key()}) == 3
