@@ -227,7 +227,10 @@ def _pyplot():
         import matplotlib
     except ImportError:
         raise ImportError(MATPLOTLIB_HINT) from None
-    matplotlib.use("Agg")
+    import sys
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # no display needed; a caller's own pyplot backend is left alone
     import matplotlib.pyplot as plt
 
     return plt
