@@ -104,3 +104,15 @@ def test_token_gradient_both_accumulation_paths(V, B, T):
     got = run_with_grads(lambda **kw: fused_rnn.fused_rnn(**kw, backend="cpu"), args)
     for k in want:
         assert rel_err(got[k], want[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_first_steps_from_tables(T):
+    """With token input, no h0 and V <= B / 2 the first two steps come from [V, H] tables."""
+    from helpers import cast, make_problem, rel_err, run_with_grads
+
+    args = make_problem(40, T, 24, V=7, h0=False, seed=T)
+    want = run_with_grads(lambda **kw: fused_rnn.fused_rnn(**kw, backend="reference"), cast(args, torch.float64))
+    got = run_with_grads(lambda **kw: fused_rnn.fused_rnn(**kw, backend="cpu"), args)
+    for k in want:
+        assert rel_err(got[k], want[k]) < 1e-5, k
