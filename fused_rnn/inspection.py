@@ -457,7 +457,7 @@ def draw_activations(text, acts, units, path, heat_chars: int = 90, max_lines: i
     heat = np.stack([acts[:heat_n, u] for u, _, _ in units])
     im = ax.imshow(heat, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(units)), [f"unit {u}" for u, _, _ in units], fontsize=8)
-    ax.set_xticks(range(heat_n), [show_char(c) for c in text[:heat_n]], fontsize=7, family="monospace")
+    ax.set_xticks(range(heat_n), [show_char(c) for c in text[:heat_n]], fontsize=8, family="monospace")
     ax.tick_params(axis="x", length=0)
     ax.set_title(f"the same units over the first {heat_n} chars (each column: the state after reading that char)",
                  fontsize=9.5, loc="left")
