@@ -223,3 +223,15 @@ def test_through_the_command_line(checkpoint, tmp_path, capsys):
     assert main(["inspect", "--checkpoint", checkpoint, "--prime", "déf"]) == 1
     err = capsys.readouterr().err
     assert "outside the model's vocabulary: 'é'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_inspect_a_two_layer_model(tmp_path, capsys):
+    from fused_rnn.train import save_checkpoint
+
+    torch.manual_seed(0)
+    model = CharLanguageModel(ModelConfig("".join(sorted(set(DEFAULT_TEXT))), n_fac=4, hidden_size=8, num_layers=2))
+    path = tmp_path / "two.pt"
+    save_checkpoint(str(path), model, 0, float("nan"))
+    out = tmp_path / "out"
+    assert run_inspect(parse(["--checkpoint", str(path), "--out", str(out), "--chars", "60"])) == 0
+    assert "the last of its 2 layers" in (out / "index.html").read_text()
