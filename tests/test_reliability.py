@@ -98,13 +98,19 @@ def test_resume_refuses_conflicting_options_in_one_line(extra, message, corpus, 
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("case", ["missing", "garbage", "old-format"])
+@pytest.mark.parametrize("case", ["missing", "garbage", "truncated", "old-format"])
 def test_resume_from_a_bad_checkpoint_is_one_line(case, tmp_path, capsys):
     from fused_rnn.train import CharLanguageModel, ModelConfig
 
     ckpt = tmp_path / "model.pt"
     if case == "garbage":
         ckpt.write_bytes(b"not a checkpoint")
+    elif case == "truncated":  # what a non-atomic write cut short would leave
+        train_module.save_checkpoint(str(ckpt), CharLanguageModel(ModelConfig("abc", hidden_size=8)), 3, 1.0)
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+        assert main(["sample", "--checkpoint", str(ckpt)]) == 1
+        err = capsys.readouterr().err
+        assert "not a fused_rnn char model" in err and len(err.strip().splitlines()) == 1, err
     elif case == "old-format":  # what earlier versions saved: no training state
         model = CharLanguageModel(ModelConfig("abc", hidden_size=8))
         torch.save({"config": {"vocab": "abc", "hidden_size": 8}, "model": model.state_dict(),
@@ -113,7 +119,7 @@ def test_resume_from_a_bad_checkpoint_is_one_line(case, tmp_path, capsys):
     assert main(["train", "--resume", "--checkpoint", str(ckpt)]) == 1
     err = capsys.readouterr().err
     message = {"missing": "not found", "garbage": "not a fused_rnn char model",
-               "old-format": "no training state"}[case]
+               "truncated": "not a fused_rnn char model", "old-format": "no training state"}[case]
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
