@@ -79,7 +79,8 @@ def test_random_problems_match_the_reference(backend):
 
 
 # NaN and Inf: the fused backends must give what the reference loop gives: NaN where it has NaN,
-# the same infinities, the same finite values. (x, h0, ... : which input gets the value.)
+# the same infinities, the same finite values. (x, h0, ... : which input gets the value; an
+# infinite weight saturates tanh or relu, so its output stays finite, its gradients do not.)
 NONFINITE = {
     "x-nan": ("x", float("nan"), False),
     "x-inf": ("x", float("inf"), False),
@@ -135,7 +136,6 @@ def test_nan_and_inf_forward_like_the_reference(backend, case):
     with torch.no_grad():
         got = dict(zip(["output", "h_n"], fused_rnn(**args, backend=backend)))
         want = dict(zip(["output", "h_n"], rnn_reference(**cast(args, torch.float64))))
-    assert want["output"].isnan().any() or want["output"].isinf().any() or case.startswith("w_")
     assert_same_nonfinite(got, want)
 
 
