@@ -93,14 +93,9 @@ NONFINITE = {
 }
 # Deviations from the reference seen today, for their owners to fix (strict: an xfail that
 # passes fails, so a fix shows up).
-CPU_RELU_DROPS_NAN = ("the C++ backend's relu (p > 0 ? p : 0) turns a NaN input projection into 0; torch.relu "
-                      "keeps NaN")
-NONFINITE_FORWARD_XFAIL = {("cpu", "x-nan"): CPU_RELU_DROPS_NAN, ("cpu", "embedding-nan"): CPU_RELU_DROPS_NAN,
-                           ("cpu", "b_in-nan"): CPU_RELU_DROPS_NAN}
 TRITON_RELU_GRAD = ("the Triton backward multiplies the incoming gradient by (p > 0), so a NaN gradient stays "
                     "NaN where the projection p <= 0; torch's relu backward gives 0 there")
-NONFINITE_GRAD_XFAIL = {**NONFINITE_FORWARD_XFAIL, **{
-    ("triton", case): TRITON_RELU_GRAD for case in ["x-inf", "h0-nan", "w_h-inf", "b_h-nan", "b_in-nan"]}}
+NONFINITE_GRAD_XFAIL = {("triton", case): TRITON_RELU_GRAD for case in ["x-inf", "h0-nan", "w_h-inf", "b_h-nan", "b_in-nan"]}
 
 
 def nonfinite_params(xfails):
@@ -130,7 +125,7 @@ interpreter_nan_warning = pytest.mark.filterwarnings("ignore:invalid value encou
 
 
 @interpreter_nan_warning
-@pytest.mark.parametrize("backend, case", nonfinite_params(NONFINITE_FORWARD_XFAIL))
+@pytest.mark.parametrize("backend, case", nonfinite_params({}))
 def test_nan_and_inf_forward_like_the_reference(backend, case):
     args = nonfinite_problem(case)
     with torch.no_grad():
