@@ -86,7 +86,7 @@ def rnn_fwd_kernel(
         else:
             src = rows64 * T + t
         p_row = src * H
-        h_prev = h_ptr + h_row + t * H
+        h_prev = h_ptr + h_row + tl.cast(t, tl.int64) * H  # T*H alone can pass 2^31
         for n0 in range(0, H, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
@@ -129,7 +129,7 @@ def rnn_bwd_kernel(
     ws_row = rows64 * (T + 1) * H
     go_row = rows64 * T * H
     for s in range(T):
-        t = T - 1 - s
+        t = tl.cast(T - 1 - s, tl.int64)
         c_next = c_ptr + ws_row + (t + 1) * H
         h_t = h_ptr + ws_row + (t + 1) * H
         g_out = grad_out_ptr + go_row + t * H
