@@ -74,8 +74,9 @@ cc_pid=$!
 
 # -- the CUDA test suite, both kernel families (the cpu backend's tests ran in CI)
 tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py"
-FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 100 pytest_persistent.log \
-    python -m pytest -q -x -p no:cacheprovider -k "not cpu" \
+# (the first stage pays the cold Triton cache: ~1-3 s per kernel configuration)
+FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 150 pytest_persistent.log \
+    python -m pytest -q -x -p no:cacheprovider -k "not cpu" --durations=10 \
     -W "error::fused_rnn.ops.triton_rnn.PersistentKernelWarning" $tests
 
 stage "barrier stress" 45 stress_barrier.log \
@@ -91,10 +92,10 @@ gpu_stage "bench loop" 30 bench_loop.log \
     python benchmarks/bench_rnn.py --shapes "512,8,256" --providers loop,nnrnn,fused-persistent \
     --modes fwd,fwd+bwd --dtypes fp32 --csv "$out/results.csv" --plot ""
 
-stage "extra checks" 70 extra_checks.log python benchmarks/gpu_extra_checks.py
+stage "extra checks" 60 extra_checks.log python benchmarks/gpu_extra_checks.py
 
-FUSED_RNN_TRITON_KERNEL=blocked gpu_stage "pytest blocked" 80 pytest_blocked.log \
-    python -m pytest -q -x -p no:cacheprovider -k "not cpu" $tests
+FUSED_RNN_TRITON_KERNEL=blocked gpu_stage "pytest blocked" 90 pytest_blocked.log \
+    python -m pytest -q -x -p no:cacheprovider -k "not cpu" --durations=10 tests/test_parity.py tests/test_modules.py
 
 # -- compute-sanitizer memcheck on two small shapes, both kernel families
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
@@ -116,7 +117,7 @@ for kernel in ("blocked", "persistent"):
         print(kernel, B, T, H, "ok")
 EOF
     echo "compute-sanitizer: $sanitizer"
-    gpu_stage "compute-sanitizer" 60 sanitizer.log \
+    gpu_stage "compute-sanitizer" 45 sanitizer.log \
         "$sanitizer" --tool memcheck --error-exitcode 1 python "$out/sanitizer_case.py"
 else
     echo "compute-sanitizer: not on PATH nor under /usr/local/cuda*/bin: memcheck skipped" | tee "$out/sanitizer.log"
