@@ -68,7 +68,7 @@ record environment "$env_rc" 0 env.log
 
 # -- compile check for sm_90, in the background (CPU only): every kernel the planner would pick
 cc_t0=$SECONDS
-timeout -k 5 300 python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,384,512,1000,1024 \
+timeout -k 5 300 python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,300,384,512,1000,1024 \
     --dtypes fp32,bf16,fp16 --batch-sizes 64,256 > "$out/compile_check.log" 2>&1 &
 cc_pid=$!
 

@@ -190,7 +190,7 @@ def _ints(s):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_rnn.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="sm_90", help="sm_90 (H100/H200) or sm_80 (A100)")
-    parser.add_argument("--hidden-sizes", default="1,100,256,384,512,1000,1024", type=_ints)
+    parser.add_argument("--hidden-sizes", default="1,100,256,300,384,512,1000,1024", type=_ints)
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--batch-sizes", default="64,256", type=_ints)
     parser.add_argument("--sm-count", type=int, default=None,
