@@ -301,3 +301,18 @@ def test_deterministic_mode_uses_the_sorted_kernel(monkeypatch):
         assert torch.equal(first[name], second[name]), name
     check_parity(args, torch.float32)
     assert calls[-1] is False
+
+
+def test_flag_from_an_earlier_launch_disables_the_persistent_path(persistent):
+    """On CUDA the timeout flag is read at the next call from a pinned copy, once the copy's
+    event has completed (no sync); here the copy is faked as landed and set."""
+    class Landed:
+        def query(self):
+            return True
+    device = torch.device(DEVICE)
+    error = triton_rnn._error_flag(device)
+    triton_rnn._persistent.flags[device] = (error, torch.ones(1, dtype=torch.int32), Landed())
+    args = make_problem(3, 2, 8, device=DEVICE)
+    with pytest.warns(triton_rnn.PersistentKernelWarning, match="earlier call"):
+        check_parity(args, torch.float32)
+    assert persistent == {"fwd": 0, "bwd": 0}
