@@ -79,8 +79,8 @@ FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 150 pytest_pers
     python -m pytest -q -x -p no:cacheprovider -k "not cpu" --durations=10 \
     -W "error::fused_rnn.ops.triton_rnn.PersistentKernelWarning" $tests
 
-stage "barrier stress" 45 stress_barrier.log \
-    python benchmarks/stress_barrier.py --launches 400 --seconds 35
+stage "barrier stress" 60 stress_barrier.log \
+    python benchmarks/stress_barrier.py --launches 400 --seconds 45
 
 # -- timings: cuDNN (nnrnn) against both kernel families; the course loop at one shape only
 # (about 100 ms a call at T=512)
@@ -88,7 +88,7 @@ shapes="512,8,256;64,512,256;256,512,256;1024,512,256;256,512,512;256,512,1024"
 gpu_stage "bench" 150 bench.log \
     python benchmarks/bench_rnn.py --shapes "$shapes" --providers nnrnn,fused-blocked,fused-persistent \
     --modes fwd,fwd+bwd --dtypes fp32,bf16 --csv "$out/results.csv" --plot "$out/speedup.png"
-gpu_stage "bench loop" 30 bench_loop.log \
+gpu_stage "bench loop" 25 bench_loop.log \
     python benchmarks/bench_rnn.py --shapes "512,8,256" --providers loop,nnrnn,fused-persistent \
     --modes fwd,fwd+bwd --dtypes fp32 --csv "$out/results.csv" --plot ""
 

@@ -24,7 +24,7 @@ import torch
 
 
 def reference_forward(proj, w_h, b_h, h0):
-    """float64 states [B, T+1, H] of the dense recurrence."""
+    """float64 states [B, T+1, H] from the projected inputs proj [B, T, H]."""
     w, b, h = w_h.double(), b_h.double(), h0.double()
     states = [h]
     for t in range(proj.shape[1]):
@@ -65,10 +65,12 @@ def main():
     stats = dict(launches=0, mismatches=0, timeouts=0, launch_failures=0, not_planned=0)
     worst = {}
     while stats["launches"] < args.launches and time.time() - start < args.seconds:
-        H = rng.choice([1, 7, 16, 33, 64, 100, 128, 200, 256, 256, 300, 384, 512, 512, 1000, 1024])
+        # H values share compiles within a class (padded H, 16-aligned or not); B and T never
+        # recompile. Token input, as the test suite runs it, so its compiles are reused.
+        H = rng.choice([1, 7, 16, 64, 100, 256, 256, 300, 384, 512, 512, 1024])
         B = rng.choice([1, 5, 16, 17, 64, 100, 256, 256, 300, rng.randint(1, 600)])
         T = rng.choice([1, 2, 3, 17, 64, 96])
-        dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
+        dtype = rng.choice([torch.float32, torch.float32, torch.float32, torch.bfloat16])
         if dry:  # the interpreter: small fp32 problems, one launch per step
             H, B, T, dtype = rng.choice([1, 7, 20, 33]), rng.choice([1, 5, 17, 20]), rng.choice([1, 2, 3]), torch.float32
         plan = planner.plan_persistent(B, H, dtype, sm_count, stepwise=dry)
@@ -76,7 +78,9 @@ def main():
             stats["not_planned"] += 1
             continue
         g = torch.Generator(device=device).manual_seed(rng.randrange(1 << 30))
-        proj = ((torch.rand(B, T, H, generator=g, device=device) - 0.5) * 2).to(dtype)
+        V = 37
+        ids = torch.randint(0, V, (B, T), generator=g, device=device)
+        proj = ((torch.rand(V, H, generator=g, device=device) - 0.5) * 2).to(dtype)  # the table U
         w_h = ((torch.rand(H, H, generator=g, device=device) * 2 - 1) * 1.5 * H ** -0.5).to(dtype)
         b_h = (torch.rand(H, generator=g, device=device) - 0.5).to(dtype)
         ws = torch.zeros(B, T + 1, H, device=device)
@@ -87,7 +91,7 @@ def main():
         error = torch.zeros(1, device=device, dtype=torch.int32)
         name = f"B={B} T={T} H={H} {str(dtype)[6:]} [{plan.describe()}]"
         try:
-            triton_persistent.persistent_fwd(proj, None, w_h, b_h, ws, plan, error, stepwise=dry)
+            triton_persistent.persistent_fwd(proj, ids, w_h, b_h, ws, plan, error, stepwise=dry)
             triton_persistent.persistent_bwd(grad_out, ws, w_h, c, plan, error, stepwise=dry)
             if not dry:
                 torch.cuda.synchronize()
@@ -101,7 +105,7 @@ def main():
             print(f"TIMEOUT {name}", flush=True)
             continue
         tol = 1e-4 if dtype == torch.float32 else 3e-2
-        want_h = reference_forward(proj, w_h, b_h, ws[:, 0])
+        want_h = reference_forward(proj[ids], w_h, b_h, ws[:, 0])
         want_c = reference_chain(grad_out, ws, w_h, c[:, T])
         for what, got, want in (("forward", ws, want_h), ("backward", c, want_c)):
             err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
