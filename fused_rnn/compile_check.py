@@ -76,9 +76,11 @@ def _signature(fn, types: dict, H: int, constexprs: dict):
     return signature, constexprs, attrs
 
 
-def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int = 90) -> tuple[list, list]:
+def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int = 90,
+                   token_grad: bool = False) -> tuple[list, list]:
     """(configs, notes): the kernels the launchers would run for this problem, and a note for
-    each persistent kernel the planner says does not fit."""
+    each persistent kernel the planner says does not fit. ``token_grad``: also the deterministic
+    token-table gradient kernel (it runs in the fp32 workspace dtype whatever the inputs')."""
     from .ops import planner, triton_persistent, triton_rnn
 
     t = TRITON_TYPES[dtype]
@@ -111,6 +113,12 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
         dict(blocked, TOKENS=True, HAS_BIAS=True, TANH_SMALL=0.0625)))
     configs.append(KernelConfig(
         "blocked_bwd", name, B, H, config, triton_rnn.rnn_bwd_kernel, {"w_h_ptr": f"*{t}"}, blocked))
+    if token_grad:
+        block_n = triton_rnn.token_grad_block_n(H)
+        configs.append(KernelConfig(
+            "token_table_grad", "fp32", B, H, f"16 rows x {block_n}, 4 warps",
+            triton_rnn.token_table_grad_kernel, {"order_ptr": "*i64", "seg_start_ptr": "*i64"},
+            dict(BLOCK_R=16, BLOCK_N=block_n)))
     return configs, notes
 
 
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
     for d in dtypes:
         for H in args.hidden_sizes:
             for B in args.batch_sizes:
-                c, n = kernel_configs(B, H, DTYPES[d], sm_count, arch)
+                c, n = kernel_configs(B, H, DTYPES[d], sm_count, arch,
+                                      token_grad=d == dtypes[0] and B == args.batch_sizes[0])
                 configs += c
                 notes += n
     print(f"Triton kernels compiled for sm_{arch} ({sm_count} SMs planned for)\n")

@@ -403,6 +403,10 @@ def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, allow_tf32=False):
     return grad_proj.to(proj.dtype), grad_w_h, grad_b_h, grad_h0
 
 
+def token_grad_block_n(H: int) -> int:
+    return min(128, max(16, triton.next_power_of_2(H)))
+
+
 def token_table_grad(ids, dp, V, deterministic=False):
     """``dU [V, H]``: the sum of ``dp [B, T, H]`` over the positions of each token id.
     ``deterministic``: sort the positions by id and sum each token's rows in order in a kernel
@@ -415,7 +419,7 @@ def token_table_grad(ids, dp, V, deterministic=False):
         return grad.index_add_(0, ids, dp)
     sorted_ids, order = torch.sort(ids, stable=True)
     seg_start = torch.searchsorted(sorted_ids, torch.arange(V + 1, device=ids.device))
-    BLOCK_N = min(128, max(16, triton.next_power_of_2(H)))
+    BLOCK_N = token_grad_block_n(H)
     with _on_device(dp):
         token_table_grad_kernel[(V, triton.cdiv(H, BLOCK_N))](
             dp, order, seg_start, grad, H, BLOCK_R=16, BLOCK_N=BLOCK_N)
