@@ -309,7 +309,7 @@ def test_flag_from_an_earlier_launch_disables_the_persistent_path(persistent):
     class Landed:
         def query(self):
             return True
-    device = torch.device(DEVICE)
+    device = torch.empty(0, device=DEVICE).device  # with its index, as the launchers key it
     error = triton_rnn._error_flag(device)
     triton_rnn._persistent.flags[device] = (error, torch.ones(1, dtype=torch.int32), Landed())
     args = make_problem(3, 2, 8, device=DEVICE)
