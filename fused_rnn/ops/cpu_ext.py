@@ -14,6 +14,7 @@ import torch
 _CANDIDATES = [Path(__file__).resolve().parents[1] / "csrc", Path(__file__).resolve().parents[2] / "csrc"]
 SOURCES = [next((d for d in _CANDIDATES if (d / "fused_rnn_cpu.cpp").exists()), _CANDIDATES[-1])
            / "fused_rnn_cpu.cpp"]
+CPU_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast"]  # as in setup.py
 _ext = None  # the loaded module, or the reason it could not be loaded (a str)
 
 
@@ -51,7 +52,7 @@ def _load():
 
         print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
         return build(name="fused_rnn_cpu", sources=[str(p) for p in SOURCES],
-                     extra_cflags=["-O3", "-fno-trapping-math"],  # as in setup.py
+                     extra_cflags=CPU_FLAGS,
                      verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
     except Exception as exc:  # no compiler, no ninja, compile error
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
