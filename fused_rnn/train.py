@@ -432,10 +432,11 @@ def _train(opts, rank, world, device):
                                        "chars/s": f"{chars / (time.perf_counter() - t0):,.0f}"})
             finally:
                 progress.close()
+            speed = chars / (time.perf_counter() - t0)
             if main:
                 val = evaluate(model, val_data, seq_len, batch_size, device)
                 history["val"].append([step, val])
-                log(f"epoch {epoch}: train loss {running:.4f}, val loss {val:.4f}")
+                log(f"epoch {epoch}: train loss {running:.4f}, val loss {val:.4f}, {speed:,.0f} chars/s")
                 save()
         stop_if_asked()  # a signal during the last validation
     if main:

@@ -26,7 +26,7 @@ def test_train_then_sample(corpus, tmp_path, capsys):
                "--sample-chars", "20"])
     out = capsys.readouterr().out
     assert rc == 0 and ckpt.exists()
-    losses = [float(line.split("val loss ")[1].split()[0]) for line in out.splitlines() if "val loss" in line]
+    losses = [float(line.split("val loss ")[1].split()[0].rstrip(",")) for line in out.splitlines() if "val loss" in line]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, out
     assert main(["sample", "--checkpoint", str(ckpt), "--length", "25", "--prime", "def"]) == 0
     text = capsys.readouterr().out

@@ -91,18 +91,7 @@ NONFINITE = {
     "b_in-nan": ("b_in", float("nan"), True),
     "w_in-neg-inf": ("w_in", float("-inf"), True),
 }
-# Deviations from the reference seen today, for their owners to fix (strict: an xfail that
-# passes fails, so a fix shows up).
-TRITON_RELU_GRAD = ("the Triton backward multiplies the incoming gradient by (p > 0), so a NaN gradient stays "
-                    "NaN where the projection p <= 0; torch's relu backward gives 0 there")
-NONFINITE_GRAD_XFAIL = {("triton", case): TRITON_RELU_GRAD for case in ["x-inf", "h0-nan", "w_h-inf", "b_h-nan", "b_in-nan"]}
-
-
-def nonfinite_params(xfails):
-    return [pytest.param(backend, case, id=f"{backend}-{case}",
-                         marks=[pytest.mark.xfail(strict=True, reason=xfails[backend, case])]
-                         if (backend, case) in xfails else [])
-            for backend in EXAMPLES for case in NONFINITE]
+NONFINITE_PARAMS = [pytest.param(backend, case, id=f"{backend}-{case}") for backend in EXAMPLES for case in NONFINITE]
 
 
 def nonfinite_problem(case):
@@ -125,7 +114,7 @@ interpreter_nan_warning = pytest.mark.filterwarnings("ignore:invalid value encou
 
 
 @interpreter_nan_warning
-@pytest.mark.parametrize("backend, case", nonfinite_params({}))
+@pytest.mark.parametrize("backend, case", NONFINITE_PARAMS)
 def test_nan_and_inf_forward_like_the_reference(backend, case):
     args = nonfinite_problem(case)
     with torch.no_grad():
@@ -135,7 +124,7 @@ def test_nan_and_inf_forward_like_the_reference(backend, case):
 
 
 @interpreter_nan_warning
-@pytest.mark.parametrize("backend, case", nonfinite_params(NONFINITE_GRAD_XFAIL))
+@pytest.mark.parametrize("backend, case", NONFINITE_PARAMS)
 def test_nan_and_inf_gradients_like_the_reference(backend, case):
     args = nonfinite_problem(case)
     got = run_with_grads(lambda **a: fused_rnn(**a, backend=backend), args)

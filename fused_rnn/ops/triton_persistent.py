@@ -103,7 +103,8 @@ def rnn_persistent_fwd_kernel(
         # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
         h = tl.load(h_prev[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
         p = tl.load(proj_ptr + (src * H)[:, None] + ks[None, :], mask=in_mask, other=0.0)
-        a = h + tl.maximum(p.to(h.dtype), 0.0)
+        p = p.to(h.dtype)
+        a = h + tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
         acc = tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=h.dtype)
         if HAS_BIAS:
             acc += bias[None, :]

@@ -97,7 +97,8 @@ def rnn_fwd_kernel(
                 mask = row_ok[:, None] & k_ok[None, :]
                 h = tl.load(h_prev[:, None] + ks[None, :], mask=mask, other=0.0)
                 p = tl.load(proj_ptr + p_row[:, None] + ks[None, :], mask=mask, other=0.0)
-                a = h + tl.maximum(p.to(h.dtype), 0.0)
+                p = p.to(h.dtype)
+                a = h + tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
                 # w[k, n] = W_h[n, k]
                 w = tl.load(w_h_ptr + cols[None, :] * H + ks[:, None],
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -393,7 +394,7 @@ def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, allow_tf32=False):
     a = (ws[:, :-1] + torch.relu(p)).reshape(-1, H)
     grad_w_h = (dz.t() @ a).to(w_h.dtype)
     grad_b_h = dz.sum(0).to(w_h.dtype) if has_bias else None
-    dp = c[:, :-1] * (p > 0)
+    dp = torch.where(p <= 0, 0.0, c[:, :-1])  # as torch.relu's backward: 0 where p <= 0, even for NaN c
     if ids is not None:
         grad_proj = token_table_grad(ids, dp, proj.shape[0],
                                      deterministic=torch.are_deterministic_algorithms_enabled())
