@@ -12,7 +12,7 @@
 // Per step: fused elementwise passes split over batch rows (at::parallel_for) around one GEMM
 // over the whole batch (multithreaded BLAS). Measured on 2 cores, this beat giving each thread
 // a block of rows and its own time loop by 10% in the backward and tied in the forward.
-// Backward, the weight gradients are one large GEMM after the loop.
+// Backward, the weight gradient is one GEMM per chunk of steps.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -42,6 +42,8 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& w_h, at
 
 // Batch rows per task of the elementwise passes.
 constexpr int64_t kRowGrain = 16;
+// Rows per GEMM of the backward's weight gradient (it runs once per chunk of steps).
+constexpr int64_t kGemmRows = 8192;
 
 // The elementwise passes, one row at a time; __restrict__ lets the compiler vectorize them, and
 // on x86-64 gcc also builds AVX-512 and AVX2+FMA copies, one chosen at load time (AVX2 copies
@@ -302,10 +304,14 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   // the loop (no [B, T, H] dp, no index_add_), unless those copies would outsize dp itself.
   const int64_t V = tokens ? proj.size(0) : 0;
   const bool table = tokens && nblocks * V <= B * T;
-  // dz and a are time-major, so the chain's GEMM reads a contiguous dz_t (a strided one was 8%
-  // slower at B=64, T=256); the weight gradient's GEMM takes both as [T*B, H] alike.
-  at::Tensor dz = at::empty({T, B, H}, ws.options());  // dz_t = g_t * (1 - h_t^2)
-  at::Tensor a = at::empty({T, B, H}, ws.options());   // a_t = h_{t-1} + relu(p_t)
+  // The weight gradient sum_t dz_t^T a_t is one GEMM per chunk of steps (at least kGemmRows rows
+  // each), so dz and a need only a chunk's steps, not [T, B, H]: fresh [T, B, H] buffers cost
+  // page faults and trips through memory on every call. Time-major, so the chain's GEMM reads a
+  // contiguous dz_t (a strided one was 8% slower at B=64, T=256).
+  const int64_t chunk = std::min(T, std::max<int64_t>(1, (kGemmRows + B - 1) / B));
+  at::Tensor dz = at::empty({chunk, B, H}, ws.options());  // dz_t = g_t * (1 - h_t^2)
+  at::Tensor a = at::empty({chunk, B, H}, ws.options());   // a_t = h_{t-1} + relu(p_t)
+  at::Tensor grad_w_h = at::zeros({H, H}, ws.options());
   at::Tensor dp = table ? at::zeros({nblocks, V, H}, ws.options())  // per-block dL/dU
                         : at::empty({B, T, H}, ws.options());       // dL/dp_t = c_t * (p_t > 0)
   at::Tensor db_parts = at::zeros({nblocks, H}, ws.options());  // per-block sums of dz
@@ -325,24 +331,29 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     at::Tensor c_t = at::empty({B, H}, ws.options());
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
+      const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
       for_each_row_by_block(B, [&](int64_t b, int64_t k) {
         tanh_grad_row(go_p + b * go_sb + t * go_st, cn_p + b * H, ws_p + (b * (T + 1) + t + 1) * H,
-                      dz_p + (t * B + b) * H, db_p + k * H, H);
+                      dz_p + (slot * B + b) * H, db_p + k * H, H);
       });
-      at::mm_out(c_t, dz[t], w_h);  // c_t = dz_t @ W_h
+      at::mm_out(c_t, dz[slot], w_h);  // c_t = dz_t @ W_h
       const scalar_t* c_p = c_t.data_ptr<scalar_t>();
       for_each_row_by_block(B, [&](int64_t b, int64_t k) {
         const int64_t row = b * T + t;
         const scalar_t* h_prev = ws_p + (b * (T + 1) + t) * H;
         if (table) {
           relu_grad_table_row(c_p + b * H, proj_p + ids_p[row] * H, h_prev, dp_p + (k * V + ids_p[row]) * H,
-                              a_p + (t * B + b) * H, H);
+                              a_p + (slot * B + b) * H, H);
         } else {
           const scalar_t* p = proj_p + (tokens ? ids_p[row] : row) * H;
-          relu_grad_row(c_p + b * H, p, h_prev, dp_p + row * H, a_p + (t * B + b) * H, H);
+          relu_grad_row(c_p + b * H, p, h_prev, dp_p + row * H, a_p + (slot * B + b) * H, H);
         }
       });
       std::swap(c_next, c_t);
+      if (slot == 0) {  // the chunk's steps first..min(T, first + chunk) - 1 are done
+        const int64_t rows = (std::min(T, first + chunk) - first) * B;
+        grad_w_h.addmm_(dz.view({chunk * B, H}).narrow(0, 0, rows).t(), a.view({chunk * B, H}).narrow(0, 0, rows));
+      }
     }
     grad_h0 = c_next;  // c_0: the gradient reaching h0
     grad_b_h = at::empty({H}, ws.options());
@@ -353,8 +364,6 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     }
   });
 
-  // The weight gradient: one large GEMM over all B*T rows.
-  at::Tensor grad_w_h = at::mm(dz.view({T * B, H}).t(), a.view({T * B, H}));
   if (!table) {
     grad_proj = dp;
     if (tokens) {

@@ -116,3 +116,16 @@ def test_first_steps_from_tables(T):
     got = run_with_grads(lambda **kw: fused_rnn.fused_rnn(**kw, backend="cpu"), args)
     for k in want:
         assert rel_err(got[k], want[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
+def test_weight_gradient_over_chunks_of_steps(tokens):
+    """The backward sums the weight gradient per chunk of steps (8192 rows): B=1000, T=10 makes
+    chunks of 9 steps and 1 step."""
+    from helpers import cast, make_problem, rel_err, run_with_grads
+
+    args = make_problem(1000, 10, 16, tokens=tokens, seed=7)
+    want = run_with_grads(lambda **kw: fused_rnn.fused_rnn(**kw, backend="reference"), cast(args, torch.float64))
+    got = run_with_grads(lambda **kw: fused_rnn.fused_rnn(**kw, backend="cpu"), args)
+    for k in want:
+        assert rel_err(got[k], want[k]) < 1e-5, k
