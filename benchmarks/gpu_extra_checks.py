@@ -31,6 +31,8 @@ DEVICE = "cpu" if DRY else "cuda"
 
 import torch  # noqa: E402
 
+from stress_barrier import reference_chain, reference_forward  # noqa: E402  (this folder)
+
 KERNELS = ("blocked", "persistent")
 failures = []
 
@@ -115,25 +117,6 @@ def check_bad_ids_assert():
     report("bad token ids stop the program on CUDA", ok, "" if ok else run.stderr[-300:])
 
 
-def _reference_rows(proj_rows, w_h, b_h, h0_rows):
-    """float64 forward over a few rows: [R, T, H] states."""
-    w, b, h = w_h.double(), b_h.double(), h0_rows.double()
-    states = []
-    for t in range(proj_rows.shape[1]):
-        h = torch.tanh((h + torch.relu(proj_rows[:, t].double())) @ w.T + b)
-        states.append(h)
-    return torch.stack(states, 1)
-
-
-def _reference_chain_rows(grad_out_rows, h_rows, w_h, grad_h_n_rows):
-    """float64 backward chain over a few rows: dL/dh0 [R, H]."""
-    w, c = w_h.double(), grad_h_n_rows.double()
-    for t in reversed(range(grad_out_rows.shape[1])):
-        h = h_rows[:, t].double()
-        c = ((grad_out_rows[:, t].double() + c) * (1 - h * h)) @ w
-    return c
-
-
 def check_large_offsets():
     from fused_rnn.ops import triton_rnn
     B, T, H, V = (256, 32769, 256, 85) if not DRY else (20, 4, 33, 7)
@@ -146,7 +129,7 @@ def check_large_offsets():
     b_h = torch.rand(H, generator=g, device=DEVICE) - 0.5
     h0 = torch.rand(B, H, generator=g, device=DEVICE) - 0.5
     rows = torch.tensor([0, B // 2, B - 2, B - 1], device=DEVICE)  # B - 1: offsets past 2^31
-    want = _reference_rows(proj[ids[rows]], w_h, b_h, h0[rows])
+    want = reference_forward(proj[ids[rows]], w_h, b_h, h0[rows])[:, 1:]
     for kernel in KERNELS:
         os.environ["FUSED_RNN_TRITON_KERNEL"] = kernel
         start = time.time()
@@ -159,7 +142,7 @@ def check_large_offsets():
         grad_h_n = torch.rand(B, H, generator=g, device=DEVICE)
         c = triton_rnn._bwd_chain(grad_out, grad_h_n, ws, w_h, False)
         synchronize()
-        want_c0 = _reference_chain_rows(grad_out[rows], ws[rows, 1:], w_h, grad_h_n[rows])
+        want_c0 = reference_chain(grad_out[rows], ws[rows], w_h, grad_h_n[rows])[:, 0]
         err = ((c[rows, 0].double() - want_c0).abs().max() / want_c0.abs().max()).item()
         report(f"offsets past 2^31 backward chain ({kernel})", err < 1e-3, f"relative error {err:.2e}")
         del ws, grad_out, c

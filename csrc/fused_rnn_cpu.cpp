@@ -185,14 +185,12 @@ int64_t first_steps_from_tables(const at::Tensor& proj, const at::Tensor& ids, c
     const int64_t* ids_p = ids.data_ptr<int64_t>();
     scalar_t* ws_p = ws.data_ptr<scalar_t>();
     scalar_t* z_p = z.data_ptr<scalar_t>();
-    at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t x0 = ids_p[b * T], row = b * (T + 1);
-        std::copy(h1_p + x0 * H, h1_p + (x0 + 1) * H, ws_p + (row + 1) * H);
-        if (T >= 2) {
-          add_rows(g_p + x0 * H, q_p + ids_p[b * T + 1] * H, z_p + b * H, H);
-          bias_tanh_row(z_p + b * H, b_p, ws_p + (row + 2) * H, H);
-        }
+    for_each_row_by_block(B, [&](int64_t b, int64_t) {
+      const int64_t x0 = ids_p[b * T], row = b * (T + 1);
+      std::copy(h1_p + x0 * H, h1_p + (x0 + 1) * H, ws_p + (row + 1) * H);
+      if (T >= 2) {
+        add_rows(g_p + x0 * H, q_p + ids_p[b * T + 1] * H, z_p + b * H, H);
+        bias_tanh_row(z_p + b * H, b_p, ws_p + (row + 2) * H, H);
       }
     });
   });
@@ -258,15 +256,13 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
     const bool tables = tokens && !h0_in && 2 * proj.size(0) <= B;
     const int64_t t_gemm = tables ? first_steps_from_tables(proj, ids, w_h_t, b_h, ws, z) : 0;
     for (int64_t t = t_gemm; t < T; ++t) {
-      at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const scalar_t* p = proj_p + (tokens ? ids_p[b * T + t] : b * T + t) * H;
-          relu_add_row(ws_p + (b * (T + 1) + t) * H, p, a_p + b * H, H);
-        }
+      for_each_row_by_block(B, [&](int64_t b, int64_t) {
+        const scalar_t* p = proj_p + (tokens ? ids_p[b * T + t] : b * T + t) * H;
+        relu_add_row(ws_p + (b * (T + 1) + t) * H, p, a_p + b * H, H);
       });
       at::mm_out(z, a, w_h_t);
-      at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) bias_tanh_row(z_p + b * H, b_p, ws_p + (b * (T + 1) + t + 1) * H, H);
+      for_each_row_by_block(B, [&](int64_t b, int64_t) {
+        bias_tanh_row(z_p + b * H, b_p, ws_p + (b * (T + 1) + t + 1) * H, H);
       });
     }
   });

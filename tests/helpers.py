@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from fused_rnn import fused_rnn, rnn_reference
+
 # Relative error (max |got - want| / max |want|) allowed per dtype, against an fp64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
@@ -59,3 +61,15 @@ def run_with_grads(fn, args, seed=1):
     inputs = float_inputs(args)
     grads = torch.autograd.grad((output * go).sum() + (h_n * gh).sum(), list(inputs.values()))
     return {"output": output, "h_n": h_n, **{f"grad_{k}": v for k, v in zip(inputs, grads)}}
+
+
+def check_parity(args, dtype, backend):
+    """``backend``'s outputs and every gradient against the float64 reference loop, within
+    ``TOLERANCE[dtype]``."""
+    got = run_with_grads(lambda **a: fused_rnn(**a, backend=backend), args)
+    want = run_with_grads(rnn_reference, cast(args, torch.float64))
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == dtype, name
+        err = rel_err(got[name], want[name])
+        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fused_rnn import fused_rnn, rnn_reference
-from helpers import TOLERANCE, cast, make_problem, rel_err, run_with_grads
+from helpers import TOLERANCE, cast, check_parity, make_problem, rel_err, run_with_grads
 from conftest import requires_cuda
 
 # Odd sizes beside round ones; H=130/200 take more than one column block in every mode, B=70
@@ -15,16 +15,6 @@ SHAPES = [(1, 1, 1), (1, 7, 16), (5, 7, 48), (5, 40, 100), (33, 7, 16), (33, 40,
 def shape_id(shape):
     B, T, H = shape
     return f"B{B}-T{T}-H{H}"
-
-
-def check_parity(args, dtype, backend):
-    got = run_with_grads(lambda **a: fused_rnn(**a, backend=backend), args)
-    want = run_with_grads(rnn_reference, cast(args, torch.float64))
-    assert got.keys() == want.keys()
-    for name in want:
-        assert got[name].dtype == dtype, name
-        err = rel_err(got[name], want[name])
-        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("h0", [True, False], ids=["h0", "zero-h0"])
