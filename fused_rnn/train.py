@@ -290,7 +290,18 @@ def _agreed_signal(received, world, device) -> int:
         flag = torch.tensor([signum], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         signum = int(flag.item())
+        _wait_until_released(flag)
     return signum
+
+
+def _wait_until_released(tensor, timeout=10.0):
+    """Waits (bounded) until a finished collective holds no more references to ``tensor``. Gloo's
+    worker thread drops its reference a moment after ``all_reduce`` returns, and freeing a tensor
+    made in Python needs the GIL: had the interpreter begun shutting down by then (the last
+    collective before exit), that thread would abort the process."""
+    deadline = time.monotonic() + timeout
+    while tensor._use_count() > 1 and time.monotonic() < deadline:
+        time.sleep(1e-4)
 
 
 class Progress:
