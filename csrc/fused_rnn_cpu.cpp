@@ -1,18 +1,25 @@
 // The recurrence on the CPU: the same two entry points as the Triton backend.
 //
-//   rnn_fwd(proj, ids, w_h, b_h, h0) -> ws [B, T+1, H]: ws[:, 0] = h0, ws[:, t+1] = h_t
+//   rnn_fwd(proj, ids, w_h, b_h, h0) -> ws [T+1, B, H]: ws[0] = h0, ws[t+1] = h_t (time-major)
 //       h_t = tanh((h_{t-1} + relu(p_t)) @ W_h^T + b_h), p_t = proj[ids[:, t]] (token input)
 //       or proj[:, t] (dense input, proj [B, T, H]).
-//   rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias)
+//   rnn_bwd(grad_out [B, T, H], grad_h_n, ws, proj, ids, w_h, has_bias, has_h0)
 //       -> (grad_proj, grad_w_h, grad_b_h, grad_h0): the chain c_t = dz_t @ W_h with
 //       dz_t = (grad_out[:, t] + c_{t+1}) * (1 - h_t^2), c_T = grad_h_n, run per step; then
-//       grad_w_h = sum_t dz_t^T a_t (a_t = h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
+//       grad_w_h = sum_t dz_t^T (h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
 //       grad_p_t = c_t * (p_t > 0) (summed into rows of proj for token input), grad_h0 = c_0.
+//
+// The workspace is time-major (the Triton backend's is batch-major): each step's states are one
+// contiguous [B, H] block, so every GEMM writes its output in place, and the backward's weight
+// gradient reads a chunk of steps' states as one matrix. With token input the backward sums dz
+// by token and multiplies once at the end, grad_U = (sum of dz over U's positions) W_h * (U > 0),
+// instead of a per-position pass over c_t; the weight gradient's input share likewise.
+// (Splitting the forward's pre-activation the same way, h W^T + relu(p) W^T, was measured to
+// cost fp32 accuracy on saturated states: up to 11x the eager loop's error; not done.)
 //
 // Per step: fused elementwise passes split over batch rows (at::parallel_for) around one GEMM
 // over the whole batch (multithreaded BLAS). Measured on 2 cores, this beat giving each thread
 // a block of rows and its own time loop by 10% in the backward and tied in the forward.
-// Backward, the weight gradient is one GEMM per chunk of steps.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -66,21 +73,21 @@ ROW_KERNEL void add_rows(const T* __restrict__ x, const T* __restrict__ y, T* __
   for (int64_t j = 0; j < H; ++j) out[j] = x[j] + y[j];
 }
 
-// out = tanh(z + b), float: the correctly rounded tanh of the float z + b but in rare
-// cases (488 of 4M random inputs here, none off by more than 0.53 ulp), vectorized. It has to be
-// that close: the backward's 1 - h^2 amplifies any error in h near |h| = 1, and a rational
-// approximation of 4e-7 relative error made fp32 gradients up to 20x less accurate than the
-// eager loop's (whose tanh is within 1 ulp). Below |x| = 0.2, x + x^3 P(x^2) in float (the
-// correction is under 1.3% of x, so its own rounding is a small fraction of an ulp); above,
-// 1 - 2 / (exp(2|x|) + 1) in double, exp by Taylor to r^9 on |r| <= ln2 / 2. Costs about twice
-// a float-only version (~1 ns per element on one core). NaN propagates; +-inf gives +-1.
-ROW_KERNEL void bias_tanh_row(const float* __restrict__ z, const float* __restrict__ b, float* __restrict__ out,
-                              int64_t H) {
+// h = tanh(h + b) in place (h: a GEMM's output row). Float: the correctly rounded tanh of the
+// float h + b but in rare cases (488 of 4M random inputs here, none off by more than 0.53 ulp),
+// vectorized. It has to be that close:
+// the backward's 1 - h^2 amplifies any error in h near |h| = 1, and a rational approximation of
+// 4e-7 relative error made fp32 gradients up to 20x less accurate than the eager loop's (whose
+// tanh is within 1 ulp). Below |x| = 0.2, x + x^3 P(x^2) in float (the correction is under 1.3%
+// of x, so its own rounding is a small fraction of an ulp); above, 1 - 2 / (exp(2|x|) + 1) in
+// double, exp by Taylor to r^9 on |r| <= ln2 / 2. Costs about twice a float-only version (~1 ns
+// per element on one core). NaN propagates; +-inf gives +-1.
+ROW_KERNEL void bias_tanh_row(float* __restrict__ h, const float* __restrict__ b, int64_t H) {
   constexpr float t3 = -1.0f / 3, t5 = 2.0f / 15, t7 = -17.0f / 315, t9 = 62.0f / 2835;
   constexpr double log2e = 1.4426950408889634, ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
   constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
   for (int64_t j = 0; j < H; ++j) {
-    const float x = z[j] + b[j];
+    const float x = h[j] + b[j];
     float ax = std::fabs(x);
     ax = ax > 9.5f ? 9.5f : ax;  // tanh rounds to 1 beyond; keeps exp finite (NaN passes through)
     const float x2 = ax * ax;
@@ -98,12 +105,12 @@ ROW_KERNEL void bias_tanh_row(const float* __restrict__ z, const float* __restri
     double scale;
     std::memcpy(&scale, &bits, sizeof scale);
     const float big = static_cast<float>(1.0 - 2.0 / (e * scale + 1.0));
-    out[j] = std::copysign(ax < 0.2f ? small : big, x);
+    h[j] = std::copysign(ax < 0.2f ? small : big, x);
   }
 }
 
-void bias_tanh_row(const double* __restrict__ z, const double* __restrict__ b, double* __restrict__ out, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) out[j] = std::tanh(z[j] + b[j]);
+void bias_tanh_row(double* __restrict__ h, const double* __restrict__ b, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) h[j] = std::tanh(h[j] + b[j]);
 }
 
 // dz = (grad_out + carry) * (1 - h^2); db += dz (this block's share of the bias gradient)
@@ -116,24 +123,20 @@ ROW_KERNEL void tanh_grad_row(const T* __restrict__ grad_out, const T* __restric
   }
 }
 
-// dp = c * (p > 0), the gradient reaching p (dense input); a = h_prev + relu(p) for the weight gradient
+// sum += x
+template <typename T>
+ROW_KERNEL void add_into_row(const T* __restrict__ x, T* __restrict__ sum, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) sum[j] += x[j];
+}
+
+// dp = c * (p > 0), the gradient reaching p; a = h_prev + relu(p) for the weight gradient. A NaN
+// in p passes c to dp and NaN to a, as torch.relu does.
 template <typename T>
 ROW_KERNEL void relu_grad_row(const T* __restrict__ c, const T* __restrict__ p, const T* __restrict__ h_prev,
                               T* __restrict__ dp, T* __restrict__ a, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
-    const T cj = c[j], pj = p[j];  // loaded unconditionally, so the select vectorizes; NaN p passes c, as in torch
+    const T cj = c[j], pj = p[j];  // loaded unconditionally, so the selects vectorize
     dp[j] = pj <= T(0) ? T(0) : cj;
-  }
-  relu_add_row(h_prev, p, a, H);
-}
-
-// The same for token input: dp is added into the row of the projected table that p came from.
-template <typename T>
-ROW_KERNEL void relu_grad_table_row(const T* __restrict__ c, const T* __restrict__ p, const T* __restrict__ h_prev,
-                                    T* __restrict__ table_row, T* __restrict__ a, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T cj = c[j], pj = p[j];
-    table_row[j] += pj <= T(0) ? T(0) : cj;
   }
   relu_add_row(h_prev, p, a, H);
 }
@@ -163,39 +166,12 @@ void sum_blocks(const T* parts, int64_t nblocks, int64_t n, T* out) {
   });
 }
 
-// With token input and h_0 = 0, the first two states depend only on the first two tokens, so
-// they come from [V, H] tables instead of [B, H] GEMMs (worth it when V <= B / 2; at the course's
-// V = 85, B = 512, T = 8 it skips a quarter of the forward's GEMM work):
-//   h_1 = tanh(relu(U[x_0]) W^T + b) = H1[x_0]                with Q = relu(U) W^T, H1 = tanh(Q + b)
-//   h_2 = tanh((h_1 + relu(U[x_1])) W^T + b) = tanh(G[x_0] + Q[x_1] + b)   with G = H1 W^T
-// Writes ws[:, 1] and ws[:, 2] (as far as T goes); returns the number of steps done.
-int64_t first_steps_from_tables(const at::Tensor& proj, const at::Tensor& ids, const at::Tensor& w_h_t,
-                                const at::Tensor& b_h, at::Tensor& ws, at::Tensor& z) {
-  const int64_t B = ws.size(0), T = ws.size(1) - 1, H = ws.size(2);
-  const at::Tensor q = at::mm(at::relu(proj), w_h_t);
-  const at::Tensor h1 = at::empty_like(q);
-  at::Tensor g;
-  AT_DISPATCH_FLOATING_TYPES(ws.scalar_type(), "first_steps_from_tables", [&] {
-    const scalar_t* b_p = b_h.data_ptr<scalar_t>();
-    const scalar_t* q_p = q.data_ptr<scalar_t>();
-    scalar_t* h1_p = h1.data_ptr<scalar_t>();
-    for (int64_t v = 0; v < h1.size(0); ++v) bias_tanh_row(q_p + v * H, b_p, h1_p + v * H, H);
-    if (T >= 2) g = at::mm(h1, w_h_t);
-    const scalar_t* g_p = T >= 2 ? g.data_ptr<scalar_t>() : nullptr;
-    const int64_t* ids_p = ids.data_ptr<int64_t>();
-    scalar_t* ws_p = ws.data_ptr<scalar_t>();
-    scalar_t* z_p = z.data_ptr<scalar_t>();
-    for_each_row_by_block(B, [&](int64_t b, int64_t) {
-      const int64_t x0 = ids_p[b * T], row = b * (T + 1);
-      std::copy(h1_p + x0 * H, h1_p + (x0 + 1) * H, ws_p + (row + 1) * H);
-      if (T >= 2) {
-        add_rows(g_p + x0 * H, q_p + ids_p[b * T + 1] * H, z_p + b * H, H);
-        bias_tanh_row(z_p + b * H, b_p, ws_p + (row + 2) * H, H);
-      }
-    });
-  });
-  return std::min<int64_t>(T, 2);
+// Token input sums per token through [V, H] tables (one per block of rows, so that the sums are
+// deterministic) when those are no bigger than the [B, T, H] per-position arrays they replace.
+bool token_tables(bool tokens, int64_t V, int64_t B, int64_t T) {
+  return tokens && (B + kRowGrain - 1) / kRowGrain * V <= B * T;
 }
+
 
 }  // namespace
 
@@ -232,14 +208,15 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
   if (h0_in) check_like("h0", *h0_in, w_h_in, {B, H});
 
   const at::Tensor proj = proj_in.contiguous();
+  const int64_t V = tokens ? proj.size(0) : 0;
   const at::Tensor w_h_t = w_h_in.t();  // a transposed view: BLAS reads it without a copy
   // The bias is added in the tanh pass: addmm would first copy it into every output row.
   const at::Tensor b_h = b_h_in ? b_h_in->contiguous() : at::zeros({H}, w_h_in.options());
-  at::Tensor ws = at::empty({B, T + 1, H}, w_h_in.options());
+  at::Tensor ws = at::empty({T + 1, B, H}, w_h_in.options());
   if (h0_in) {
-    ws.select(1, 0).copy_(*h0_in);
+    ws[0].copy_(*h0_in);
   } else {
-    ws.select(1, 0).zero_();
+    ws[0].zero_();
   }
 
   AT_DISPATCH_FLOATING_TYPES(ws.scalar_type(), "rnn_fwd", [&] {
@@ -247,23 +224,43 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     const scalar_t* b_p = b_h.data_ptr<scalar_t>();
     scalar_t* ws_p = ws.data_ptr<scalar_t>();
-    // a_t (the GEMM's input) and z_t (its output) in contiguous [B, H] buffers: BLAS writing
-    // straight into the strided ws[:, t] slice was up to 25% slower (B=64, T=256, H=256).
+    auto h_row = [&](int64_t t, int64_t b) { return ws_p + (t * B + b) * H; };  // ws[t, b]
+    int64_t t0 = 0;
+    if (tokens && !h0_in && 2 * V <= B) {
+      // With h_0 = 0 the first two states depend only on the first two tokens, so they come
+      // from [V, H] tables instead of [B, H] GEMMs (at the course's V = 85, B = 512, T = 8 this
+      // skips a quarter of the forward's GEMM work):
+      //   h_1 = tanh(relu(U[x_0]) W^T + b) = H1[x_0]                with Q = relu(U) W^T, H1 = tanh(Q + b)
+      //   h_2 = tanh((h_1 + relu(U[x_1])) W^T + b) = tanh(G[x_0] + Q[x_1] + b)   with G = H1 W^T
+      const at::Tensor q = at::mm(at::relu(proj), w_h_t);
+      at::Tensor h1 = q.clone();
+      scalar_t* h1_p = h1.data_ptr<scalar_t>();
+      for (int64_t v = 0; v < V; ++v) bias_tanh_row(h1_p + v * H, b_p, H);
+      const at::Tensor g = T >= 2 ? at::mm(h1, w_h_t) : at::Tensor();
+      const scalar_t* q_p = q.data_ptr<scalar_t>();
+      const scalar_t* g_p = T >= 2 ? g.data_ptr<scalar_t>() : nullptr;
+      for_each_row_by_block(B, [&](int64_t b, int64_t) {
+        const int64_t x0 = ids_p[b * T];
+        std::copy(h1_p + x0 * H, h1_p + (x0 + 1) * H, h_row(1, b));
+        if (T >= 2) {
+          add_rows(g_p + x0 * H, q_p + ids_p[b * T + 1] * H, h_row(2, b), H);
+          bias_tanh_row(h_row(2, b), b_p, H);
+        }
+      });
+      t0 = std::min<int64_t>(T, 2);
+    }
+    // a_t = h_{t-1} + relu(p_t), the GEMM's input (contiguous); its output goes straight into
+    // the workspace (contiguous too), where the tanh pass finishes it in place.
     at::Tensor a = at::empty({B, H}, ws.options());
-    at::Tensor z = at::empty({B, H}, ws.options());
     scalar_t* a_p = a.data_ptr<scalar_t>();
-    const scalar_t* z_p = z.data_ptr<scalar_t>();
-    const bool tables = tokens && !h0_in && 2 * proj.size(0) <= B;
-    const int64_t t_gemm = tables ? first_steps_from_tables(proj, ids, w_h_t, b_h, ws, z) : 0;
-    for (int64_t t = t_gemm; t < T; ++t) {
+    for (int64_t t = t0; t < T; ++t) {
       for_each_row_by_block(B, [&](int64_t b, int64_t) {
         const scalar_t* p = proj_p + (tokens ? ids_p[b * T + t] : b * T + t) * H;
-        relu_add_row(ws_p + (b * (T + 1) + t) * H, p, a_p + b * H, H);
+        relu_add_row(h_row(t, b), p, a_p + b * H, H);
       });
-      at::mm_out(z, a, w_h_t);
-      for_each_row_by_block(B, [&](int64_t b, int64_t) {
-        bias_tanh_row(z_p + b * H, b_p, ws_p + (b * (T + 1) + t + 1) * H, H);
-      });
+      at::Tensor h_next = ws[t + 1];
+      at::mm_out(h_next, a, w_h_t);
+      for_each_row_by_block(B, [&](int64_t b, int64_t) { bias_tanh_row(h_row(t + 1, b), b_p, H); });
     }
   });
   return ws;
@@ -272,11 +269,11 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
 std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_h_n,
                                                const at::Tensor& ws, const at::Tensor& proj_in,
                                                const c10::optional<at::Tensor>& ids_in, const at::Tensor& w_h,
-                                               bool has_bias) {
+                                               bool has_bias, bool has_h0) {
   check_weights(w_h);
-  TORCH_CHECK_VALUE(ws.dim() == 3 && ws.size(2) == w_h.size(0) && ws.size(1) >= 2 && ws.is_contiguous(),
-                    "ws must be a contiguous [B, T+1, H] workspace from rnn_fwd, got ", ws.sizes());
-  const int64_t B = ws.size(0), T = ws.size(1) - 1, H = ws.size(2);
+  TORCH_CHECK_VALUE(ws.dim() == 3 && ws.size(0) >= 2 && ws.size(2) == w_h.size(0) && ws.is_contiguous(),
+                    "ws must be a contiguous [T+1, B, H] workspace from rnn_fwd, got ", ws.sizes());
+  const int64_t T = ws.size(0) - 1, B = ws.size(1), H = ws.size(2);
   const bool tokens = ids_in.has_value();
   check_like("ws", ws, w_h, ws.sizes());
   check_like("grad_out", grad_out_in, w_h, {B, T, H});
@@ -290,27 +287,30 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   } else {
     check_like("proj", proj_in, w_h, {B, T, H});
   }
-  // grad_out may be a strided view (the output is ws[:, 1:]); only its rows must be contiguous.
+  // grad_out may be a strided view (the output is a view of ws); only its rows must be contiguous.
   const at::Tensor grad_out = grad_out_in.stride(2) == 1 ? grad_out_in : grad_out_in.contiguous();
   const int64_t go_sb = grad_out.stride(0), go_st = grad_out.stride(1);
   const at::Tensor proj = proj_in.contiguous();
-  const at::Tensor carry_in = grad_h_n.contiguous();
   const int64_t nblocks = (B + kRowGrain - 1) / kRowGrain;
-  // Token input: each block adds its dp rows into its own copy of the [V, H] table, summed after
-  // the loop (no [B, T, H] dp, no index_add_), unless those copies would outsize dp itself.
   const int64_t V = tokens ? proj.size(0) : 0;
-  const bool table = tokens && nblocks * V <= B * T;
+  // Token input with small tables: each block sums its dz rows per token into its own [V, H]
+  // table; grad_U and the input's share of the weight gradient come from their sum after the
+  // loop. Otherwise a second pass per step forms dp_t = c_t * (p_t > 0) and a_t = h_{t-1} + relu(p_t).
+  const bool by_token = token_tables(tokens, V, B, T);
+  // The chain's last product c_0 = dz_0 W_h feeds only grad_h0 (and dp_0 without token tables).
+  const bool need_c0 = has_h0 || !by_token;
   // The weight gradient sum_t dz_t^T a_t is one GEMM per chunk of steps (at least kGemmRows rows
-  // each), so dz and a need only a chunk's steps, not [T, B, H]: fresh [T, B, H] buffers cost
-  // page faults and trips through memory on every call. Time-major, so the chain's GEMM reads a
-  // contiguous dz_t (a strided one was 8% slower at B=64, T=256).
+  // each), so dz (and a) need only a chunk's steps: fresh [T, B, H] buffers cost page faults and
+  // trips through memory on every call. Time-major like the workspace, so with token tables a
+  // chunk's partner rows h_{t-1} are one contiguous block of ws.
   const int64_t chunk = std::min(T, std::max<int64_t>(1, (kGemmRows + B - 1) / B));
   at::Tensor dz = at::empty({chunk, B, H}, ws.options());  // dz_t = g_t * (1 - h_t^2)
-  at::Tensor a = at::empty({chunk, B, H}, ws.options());   // a_t = h_{t-1} + relu(p_t)
+  at::Tensor a = by_token ? at::Tensor() : at::empty({chunk, B, H}, ws.options());
   at::Tensor grad_w_h = at::zeros({H, H}, ws.options());
-  at::Tensor dp = table ? at::zeros({nblocks, V, H}, ws.options())  // per-block dL/dU
-                        : at::empty({B, T, H}, ws.options());       // dL/dp_t = c_t * (p_t > 0)
+  at::Tensor sums = by_token ? at::zeros({nblocks, V, H}, ws.options())  // per-block sums of dz by token
+                             : at::empty({B, T, H}, ws.options());       // dL/dp_t = c_t * (p_t > 0)
   at::Tensor db_parts = at::zeros({nblocks, H}, ws.options());  // per-block sums of dz
+  const at::Tensor states = ws.view({(T + 1) * B, H});
   at::Tensor grad_h0, grad_proj, grad_b_h;
 
   AT_DISPATCH_FLOATING_TYPES(ws.scalar_type(), "rnn_bwd", [&] {
@@ -319,52 +319,64 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     const scalar_t* proj_p = proj.data_ptr<scalar_t>();
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     scalar_t* dz_p = dz.data_ptr<scalar_t>();
-    scalar_t* a_p = a.data_ptr<scalar_t>();
-    scalar_t* dp_p = dp.data_ptr<scalar_t>();
+    scalar_t* a_p = by_token ? nullptr : a.data_ptr<scalar_t>();
+    scalar_t* sums_p = sums.data_ptr<scalar_t>();
     scalar_t* db_p = db_parts.data_ptr<scalar_t>();
+    auto h_row = [&](int64_t t, int64_t b) { return ws_p + (t * B + b) * H; };  // ws[t, b]
     // c_{t+1} (the carry) and c_t: only two steps are ever live.
-    at::Tensor c_next = carry_in.clone();
+    at::Tensor c_next = grad_h_n.clone(at::MemoryFormat::Contiguous);
     at::Tensor c_t = at::empty({B, H}, ws.options());
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
       const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
+      scalar_t* dz_t = dz_p + slot * B * H;
       for_each_row_by_block(B, [&](int64_t b, int64_t k) {
-        tanh_grad_row(go_p + b * go_sb + t * go_st, cn_p + b * H, ws_p + (b * (T + 1) + t + 1) * H,
-                      dz_p + (slot * B + b) * H, db_p + k * H, H);
+        tanh_grad_row(go_p + b * go_sb + t * go_st, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_p + k * H, H);
+        if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
       });
-      at::mm_out(c_t, dz[slot], w_h);  // c_t = dz_t @ W_h
-      const scalar_t* c_p = c_t.data_ptr<scalar_t>();
-      for_each_row_by_block(B, [&](int64_t b, int64_t k) {
-        const int64_t row = b * T + t;
-        const scalar_t* h_prev = ws_p + (b * (T + 1) + t) * H;
-        if (table) {
-          relu_grad_table_row(c_p + b * H, proj_p + ids_p[row] * H, h_prev, dp_p + (k * V + ids_p[row]) * H,
-                              a_p + (slot * B + b) * H, H);
-        } else {
-          const scalar_t* p = proj_p + (tokens ? ids_p[row] : row) * H;
-          relu_grad_row(c_p + b * H, p, h_prev, dp_p + row * H, a_p + (slot * B + b) * H, H);
-        }
-      });
-      std::swap(c_next, c_t);
+      if (t > 0 || need_c0) {
+        at::mm_out(c_t, dz[slot], w_h);  // c_t = dz_t @ W_h
+        std::swap(c_next, c_t);
+      }
+      if (!by_token) {
+        const scalar_t* c_p = c_next.data_ptr<scalar_t>();
+        for_each_row_by_block(B, [&](int64_t b, int64_t) {
+          const int64_t row = b * T + t;
+          relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
+                        a_p + (slot * B + b) * H, H);
+        });
+      }
       if (slot == 0) {  // the chunk's steps first..min(T, first + chunk) - 1 are done
-        const int64_t rows = (std::min(T, first + chunk) - first) * B;
-        grad_w_h.addmm_(dz.view({chunk * B, H}).narrow(0, 0, rows).t(), a.view({chunk * B, H}).narrow(0, 0, rows));
+        const int64_t steps = std::min(T, first + chunk) - first;
+        const at::Tensor dz_rows = dz.view({chunk * B, H}).narrow(0, 0, steps * B);
+        if (by_token) {
+          // h_{t-1} here; the input's share after the loop. Without h0 the first step adds zero.
+          const int64_t skip = first == 0 && !has_h0 ? B : 0;
+          grad_w_h.addmm_(dz_rows.narrow(0, skip, steps * B - skip).t(),
+                          states.narrow(0, first * B + skip, steps * B - skip));
+        } else {
+          grad_w_h.addmm_(dz_rows.t(), a.view({chunk * B, H}).narrow(0, 0, steps * B));
+        }
       }
     }
-    grad_h0 = c_next;  // c_0: the gradient reaching h0
+    grad_h0 = need_c0 ? c_next : at::zeros({B, H}, ws.options());
     grad_b_h = at::empty({H}, ws.options());
     sum_blocks(db_p, nblocks, H, grad_b_h.data_ptr<scalar_t>());
-    if (table) {
-      grad_proj = at::empty({V, H}, ws.options());
-      sum_blocks(dp_p, nblocks, V * H, grad_proj.data_ptr<scalar_t>());
+    if (by_token) {
+      at::Tensor dz_by_token = at::empty({V, H}, ws.options());
+      sum_blocks(sums_p, nblocks, V * H, dz_by_token.data_ptr<scalar_t>());
+      grad_w_h.addmm_(dz_by_token.t(), at::relu(proj));
+      grad_proj = at::mm(dz_by_token, w_h);
+      scalar_t* g_p = grad_proj.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < V * H; ++i) g_p[i] = proj_p[i] <= scalar_t(0) ? scalar_t(0) : g_p[i];
     }
   });
 
-  if (!table) {
-    grad_proj = dp;
+  if (!by_token) {
+    grad_proj = sums;
     if (tokens) {
       grad_proj = at::zeros_like(proj);
-      grad_proj.index_add_(0, ids.view({B * T}), dp.view({B * T, H}));
+      grad_proj.index_add_(0, ids.view({B * T}), sums.view({B * T, H}));
     }
   }
   return {grad_proj, grad_w_h, has_bias ? c10::optional<at::Tensor>(grad_b_h) : c10::nullopt, grad_h0};
@@ -372,10 +384,10 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn: the Elman recurrence on the CPU (forward and the BPTT chain)";
-  m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the [B, T+1, H] state workspace",
+  m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the [T+1, B, H] state workspace",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"));
   m.def("rnn_bwd", &rnn_bwd,
         "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0)",
         py::arg("grad_out"), py::arg("grad_h_n"), py::arg("ws"), py::arg("proj"), py::arg("ids"), py::arg("w_h"),
-        py::arg("has_bias"));
+        py::arg("has_bias"), py::arg("has_h0"));
 }
