@@ -1,17 +1,18 @@
 // The recurrence on the CPU: the same two entry points as the Triton backend.
 //
-//   rnn_fwd(proj, ids, w_h, b_h, h0) -> ws [T+1, B, H]: ws[0] = h0, ws[t+1] = h_t (time-major)
+//   rnn_fwd(proj, ids, w_h, b_h, h0) -> out [T, B, H]: out[t] = h_{t+1} (time-major; h0 None: zeros)
 //       h_t = tanh((h_{t-1} + relu(p_t)) @ W_h^T + b_h), p_t = proj[ids[:, t]] (token input)
 //       or proj[:, t] (dense input, proj [B, T, H]).
-//   rnn_bwd(grad_out [B, T, H], grad_h_n, ws, proj, ids, w_h, has_bias, has_h0)
+//   rnn_bwd(grad_out [B, T, H], grad_h_n, out, h0, proj, ids, w_h, has_bias)
 //       -> (grad_proj, grad_w_h, grad_b_h, grad_h0): the chain c_t = dz_t @ W_h with
 //       dz_t = (grad_out[:, t] + c_{t+1}) * (1 - h_t^2), c_T = grad_h_n, run per step; then
 //       grad_w_h = sum_t dz_t^T (h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
 //       grad_p_t = c_t * (p_t > 0) (summed into rows of proj for token input), grad_h0 = c_0.
 //
-// The workspace is time-major (the Triton backend's is batch-major): each step's states are one
-// contiguous [B, H] block, so every GEMM writes its output in place, and the backward's weight
-// gradient reads a chunk of steps' states as one matrix. With token input the backward sums dz
+// The states are time-major: each step's are one contiguous [B, H] block, so every GEMM writes
+// its output in place, and the backward's weight gradient reads a chunk of steps' states as one
+// matrix. The caller gets out.transpose(0, 1) as the [B, T, H] output: a view, so autograd
+// hands the backward the output's gradient as it is, with no [B, T+1, H] zero-fill and copy. With token input the backward sums dz
 // by token and multiplies once at the end, grad_U = (sum of dz over U's positions) W_h * (U > 0),
 // instead of a per-position pass over c_t; the weight gradient's input share likewise.
 // (Splitting the forward's pre-activation the same way, h W^T + relu(p) W^T, was measured to
@@ -212,19 +213,16 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
   const at::Tensor w_h_t = w_h_in.t();  // a transposed view: BLAS reads it without a copy
   // The bias is added in the tanh pass: addmm would first copy it into every output row.
   const at::Tensor b_h = b_h_in ? b_h_in->contiguous() : at::zeros({H}, w_h_in.options());
-  at::Tensor ws = at::empty({T + 1, B, H}, w_h_in.options());
-  if (h0_in) {
-    ws[0].copy_(*h0_in);
-  } else {
-    ws[0].zero_();
-  }
+  const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::zeros({B, H}, w_h_in.options());
+  at::Tensor out = at::empty({T, B, H}, w_h_in.options());
 
-  AT_DISPATCH_FLOATING_TYPES(ws.scalar_type(), "rnn_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_fwd", [&] {
     const scalar_t* proj_p = proj.data_ptr<scalar_t>();
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     const scalar_t* b_p = b_h.data_ptr<scalar_t>();
-    scalar_t* ws_p = ws.data_ptr<scalar_t>();
-    auto h_row = [&](int64_t t, int64_t b) { return ws_p + (t * B + b) * H; };  // ws[t, b]
+    scalar_t* h0_p = h0.data_ptr<scalar_t>();
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
     int64_t t0 = 0;
     if (tokens && !h0_in && 2 * V <= B) {
       // With h_0 = 0 the first two states depend only on the first two tokens, so they come
@@ -251,31 +249,33 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
     }
     // a_t = h_{t-1} + relu(p_t), the GEMM's input (contiguous); its output goes straight into
     // the workspace (contiguous too), where the tanh pass finishes it in place.
-    at::Tensor a = at::empty({B, H}, ws.options());
+    at::Tensor a = at::empty({B, H}, out.options());
     scalar_t* a_p = a.data_ptr<scalar_t>();
     for (int64_t t = t0; t < T; ++t) {
       for_each_row_by_block(B, [&](int64_t b, int64_t) {
         const scalar_t* p = proj_p + (tokens ? ids_p[b * T + t] : b * T + t) * H;
         relu_add_row(h_row(t, b), p, a_p + b * H, H);
       });
-      at::Tensor h_next = ws[t + 1];
+      at::Tensor h_next = out[t];
       at::mm_out(h_next, a, w_h_t);
       for_each_row_by_block(B, [&](int64_t b, int64_t) { bias_tanh_row(h_row(t + 1, b), b_p, H); });
     }
   });
-  return ws;
+  return out;
 }
 
 std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_h_n,
-                                               const at::Tensor& ws, const at::Tensor& proj_in,
-                                               const c10::optional<at::Tensor>& ids_in, const at::Tensor& w_h,
-                                               bool has_bias, bool has_h0) {
+                                               const at::Tensor& out, const c10::optional<at::Tensor>& h0_in,
+                                               const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in,
+                                               const at::Tensor& w_h, bool has_bias) {
   check_weights(w_h);
-  TORCH_CHECK_VALUE(ws.dim() == 3 && ws.size(0) >= 2 && ws.size(2) == w_h.size(0) && ws.is_contiguous(),
-                    "ws must be a contiguous [T+1, B, H] workspace from rnn_fwd, got ", ws.sizes());
-  const int64_t T = ws.size(0) - 1, B = ws.size(1), H = ws.size(2);
+  TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) >= 1 && out.size(2) == w_h.size(0) && out.is_contiguous(),
+                    "out must be the contiguous [T, B, H] states from rnn_fwd, got ", out.sizes());
+  const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
   const bool tokens = ids_in.has_value();
-  check_like("ws", ws, w_h, ws.sizes());
+  check_like("out", out, w_h, out.sizes());
+  const bool has_h0 = h0_in.has_value();
+  if (has_h0) check_like("h0", *h0_in, w_h, {B, H});
   check_like("grad_out", grad_out_in, w_h, {B, T, H});
   check_like("grad_h_n", grad_h_n, w_h, {B, H});
   at::Tensor ids;
@@ -287,7 +287,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   } else {
     check_like("proj", proj_in, w_h, {B, T, H});
   }
-  // grad_out may be a strided view (the output is a view of ws); only its rows must be contiguous.
+  // grad_out may be strided (the output is a transposed view); only its rows must be contiguous.
   const at::Tensor grad_out = grad_out_in.stride(2) == 1 ? grad_out_in : grad_out_in.contiguous();
   const int64_t go_sb = grad_out.stride(0), go_st = grad_out.stride(1);
   const at::Tensor proj = proj_in.contiguous();
@@ -301,31 +301,33 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   const bool need_c0 = has_h0 || !by_token;
   // The weight gradient sum_t dz_t^T a_t is one GEMM per chunk of steps (at least kGemmRows rows
   // each), so dz (and a) need only a chunk's steps: fresh [T, B, H] buffers cost page faults and
-  // trips through memory on every call. Time-major like the workspace, so with token tables a
-  // chunk's partner rows h_{t-1} are one contiguous block of ws.
+  // trips through memory on every call. Time-major like the states, so with token tables a
+  // chunk's partner rows h_{t-1} are one contiguous block of out.
   const int64_t chunk = std::min(T, std::max<int64_t>(1, (kGemmRows + B - 1) / B));
-  at::Tensor dz = at::empty({chunk, B, H}, ws.options());  // dz_t = g_t * (1 - h_t^2)
-  at::Tensor a = by_token ? at::Tensor() : at::empty({chunk, B, H}, ws.options());
-  at::Tensor grad_w_h = at::zeros({H, H}, ws.options());
-  at::Tensor sums = by_token ? at::zeros({nblocks, V, H}, ws.options())  // per-block sums of dz by token
-                             : at::empty({B, T, H}, ws.options());       // dL/dp_t = c_t * (p_t > 0)
-  at::Tensor db_parts = at::zeros({nblocks, H}, ws.options());  // per-block sums of dz
-  const at::Tensor states = ws.view({(T + 1) * B, H});
+  at::Tensor dz = at::empty({chunk, B, H}, out.options());  // dz_t = g_t * (1 - h_t^2)
+  at::Tensor a = by_token ? at::Tensor() : at::empty({chunk, B, H}, out.options());
+  at::Tensor grad_w_h = at::zeros({H, H}, out.options());
+  at::Tensor sums = by_token ? at::zeros({nblocks, V, H}, out.options())  // per-block sums of dz by token
+                             : at::empty({B, T, H}, out.options());       // dL/dp_t = c_t * (p_t > 0)
+  at::Tensor db_parts = at::zeros({nblocks, H}, out.options());  // per-block sums of dz
+  const at::Tensor h0 = has_h0 ? h0_in->contiguous() : at::zeros({B, H}, out.options());
+  const at::Tensor states = out.view({T * B, H});
   at::Tensor grad_h0, grad_proj, grad_b_h;
 
-  AT_DISPATCH_FLOATING_TYPES(ws.scalar_type(), "rnn_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_bwd", [&] {
     const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
-    const scalar_t* ws_p = ws.data_ptr<scalar_t>();
+    const scalar_t* h0_p = h0.data_ptr<scalar_t>();
+    const scalar_t* out_p = out.data_ptr<scalar_t>();
     const scalar_t* proj_p = proj.data_ptr<scalar_t>();
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     scalar_t* dz_p = dz.data_ptr<scalar_t>();
     scalar_t* a_p = by_token ? nullptr : a.data_ptr<scalar_t>();
     scalar_t* sums_p = sums.data_ptr<scalar_t>();
     scalar_t* db_p = db_parts.data_ptr<scalar_t>();
-    auto h_row = [&](int64_t t, int64_t b) { return ws_p + (t * B + b) * H; };  // ws[t, b]
+    auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
     // c_{t+1} (the carry) and c_t: only two steps are ever live.
     at::Tensor c_next = grad_h_n.clone(at::MemoryFormat::Contiguous);
-    at::Tensor c_t = at::empty({B, H}, ws.options());
+    at::Tensor c_t = at::empty({B, H}, out.options());
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
       const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
@@ -350,20 +352,24 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
         const int64_t steps = std::min(T, first + chunk) - first;
         const at::Tensor dz_rows = dz.view({chunk * B, H}).narrow(0, 0, steps * B);
         if (by_token) {
-          // h_{t-1} here; the input's share after the loop. Without h0 the first step adds zero.
-          const int64_t skip = first == 0 && !has_h0 ? B : 0;
-          grad_w_h.addmm_(dz_rows.narrow(0, skip, steps * B - skip).t(),
-                          states.narrow(0, first * B + skip, steps * B - skip));
+          // The states' share here (the input's after the loop): step t multiplies h_t, which is
+          // out[t - 1], or h0 for t = 0 (nothing to add without h0).
+          const int64_t lo = first == 0 ? 1 : 0;
+          if (first == 0 && has_h0) grad_w_h.addmm_(dz[0].t(), h0);
+          if (steps > lo) {
+            grad_w_h.addmm_(dz_rows.narrow(0, lo * B, (steps - lo) * B).t(),
+                            states.narrow(0, (first + lo - 1) * B, (steps - lo) * B));
+          }
         } else {
           grad_w_h.addmm_(dz_rows.t(), a.view({chunk * B, H}).narrow(0, 0, steps * B));
         }
       }
     }
-    grad_h0 = need_c0 ? c_next : at::zeros({B, H}, ws.options());
-    grad_b_h = at::empty({H}, ws.options());
+    grad_h0 = need_c0 ? c_next : at::zeros({B, H}, out.options());
+    grad_b_h = at::empty({H}, out.options());
     sum_blocks(db_p, nblocks, H, grad_b_h.data_ptr<scalar_t>());
     if (by_token) {
-      at::Tensor dz_by_token = at::empty({V, H}, ws.options());
+      at::Tensor dz_by_token = at::empty({V, H}, out.options());
       sum_blocks(sums_p, nblocks, V * H, dz_by_token.data_ptr<scalar_t>());
       grad_w_h.addmm_(dz_by_token.t(), at::relu(proj));
       grad_proj = at::mm(dz_by_token, w_h);
@@ -384,10 +390,10 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn: the Elman recurrence on the CPU (forward and the BPTT chain)";
-  m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the [T+1, B, H] state workspace",
+  m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"));
   m.def("rnn_bwd", &rnn_bwd,
         "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0)",
-        py::arg("grad_out"), py::arg("grad_h_n"), py::arg("ws"), py::arg("proj"), py::arg("ids"), py::arg("w_h"),
-        py::arg("has_bias"), py::arg("has_h0"));
+        py::arg("grad_out"), py::arg("grad_h_n"), py::arg("out"), py::arg("h0"), py::arg("proj"), py::arg("ids"),
+        py::arg("w_h"), py::arg("has_bias"));
 }

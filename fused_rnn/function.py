@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .ops import batch_major, cpu_ext, workspace_dtype, workspace_shape
+from .ops import cpu_ext, output_view, states_shape, workspace_dtype
 from .reference import rnn_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -93,59 +93,60 @@ def _kernels(backend: str):
 # The fused recurrence as PyTorch custom ops, so that torch.compile(fullgraph=True) can trace
 # through it (the fake implementations give it the output shapes) and autograd sees one node.
 #
-# fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32) -> (ws, h_n)
-#   ws: the states (fp32; fp64 for fp64 inputs) in the backend's layout; batch_major(ws) is
-#   [B, T+1, H] with [:, 0] = h0, [:, t+1] = h_t. The public function returns its [:, 1:] as the
-#   output (a view); h_n [B, H] in the inputs' dtype.
+# fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32) -> (states, h_n)
+#   states (fp32; fp64 for fp64 inputs) in the backend's layout (ops.states_shape); the public
+#   function returns ops.output_view(states) as the [B, T, H] output; h_n [B, H] in the inputs'
+#   dtype.
 
 
 @torch.library.custom_op("fused_rnn::recurrence", mutates_args=())
 def _recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
                 b_h: Optional[torch.Tensor], h0: Optional[torch.Tensor], backend: str,
                 allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    ws = _kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32)
-    return ws, batch_major(ws, backend)[:, -1].to(w_h.dtype, copy=True)
+    states = _kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32)
+    return states, output_view(states, backend)[:, -1].to(w_h.dtype, copy=True)
 
 
 @_recurrence.register_fake
 def _(proj, ids, w_h, b_h, h0, backend, allow_tf32):
     B, T = ids.shape if ids is not None else proj.shape[:2]
     H = w_h.shape[0]
-    return w_h.new_empty(workspace_shape(backend, B, T, H), dtype=workspace_dtype(w_h.dtype)), w_h.new_empty((B, H))
+    return w_h.new_empty(states_shape(backend, B, T, H), dtype=workspace_dtype(w_h.dtype)), w_h.new_empty((B, H))
 
 
 @torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())
-def _recurrence_backward(grad_ws: torch.Tensor, grad_h_n: torch.Tensor, ws: torch.Tensor,
-                         proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
-                         has_bias: bool, has_h0: bool, backend: str, allow_tf32: bool
+def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: torch.Tensor, states: torch.Tensor,
+                         h0: Optional[torch.Tensor], proj: torch.Tensor, ids: Optional[torch.Tensor],
+                         w_h: torch.Tensor, has_bias: bool, backend: str, allow_tf32: bool
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_proj, grad_w_h, grad_b_h, grad_h0); grad_b_h is empty without a bias."""
     grad_proj, grad_w_h, grad_b_h, grad_h0 = _kernels(backend).rnn_bwd(
-        batch_major(grad_ws, backend)[:, 1:], grad_h_n, ws, proj, ids, w_h, has_bias, has_h0, allow_tf32)
+        output_view(grad_states, backend), grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32)
     return grad_proj, grad_w_h, grad_b_h if has_bias else w_h.new_empty(0), grad_h0
 
 
 @_recurrence_backward.register_fake
-def _(grad_ws, grad_h_n, ws, proj, ids, w_h, has_bias, has_h0, backend, allow_tf32):
-    B, H = batch_major(ws, backend).shape[0], ws.shape[2]
+def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allow_tf32):
+    B, H = grad_h_n.shape
     return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(H if has_bias else 0),
             w_h.new_empty((B, H)))
 
 
 def _recurrence_setup_context(ctx, inputs, output):
     proj, ids, w_h, b_h, h0, backend, allow_tf32 = inputs
-    ctx.save_for_backward(proj, ids, w_h, output[0])
-    ctx.has_bias, ctx.has_h0, ctx.backend, ctx.allow_tf32 = b_h is not None, h0 is not None, backend, allow_tf32
+    ctx.save_for_backward(proj, ids, w_h, output[0], h0)
+    ctx.has_bias, ctx.backend, ctx.allow_tf32 = b_h is not None, backend, allow_tf32
 
 
-def _recurrence_autograd(ctx, grad_ws, grad_h_n):
-    proj, ids, w_h, ws = ctx.saved_tensors
-    if grad_ws is None:
-        grad_ws = torch.zeros_like(ws)
+def _recurrence_autograd(ctx, grad_states, grad_h_n):
+    proj, ids, w_h, states, h0 = ctx.saved_tensors
+    if grad_states is None:
+        grad_states = torch.zeros_like(states)
     if grad_h_n is None:
-        grad_h_n = w_h.new_zeros((batch_major(ws, ctx.backend).shape[0], ws.shape[2]))
+        B, H = output_view(states, ctx.backend).shape[0], w_h.shape[0]
+        grad_h_n = w_h.new_zeros((B, H))
     grad_proj, grad_w_h, grad_b_h, grad_h0 = _recurrence_backward(
-        grad_ws, grad_h_n, ws, proj, ids, w_h, ctx.has_bias, ctx.has_h0, ctx.backend, ctx.allow_tf32)
+        grad_states, grad_h_n, states, h0, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32)
     return (grad_proj, None, grad_w_h, grad_b_h if ctx.has_bias else None,
             grad_h0 if ctx.needs_input_grad[4] else None, None, None)
 
@@ -302,10 +303,10 @@ def fused_rnn(
             proj, ids = F.linear(embedding, w_in, b_in), x.to(torch.int64).contiguous()  # U [V, H]
         else:
             proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
-        ws, h_n = _recurrence(
+        states, h_n = _recurrence(
             proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
             h0.contiguous() if h0 is not None else None, backend, allow_tf32)
-        output = batch_major(ws, backend)[:, 1:].to(w_h.dtype)
+        output = output_view(states, backend).to(w_h.dtype)
     if lengths is not None:
         output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
                                      x.shape[1])

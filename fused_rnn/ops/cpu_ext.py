@@ -64,5 +64,5 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     return load().rnn_fwd(proj, ids, w_h, b_h, h0)
 
 
-def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, has_h0, allow_tf32=False):
-    return tuple(load().rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, has_h0))
+def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False):
+    return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias))

@@ -2,7 +2,7 @@
 
 Entry points (shared with the CPU extension; `fused_rnn.function` wraps them in autograd):
 ``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32) -> ws`` and
-``rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, has_h0, allow_tf32)
+``rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32)
 -> (grad_proj, grad_w_h, grad_b_h, grad_h0)``.
 
 The input projection ``p = W_in e(x) + b_in`` is not here: it is a parallel GEMM that the caller
@@ -381,10 +381,10 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     return ws
 
 
-def rnn_bwd(grad_out, grad_h_n, ws, proj, ids, w_h, has_bias, has_h0=True, allow_tf32=False):
+def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=False):
     """Backward through all steps: ``(grad_proj, grad_w_h, grad_b_h, grad_h0)`` (``grad_b_h``
-    None without a bias), in the dtypes of ``proj`` and ``w_h``. ``has_h0`` is not used: these
-    kernels compute ``grad_h0`` always."""
+    None without a bias), in the dtypes of ``proj`` and ``w_h``. ``h0`` is not read (``ws[:, 0]``
+    holds it)."""
     c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32)
     # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
     # dtype, cast to the inputs' dtype at the end.
