@@ -286,8 +286,10 @@ def fused_rnn(
             Off by default: fp32 results match the reference to fp32 rounding.
 
     Returns:
-        ``(output [B, T, H], h_n [B, H])``: every state ``h_1..h_T`` and the last one.
-        Differentiable with respect to every float input. Float inputs share one dtype
+        ``(output [B, T, H], h_n [B, H])``: every state ``h_1..h_T`` and the last one. The
+        output of a fused backend is a view of the kernels' states, not contiguous (the cpu
+        backend's is time-major in memory: ``output.transpose(0, 1)`` is contiguous); use
+        ``.reshape`` rather than ``.view``. Differentiable with respect to every float input. Float inputs share one dtype
         (fp16, bf16, fp32, fp64); half types accumulate and keep the state in fp32. Under
         ``torch.autocast`` the float inputs are cast to the autocast dtype.
     """
