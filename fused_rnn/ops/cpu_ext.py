@@ -1,6 +1,7 @@
 """The C++ CPU extension (csrc/): built by setup.py, or just in time on first use.
 
-Exposes the same two entry points as the Triton backend, ``rnn_fwd`` and ``rnn_bwd``.
+Exposes the same two entry points as the Triton backend, ``rnn_fwd`` and ``rnn_bwd``; its states
+are time-major, ``[T, B, H]`` (see ``fused_rnn.ops.states_shape``).
 """
 from __future__ import annotations
 
