@@ -11,16 +11,17 @@
 //
 // The states are time-major: each step's are one contiguous [B, H] block, so every GEMM writes
 // its output in place, and the backward's weight gradient reads a chunk of steps' states as one
-// matrix. The caller gets out.transpose(0, 1) as the [B, T, H] output: a view, so autograd
-// hands the backward the output's gradient as it is, with no [B, T+1, H] zero-fill and copy. With token input the backward sums dz
-// by token and multiplies once at the end, grad_U = (sum of dz over U's positions) W_h * (U > 0),
-// instead of a per-position pass over c_t; the weight gradient's input share likewise.
-// (Splitting the forward's pre-activation the same way, h W^T + relu(p) W^T, was measured to
-// cost fp32 accuracy on saturated states: up to 11x the eager loop's error; not done.)
+// matrix. The caller gets out.transpose(0, 1) as the [B, T, H] output: a view, so autograd hands
+// the backward the output's gradient as it is (no [B, T+1, H] zero-fill and copy). With token
+// input the backward sums dz by token and multiplies once at the end,
+// grad_U = (sum of dz over U's positions) W_h * (U > 0), instead of a per-position pass over c_t;
+// the weight gradient's input share likewise. (Splitting the forward's pre-activation the same
+// way, h W^T + relu(p) W^T, was measured to cost fp32 accuracy on saturated states: up to 11x
+// the eager loop's error; not done.)
 //
 // Per step: fused elementwise passes split over batch rows (at::parallel_for) around one GEMM
 // over the whole batch (multithreaded BLAS). Measured on 2 cores, this beat giving each thread
-// a block of rows and its own time loop by 10% in the backward and tied in the forward.
+// a block of rows and its own time loop by 10% in the backward and tied in the forward (twice).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
