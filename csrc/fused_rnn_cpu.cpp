@@ -249,17 +249,21 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
       t0 = std::min<int64_t>(T, 2);
     }
     // a_t = h_{t-1} + relu(p_t), the GEMM's input (contiguous); its output goes straight into
-    // the workspace (contiguous too), where the tanh pass finishes it in place.
+    // the states (contiguous too), where one pass per step finishes it in place with the tanh
+    // and forms the next step's a while the row is in cache.
     at::Tensor a = at::empty({B, H}, out.options());
     scalar_t* a_p = a.data_ptr<scalar_t>();
+    auto p_row = [&](int64_t b, int64_t t) { return proj_p + (tokens ? ids_p[b * T + t] : b * T + t) * H; };
+    if (t0 < T) {
+      for_each_row_by_block(B, [&](int64_t b, int64_t) { relu_add_row(h_row(t0, b), p_row(b, t0), a_p + b * H, H); });
+    }
     for (int64_t t = t0; t < T; ++t) {
-      for_each_row_by_block(B, [&](int64_t b, int64_t) {
-        const scalar_t* p = proj_p + (tokens ? ids_p[b * T + t] : b * T + t) * H;
-        relu_add_row(h_row(t, b), p, a_p + b * H, H);
-      });
       at::Tensor h_next = out[t];
       at::mm_out(h_next, a, w_h_t);
-      for_each_row_by_block(B, [&](int64_t b, int64_t) { bias_tanh_row(h_row(t + 1, b), b_p, H); });
+      for_each_row_by_block(B, [&](int64_t b, int64_t) {
+        bias_tanh_row(h_row(t + 1, b), b_p, H);
+        if (t + 1 < T) relu_add_row(h_row(t + 1, b), p_row(b, t + 1), a_p + b * H, H);
+      });
     }
   });
   return out;
