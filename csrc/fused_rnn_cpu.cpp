@@ -143,17 +143,25 @@ ROW_KERNEL void relu_grad_row(const T* __restrict__ c, const T* __restrict__ p, 
   relu_add_row(h_prev, p, a, H);
 }
 
-// Runs fn(b, block) for every batch row b, rows split into fixed blocks of kRowGrain (a block's
+// Runs fn(b, block) for every batch row b, rows split into fixed blocks of `rows` (a block's
 // rows in order), blocks spread over the threads. Per-block partial sums, reduced in block order,
 // then give the same bits for any thread count.
 template <typename F>
-void for_each_row_by_block(int64_t B, const F& fn) {
-  const int64_t nblocks = (B + kRowGrain - 1) / kRowGrain;
+void for_each_row_by_block(int64_t B, const F& fn, int64_t rows = kRowGrain) {
+  const int64_t nblocks = (B + rows - 1) / rows;
   at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      for (int64_t b = k * kRowGrain; b < std::min(B, (k + 1) * kRowGrain); ++b) fn(b, k);
+      for (int64_t b = k * rows; b < std::min(B, (k + 1) * rows); ++b) fn(b, k);
     }
   });
+}
+
+// Rows per block of the backward's per-block sums: kRowGrain, or more for large batches, so that
+// there are at most about 8 blocks (each with its own [V, H] token table: fewer tables to zero,
+// fill and add, and more of them in cache). Depends on B alone, so the sums' bits do not depend
+// on the thread count.
+int64_t sum_block_rows(int64_t B) {
+  return kRowGrain * std::max<int64_t>(1, (B + kRowGrain - 1) / kRowGrain / 8);
 }
 
 // out[i] = sum over blocks k (in order) of parts[k, i], for parts [nblocks, n].
@@ -171,7 +179,7 @@ void sum_blocks(const T* parts, int64_t nblocks, int64_t n, T* out) {
 // Token input sums per token through [V, H] tables (one per block of rows, so that the sums are
 // deterministic) when those are no bigger than the [B, T, H] per-position arrays they replace.
 bool token_tables(bool tokens, int64_t V, int64_t B, int64_t T) {
-  return tokens && (B + kRowGrain - 1) / kRowGrain * V <= B * T;
+  return tokens && (B + sum_block_rows(B) - 1) / sum_block_rows(B) * V <= B * T;
 }
 
 
@@ -296,7 +304,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   const at::Tensor grad_out = grad_out_in.stride(2) == 1 ? grad_out_in : grad_out_in.contiguous();
   const int64_t go_sb = grad_out.stride(0), go_st = grad_out.stride(1);
   const at::Tensor proj = proj_in.contiguous();
-  const int64_t nblocks = (B + kRowGrain - 1) / kRowGrain;
+  const int64_t block_rows = sum_block_rows(B), nblocks = (B + block_rows - 1) / block_rows;
   const int64_t V = tokens ? proj.size(0) : 0;
   // Token input with small tables: each block sums its dz rows per token into its own [V, H]
   // table; grad_U and the input's share of the weight gradient come from their sum after the
@@ -340,7 +348,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
       for_each_row_by_block(B, [&](int64_t b, int64_t k) {
         tanh_grad_row(go_p + b * go_sb + t * go_st, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_p + k * H, H);
         if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
-      });
+      }, block_rows);
       if (t > 0 || need_c0) {
         at::mm_out(c_t, dz[slot], w_h);  // c_t = dz_t @ W_h
         std::swap(c_next, c_t);
