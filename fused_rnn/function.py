@@ -111,7 +111,8 @@ def _recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tens
 def _(proj, ids, w_h, b_h, h0, backend, allow_tf32):
     B, T = ids.shape if ids is not None else proj.shape[:2]
     H = w_h.shape[0]
-    return w_h.new_empty(states_shape(backend, B, T, H), dtype=workspace_dtype(w_h.dtype)), w_h.new_empty((B, H))
+    states = w_h.new_empty(states_shape(backend, B, T, H), dtype=workspace_dtype(w_h.dtype))
+    return states, w_h.new_empty((B, H))
 
 
 @torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())
@@ -289,9 +290,10 @@ def fused_rnn(
         ``(output [B, T, H], h_n [B, H])``: every state ``h_1..h_T`` and the last one. The
         output of a fused backend is a view of the kernels' states, not contiguous (the cpu
         backend's is time-major in memory: ``output.transpose(0, 1)`` is contiguous); use
-        ``.reshape`` rather than ``.view``. Differentiable with respect to every float input. Float inputs share one dtype
-        (fp16, bf16, fp32, fp64); half types accumulate and keep the state in fp32. Under
-        ``torch.autocast`` the float inputs are cast to the autocast dtype.
+        ``.reshape`` rather than ``.view``. Differentiable with respect to every float input.
+        Float inputs share one dtype (fp16, bf16, fp32, fp64); half types accumulate and keep
+        the state in fp32. Under ``torch.autocast`` the float inputs are cast to the autocast
+        dtype.
     """
     t = _autocast_inputs(dict(x=x, w_in=w_in, b_in=b_in, w_h=w_h, b_h=b_h, h0=h0, embedding=embedding))
     x, w_in, b_in, w_h, b_h, h0, embedding = (t[k] for k in ("x", "w_in", "b_in", "w_h", "b_h", "h0", "embedding"))
