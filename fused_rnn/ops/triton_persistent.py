@@ -51,6 +51,20 @@ def _group_barrier(arrivals_ptr, n_arrivals, spin_limit, ok):
     return ok & (seen >= n_arrivals).to(tl.int32)
 
 
+@triton.jit
+def _program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr):
+    """Program (g, j)'s tile: its group g of batch rows (as int64: B*T*H passes 2^31 at realistic
+    sizes), its column block j, all of K, and their masks."""
+    group = tl.program_id(0)
+    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, H_PAD)
+    row_ok, col_ok, k_ok = rows < B, cols < H, ks < H
+    in_mask = row_ok[:, None] & k_ok[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    return group, tl.num_programs(1), rows.to(tl.int64), row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask
+
+
 @triton.jit(do_not_specialize=["B", "T", "step_begin", "step_end", "spin_limit"])
 def rnn_persistent_fwd_kernel(
     proj_ptr,  # [R, H]: rows of p (R = V for token input, B*T for dense input)
@@ -75,15 +89,8 @@ def rnn_persistent_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    n_col_blocks = tl.num_programs(1)
-    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
-    rows64 = rows.to(tl.int64)  # B*T*H passes 2^31 at realistic sizes
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, H_PAD)
-    row_ok, col_ok, k_ok = rows < B, cols < H, ks < H
-    in_mask = row_ok[:, None] & k_ok[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
+    group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
+        B, H, BLOCK_B, BLOCK_N, H_PAD)
     # This program's slice of W_h, on chip for all steps: w[k, n] = W_h[n, k]. Products run in
     # the workspace dtype (fp32 for bf16/fp16 weights, upcast once): a 16-row tile gains nothing
     # from tensor cores, and bf16 mma tiles with the whole of H as K spill at H=512 (sm_90).
@@ -136,15 +143,8 @@ def rnn_persistent_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    n_col_blocks = tl.num_programs(1)
-    rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
-    rows64 = rows.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, H_PAD)
-    row_ok, col_ok, k_ok = rows < B, cols < H, ks < H
-    in_mask = row_ok[:, None] & k_ok[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
+    group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
+        B, H, BLOCK_B, BLOCK_N, H_PAD)
     # w[k, n] = W_h[k, n]
     w = tl.load(w_h_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
                 mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(c_ptr.dtype.element_ty)
