@@ -201,8 +201,9 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
     check_like("proj", proj_in, w_h_in, proj_in.sizes());
     B = ids.size(0);
     T = ids.size(1);
-    if (ids.numel() > 0) {
-      const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    if (ids.numel() > 0) {  // one pass (fused_rnn() checked already; this guards direct calls)
+      const auto [lo_t, hi_t] = at::aminmax(ids);
+      const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
       TORCH_CHECK_INDEX(lo >= 0 && hi < proj_in.size(0), "token ids must lie in [0, ", proj_in.size(0),
                         "), got values in [", lo, ", ", hi, "]");
     }
