@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .planner import Plan
-from .triton_rnn import _tanh
+from .triton_common import _tanh
 
 # Spin iterations before a barrier wait gives up. One acquire load round trip is ~1 us, so this
 # is seconds: far past any real step (~us), short enough that a broken barrier fails the call.

@@ -39,23 +39,7 @@ import triton
 import triton.language as tl
 
 from . import planner, workspace_dtype
-
-# The interpreter (TRITON_INTERPRET=1, read when the kernels are defined) runs kernels on CPU
-# tensors; this module is imported lazily so the variable can be set up to first use.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _tanh(x, SMALL: tl.constexpr):
-    # tanh from exp (libdevice is not available to the interpreter). exp(-2|x|) cannot overflow;
-    # below SMALL the odd Taylor series avoids the cancellation in 1 - e.
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    small = ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0)))
-    y = tl.where(ax < SMALL, small, big)
-    return tl.where(x < 0, -y, y)
+from .triton_common import INTERPRET, _tanh
 
 
 @triton.jit(do_not_specialize=["B", "T"])
@@ -452,6 +436,6 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32):
 
 
 def _persistent_ops():
-    # Imported here: triton_persistent imports this module's _tanh.
+    # Imported on first use: compiling its kernels' definitions costs import time.
     from . import triton_persistent
     return triton_persistent
