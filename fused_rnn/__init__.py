@@ -2,10 +2,10 @@
 
 ``h_t = tanh(W_h (h_{t-1} + relu(W_in e(x_t) + b_in)) + b_h)`` over all time steps in one launch.
 """
-from .function import BackendInfo, backends, fused_rnn
+from .function import BackendInfo, backends, elman_rnn, fused_rnn
 from .modules import FusedCharLoopModel, FusedRNN, convert
-from .reference import CharLoopModel, rnn_reference
+from .reference import CharLoopModel, elman_reference, rnn_reference
 
-__all__ = ["fused_rnn", "rnn_reference", "backends", "BackendInfo", "CharLoopModel",
+__all__ = ["fused_rnn", "elman_rnn", "rnn_reference", "elman_reference", "backends", "BackendInfo", "CharLoopModel",
            "FusedCharLoopModel", "FusedRNN", "convert"]
 __version__ = "0.1.0"

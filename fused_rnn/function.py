@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from .ops import cpu_ext, output_view, states_shape, workspace_dtype
-from .reference import rnn_reference
+from .reference import elman_reference, rnn_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+NONLINEARITIES = ("tanh", "relu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_DTYPES = (torch.float32, torch.float64)
 
@@ -234,10 +235,11 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths=None):
             raise error(f"{message}, got values in [{int(lo)}, {int(hi)}]")
 
 
-def _autocast_inputs(tensors: dict) -> dict:
+def _autocast_inputs(tensors: dict, weight: str = "w_h") -> dict:
     """Under torch.autocast, float inputs in the autocast dtype (the recurrence is GEMM-bound,
-    so it runs in the lower precision, as nn.RNN does)."""
-    w_h = tensors["w_h"]
+    so it runs in the lower precision, as nn.RNN does); ``weight`` names the tensor whose
+    device decides."""
+    w_h = tensors[weight]
     device_type = w_h.device.type if isinstance(w_h, torch.Tensor) else "cpu"
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
@@ -311,6 +313,89 @@ def fused_rnn(
             proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
             h0.contiguous() if h0 is not None else None, backend, allow_tf32)
         output = output_view(states, backend).to(w_h.dtype)
+    if lengths is not None:
+        output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
+                                     x.shape[1])
+    return output, h_n
+
+
+def _check_elman_inputs(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity, lengths):
+    """Raises a ValueError/TypeError for any malformed input to :func:`elman_rnn`."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    _check_tensor("w_hh", w_hh, 2)
+    H = w_hh.shape[0]
+    if H == 0 or w_hh.shape[1] != H:
+        raise ValueError(f"w_hh must be square [H, H] with H >= 1, got {tuple(w_hh.shape)}")
+    _check_tensor("w_ih", w_ih, 2)
+    if w_ih.shape[0] != H:
+        raise ValueError(f"w_ih must be [H={H}, I], got {tuple(w_ih.shape)}")
+    I = w_ih.shape[1]
+    _check_tensor("x", x, 3)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a float tensor [B, T, I], got {x.dtype}")
+    if x.shape[2] != I:
+        raise ValueError(f"x must be [B, T, {I}] to match w_ih [H, I], got {tuple(x.shape)}")
+    B, T = x.shape[0], x.shape[1]
+    if B == 0 or T == 0:
+        raise ValueError(f"x must have a non-empty batch and sequence, got shape {tuple(x.shape)}")
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _check_tensor(name, b, 1, (H,))
+    if h0 is not None:
+        _check_tensor("h0", h0, 2, (B, H))
+    floats = {k: v for k, v in dict(x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0).items()
+              if v is not None}
+    for name, t in floats.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != w_hh.dtype:
+            raise TypeError(f"all float inputs must share one dtype: w_hh is {w_hh.dtype}, {name} is {t.dtype}")
+        if t.device != w_hh.device:
+            raise ValueError(f"all inputs must be on one device: w_hh is on {w_hh.device}, {name} is on {t.device}")
+    if lengths is not None:
+        _check_tensor("lengths", lengths, 1, (B,))
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        if not torch.compiler.is_compiling() and lengths.device.type != "cuda":
+            lo, hi = torch.aminmax(lengths)
+            if int(lo) < 1 or int(hi) > T:
+                raise ValueError(f"lengths must lie in [1, T={T}], got values in [{int(lo)}, {int(hi)}]")
+
+
+def elman_rnn(
+    x: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: Optional[torch.Tensor] = None,
+    b_hh: Optional[torch.Tensor] = None,
+    h0: Optional[torch.Tensor] = None,
+    *,
+    nonlinearity: str = "tanh",
+    lengths: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+):
+    """All T steps of ``torch.nn.RNN``'s own (Elman) cell, one layer, one direction, batch first:
+    ``h_t = act(x_t @ W_ih^T + b_ih + h_{t-1} @ W_hh^T + b_hh)``, ``act`` = tanh or relu.
+
+    Args:
+        x: ``[B, T, I]``.
+        w_ih: ``[H, I]``; w_hh: ``[H, H]``; b_ih, b_hh: ``[H]`` or None.
+        h0: ``[B, H]`` or None (zeros).
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+        lengths, backend, allow_tf32: as in :func:`fused_rnn.fused_rnn`.
+
+    Returns:
+        ``(output [B, T, H], h_n [B, H])``, differentiable with respect to every float input.
+    """
+    # TODO(issue 16): the fused backends (cpu, triton) through the shared recurrence op.
+    t = _autocast_inputs(dict(x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0), "w_hh")
+    x, w_ih, w_hh, b_ih, b_hh, h0 = (t[k] for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0"))
+    _check_elman_inputs(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity, lengths)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    output, h_n = elman_reference(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity)
     if lengths is not None:
         output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
                                      x.shape[1])

@@ -47,3 +47,20 @@ class CharLoopModel(nn.Module):
             inp = F.relu(self.l_in(self.e(c)))
             h = torch.tanh(self.l_hidden(h + inp))
         return F.log_softmax(self.l_out(h), dim=-1)
+
+
+def elman_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearity="tanh"):
+    """``torch.nn.RNN``'s own (Elman) cell, step by step, batch first:
+    ``h_t = act(x_t @ W_ih^T + b_ih + h_{t-1} @ W_hh^T + b_hh)``, ``act`` = tanh or relu.
+
+    ``x [B, T, I]``, ``w_ih [H, I]``, ``w_hh [H, H]``, ``b_ih``/``b_hh [H]`` or None, ``h0 [B, H]``
+    or None (zeros); returns ``(output [B, T, H], h_n [B, H])``.
+    """
+    act = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
+    q = F.linear(x, w_ih, b_ih)  # [B, T, H]
+    h = q.new_zeros(q.shape[0], q.shape[2]) if h0 is None else h0
+    states = []
+    for t in range(q.shape[1]):
+        h = act(q[:, t] + F.linear(h, w_hh, b_hh))
+        states.append(h)
+    return torch.stack(states, dim=1), h
