@@ -5,7 +5,8 @@
 from .function import BackendInfo, backends, elman_rnn, fused_rnn
 from .modules import FusedCharLoopModel, FusedRNN, convert
 from .reference import CharLoopModel, elman_reference, rnn_reference
+from .rnn import RNN, RNNCell
 
 __all__ = ["fused_rnn", "elman_rnn", "rnn_reference", "elman_reference", "backends", "BackendInfo", "CharLoopModel",
-           "FusedCharLoopModel", "FusedRNN", "convert"]
+           "FusedCharLoopModel", "FusedRNN", "convert", "RNN", "RNNCell"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Drop-in nn.Modules built on :func:`fused_rnn.fused_rnn`, and :func:`convert`."""
+"""Drop-in nn.Modules for the course's cell built on :func:`fused_rnn.fused_rnn`, and
+:func:`convert` (which also swaps ``torch.nn.RNN``/``RNNCell`` for the twins in :mod:`fused_rnn.rnn`)."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +11,7 @@ from torch import nn
 
 from .function import fused_rnn
 from .reference import CharLoopModel
+from .rnn import RNN, RNNCell, from_torch, torch_rnn_mismatch
 
 
 class FusedRNNLayer(nn.Module):
@@ -31,7 +33,10 @@ class FusedRNNLayer(nn.Module):
 
 
 class FusedRNN(nn.Module):
-    """A layer like ``torch.nn.RNN`` for ``h_t = tanh(W_h (h_{t-1} + relu(W_in x_t + b_in)) + b_h)``.
+    """The course's cell stacked: ``h_t = tanh(W_h (h_{t-1} + relu(W_in x_t + b_in)) + b_h)``, in a
+    layer shaped like ``torch.nn.RNN`` (but batch first by default, with ``l_in``/``l_hidden``
+    submodules). For ``torch.nn.RNN``'s own cell, ``act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``,
+    use :class:`fused_rnn.RNN`.
 
     Args:
         input_size: features of ``x`` (the embedding size when ``vocab_size`` is set).
@@ -151,22 +156,34 @@ def course_model_mismatch(model: nn.Module) -> Optional[str]:
 
 def convert(model: nn.Module, classes: Optional[Sequence[type]] = None, backend: str = "auto") -> nn.Module:
     """Replaces, in place, every course-style char model in ``model``'s tree by a
-    :class:`FusedCharLoopModel` holding the same submodules (weights, device, dtype, training
-    mode carry over). Returns ``model``, or the fused model when ``model`` itself is one.
+    :class:`FusedCharLoopModel` holding the same submodules, and every ``torch.nn.RNN`` and
+    ``torch.nn.RNNCell`` by its fused twin (:class:`fused_rnn.RNN`, :class:`fused_rnn.RNNCell`)
+    holding the same Parameter objects (weights, device, dtype, training mode carry over, and an
+    optimizer holding them keeps working). Returns ``model``, or the fused model when ``model``
+    itself is one.
 
     Matched by default: instances of :class:`fused_rnn.reference.CharLoopModel`, and of any class
     named ``CharLoopModel`` (as copied from the course's notebook) whose ``e``, ``l_in``,
-    ``l_hidden`` and ``l_out`` have matching shapes. With ``classes``, instances of those classes
-    instead; one that does not match is left alone with a warning saying why.
+    ``l_hidden`` and ``l_out`` have matching shapes; instances of ``nn.RNN`` and ``nn.RNNCell``
+    (subclasses that override ``forward`` are left alone; LSTM and GRU have no twin). With
+    ``classes``, instances of those classes instead; one that cannot be converted is left alone
+    with a warning saying why.
     """
     explicit = classes is not None
-    classes = tuple(classes) if explicit else (CharLoopModel,)
+    classes = tuple(classes) if explicit else (CharLoopModel, nn.RNN, nn.RNNCell)
 
     def wanted(m):
         return isinstance(m, classes) or (not explicit and type(m).__name__ == "CharLoopModel")
 
     def swap(m):
-        if isinstance(m, FusedCharLoopModel) or not wanted(m):
+        if isinstance(m, (FusedCharLoopModel, RNN, RNNCell)) or not wanted(m):
+            return None
+        if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):  # torch's recurrent modules: the Elman twins
+            problem = torch_rnn_mismatch(m)
+            if problem is None:
+                return from_torch(m, backend)
+            if explicit:
+                warnings.warn(f"fused_rnn.convert: left {type(m).__name__} alone: {problem}", stacklevel=3)
             return None
         problem = course_model_mismatch(m)
         if problem is None:
