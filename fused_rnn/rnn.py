@@ -64,8 +64,9 @@ class RNN(nn.RNNBase):
 
     It shares ``nn.RNNBase`` with ``nn.RNN`` but is not an ``nn.RNN`` instance: ``torch.compile``
     refuses to trace those, and traces this one. ``flatten_parameters()`` is a no-op (there is no
-    cuDNN weight buffer). In training mode, dropout between layers draws its own masks (the same
-    distribution as torch's, not the same numbers).
+    cuDNN weight buffer). In training mode, dropout between layers draws the same masks as
+    ``nn.RNN`` from the same seed on the CPU for unpacked input; elsewhere (packed input, cuDNN)
+    masks of the same distribution.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
@@ -108,30 +109,30 @@ class RNN(nn.RNNBase):
         weights = [getattr(self, name) for name in self._all_weights[k]]
         return tuple(weights) if self.bias else (weights[0], weights[1], None, None)
 
-    def _check_forward_args(self, x: torch.Tensor, hx: Optional[torch.Tensor]) -> None:
-        """torch.nn.RNN's checks, with its exception types, on batch-first ``x [B, T, I]``."""
+    def _check_forward_args(self, seq: torch.Tensor, hx: Optional[torch.Tensor]) -> None:
+        """torch.nn.RNN's checks, with its exception types, on time-major ``seq [T, B, I]``."""
         weight = self.weight_ih_l0
-        if x.dtype != weight.dtype and not _autocasting(x.device):
-            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
-                             f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
-        if x.shape[2] != self.input_size:
+        if seq.dtype != weight.dtype and not _autocasting(seq.device):
+            raise ValueError(f"RNN input dtype ({seq.dtype}) does not match weight dtype ({weight.dtype}). "
+                             f"Convert input: input.to({weight.dtype}), or convert model: model.to({seq.dtype})")
+        if seq.shape[2] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
-                               f"got {x.shape[2]}")
-        if x.shape[1] == 0:
+                               f"got {seq.shape[2]}")
+        if seq.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if hx is not None:
-            expected = (self.num_layers * (2 if self.bidirectional else 1), x.shape[0], self.hidden_size)
+            expected = (self.num_layers * (2 if self.bidirectional else 1), seq.shape[1], self.hidden_size)
             self.check_hidden_size(hx, expected)
-            if hx.dtype != x.dtype and not _autocasting(x.device):
-                raise RuntimeError(f"hx dtype ({hx.dtype}) does not match input dtype ({x.dtype})")
+            if hx.dtype != seq.dtype and not _autocasting(seq.device):
+                raise RuntimeError(f"hx dtype ({hx.dtype}) does not match input dtype ({seq.dtype})")
 
     def forward(self, input, hx: Optional[torch.Tensor] = None):
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
-            # Padded, batch first, in the packed (sorted, longest first) order of the batch.
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes), batch_first=True)
-            self._check_forward_args(x, hx)
+            # Padded [T, B, I], in the packed (sorted, longest first) order of the batch.
+            seq, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            self._check_forward_args(seq, hx)
             if hx is not None and sorted_indices is not None:
                 hx = hx.index_select(1, sorted_indices)
         else:
@@ -144,31 +145,33 @@ class RNN(nn.RNNBase):
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
                 hx = hx.unsqueeze(1) if hx is not None else None
-            x, lengths = (input if self.batch_first else input.transpose(0, 1)), None
-            self._check_forward_args(x, hx)
+            seq, lengths = (input.transpose(0, 1) if self.batch_first else input), None
+            self._check_forward_args(seq, hx)
 
+        # Between layers the sequence is time-major [T, B, D * H], as in ATen's RNN: on the CPU
+        # the same seed then draws the same dropout masks as torch.nn.RNN (for unpacked input).
         directions = 2 if self.bidirectional else 1
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout)
+                seq = F.dropout(seq.contiguous(), self.dropout)
+            x = seq.transpose(0, 1)  # elman_rnn is batch first: [B, T, F], a view
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
                 reverse = direction == 1
-                x_k = _reverse_in_time(x, lengths) if reverse else x
-                out, h_n = _elman(x_k, self._layer_weights(k), hx[k] if hx is not None else None,
-                                  self.nonlinearity, lengths, self.backend)
-                outputs.append(_reverse_in_time(out, lengths) if reverse else out)
+                out, h_n = _elman(_reverse_in_time(x, lengths) if reverse else x, self._layer_weights(k),
+                                  hx[k] if hx is not None else None, self.nonlinearity, lengths, self.backend)
+                outputs.append((_reverse_in_time(out, lengths) if reverse else out).transpose(0, 1))
                 finals.append(h_n)
-            x = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
+            seq = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
         h_n = torch.stack(finals)
 
         if packed:
-            output = PackedSequence(pack_padded_sequence(x, lengths, batch_first=True).data,
-                                    batch_sizes, sorted_indices, unsorted_indices)
+            output = PackedSequence(pack_padded_sequence(seq, lengths).data, batch_sizes, sorted_indices,
+                                    unsorted_indices)
             return output, (h_n.index_select(1, unsorted_indices) if unsorted_indices is not None else h_n)
-        output = x if self.batch_first else x.transpose(0, 1)
+        output = seq.transpose(0, 1) if self.batch_first else seq
         if not batched:
             output, h_n = output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return output.contiguous(), h_n  # contiguous, as torch's (code calls .view on it)

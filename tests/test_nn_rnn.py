@@ -85,7 +85,7 @@ def config_id(c):
 
 def sizes(i):
     r = random.Random(i)
-    return dict(I=r.randint(1, 6), H=r.randint(1, 7), B=r.randint(2, 4), T=r.randint(1, 6))
+    return dict(I=r.randint(1, 6), H=r.randint(1, 7), B=r.randint(2, 4), T=r.randint(2, 6))
 
 
 @pytest.mark.parametrize("kind", ["padded", "packed-sorted", "packed-unsorted"])
@@ -99,11 +99,12 @@ def test_rnn_matches_torch(backend, index, kind):
     D = 2 if config["bidirectional"] else 1
     shape = (B, T, I) if config["batch_first"] else (T, B, I)
     x = rand(*shape, seed=index)
-    hx = rand(config["num_layers"] * D, B, H, seed=index + 100) if index % 2 == 0 else None
+    with_hx = (index + ["padded", "packed-sorted", "packed-unsorted"].index(kind)) % 2 == 0
+    hx = rand(config["num_layers"] * D, B, H, seed=index + 100) if with_hx else None
     to_input = lambda x: x  # noqa: E731
     if kind != "padded":
         lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(index))
-        lengths[0] = T  # uneven lengths, the longest T
+        lengths[0], lengths[-1] = 1, T  # uneven, and out of order before sorting
         if kind == "packed-sorted":
             lengths = lengths.sort(descending=True).values
         to_input = lambda x: pack_padded_sequence(  # noqa: E731
@@ -195,11 +196,27 @@ def test_rnn_cell_gradcheck(backend):
     assert torch.autograd.gradcheck(run, inputs)
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tf", "bf"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_between_layers_in_training(backend):
-    """torch's masks cannot be shared, so the test pins the structure and the rate: with layer 1
-    an identity (relu(I x)), its output is layer 0's output times mask / (1 - p), for both
-    modules; zeros at rate p; nothing dropped after the last layer or in h_n of layer 0."""
+def test_dropout_in_training_draws_torch_masks_on_cpu(backend, batch_first):
+    """Same seed, same masks as nn.RNN's (unpacked input, CPU): outputs and gradients equal."""
+    ref, fused = torch_and_fused(backend, input_size=3, hidden_size=5, num_layers=3, bidirectional=True,
+                                 dropout=0.5, batch_first=batch_first)
+    x, hx = rand(4, 6, 3, seed=1), rand(6, 4 if batch_first else 6, 5, seed=2)
+    results = []
+    for m in (fused.train(), ref.train()):
+        torch.manual_seed(7)
+        results.append(outputs_and_grads(m, x, hx))
+    assert_same(*results)
+    torch.manual_seed(8)
+    assert not torch.equal(fused(x, hx)[0], results[0]["output"])  # a fresh mask each call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_in_training_on_packed_input_has_torch_distribution(backend):
+    """On packed input the masks differ from torch's, so the test pins the structure and the rate:
+    with layer 1 an identity (relu(I x)), its output is layer 0's output times mask / (1 - p), for
+    both modules; zeros at rate p; nothing dropped after the last layer or in layer 0's h_n."""
     p, B, T, H = 0.4, 40, 6, 8
     ref, fused = torch_and_fused(backend, input_size=3, hidden_size=H, num_layers=2,
                                  nonlinearity="relu", dropout=p)
@@ -207,27 +224,21 @@ def test_dropout_between_layers_in_training(backend):
         for m in (ref, fused):
             m.weight_hh_l0.zero_(), m.bias_ih_l0.fill_(1.0)  # layer 0: relu(x W^T + 1) > 0
             m.weight_ih_l1.copy_(torch.eye(H)), m.weight_hh_l1.zero_(), m.bias_ih_l1.zero_(), m.bias_hh_l1.zero_()
-    x = 0.1 * torch.randn(T, B, 3, dtype=f64)
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(0))
+    x = pack_padded_sequence(0.1 * torch.randn(T, B, 3, dtype=f64), lengths, enforce_sorted=False)
     want_eval, h_eval = ref.eval()(x)
-    assert (want_eval > 0).all()
+    assert (want_eval.data > 0).all()
     rates = []
     for m in (ref.train(), fused.train()):
         torch.manual_seed(1)
         out, h_n = m(x)
-        ratio = out / want_eval
+        ratio = out.data / want_eval.data
         kept = ratio != 0
         assert torch.allclose(ratio[kept], torch.full_like(ratio[kept], 1 / (1 - p)), rtol=1e-12)
         torch.testing.assert_close(h_n[0], h_eval[0], rtol=1e-12, atol=0)  # layer 0 undropped
         rates.append(1 - kept.double().mean().item())
-        assert not torch.equal(m(x)[0], out)  # a fresh mask each call
-    sigma = (p * (1 - p) / (T * B * H)) ** 0.5
+    sigma = (p * (1 - p) / want_eval.data.numel()) ** 0.5
     assert all(abs(r - p) < 5 * sigma for r in rates), rates
-
-
-def test_dropout_zero_in_training_is_exact():
-    ref, fused = torch_and_fused("reference", input_size=3, hidden_size=4, num_layers=3, dropout=0.0)
-    x = rand(5, 2, 3)
-    assert_same(outputs_and_grads(fused.train(), x, None), outputs_and_grads(ref.train(), x, None))
 
 
 # --- what code calls on nn.RNN keeps working ---------------------------------------------------
