@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -500,35 +499,47 @@ def test_torch_compile_fullgraph_reference_backend():
     assert_same(outputs_and_grads(compiled, x, hx), outputs_and_grads(fused, x, hx))
 
 
-def test_autocast_runs_in_the_autocast_dtype():
-    _, fused = torch_and_fused("reference", input_size=3, hidden_size=8, num_layers=2)
-    fused.float()
+def test_autocast_runs_in_the_autocast_dtype_as_torch_does():
+    ref, fused = torch_and_fused("reference", input_size=3, hidden_size=8, num_layers=2)
+    ref.float(), fused.float()
+    cell = RNNCell(3, 8, backend="reference")
     x = torch.randn(5, 2, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, h_n = fused(x)
-    assert out.dtype == h_n.dtype == torch.bfloat16
+        (out, h_n), (want_out, want_h_n) = fused(x), ref(x)
+        h = cell(x[0])
+    assert out.dtype == h_n.dtype == want_out.dtype == want_h_n.dtype == h.dtype == torch.bfloat16
     want, _ = fused.double()(x.double())
     assert rel_err(out, want) < 3e-2
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None)
-@given(nonlinearity=st.sampled_from(["tanh", "relu"]), num_layers=st.integers(1, 3),
-       bidirectional=st.booleans(), batch_first=st.booleans(), bias=st.booleans(),
-       I=st.integers(1, 5), H=st.integers(1, 6), B=st.integers(1, 4), T=st.integers(1, 6),
-       hx=st.booleans(), packing=st.sampled_from([None, True, False]), seed=st.integers(0, 2 ** 16))
-def test_property_random_configs_match_torch(nonlinearity, num_layers, bidirectional, batch_first,
-                                             bias, I, H, B, T, hx, packing, seed):
-    ref, fused = torch_and_fused("reference", seed, input_size=I, hidden_size=H, num_layers=num_layers,
-                                 nonlinearity=nonlinearity, bidirectional=bidirectional,
-                                 batch_first=batch_first, bias=bias)
-    D = 2 if bidirectional else 1
-    x = rand(*((B, T, I) if batch_first else (T, B, I)), seed=seed)
-    h = rand(num_layers * D, B, H, seed=seed + 1) if hx else None
-    to_input = lambda x: x  # noqa: E731
-    if packing is not None:
-        lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(seed))
-        if packing:
-            lengths = lengths.sort(descending=True).values
-        to_input = lambda x: pack_padded_sequence(x, lengths, batch_first=batch_first,  # noqa: E731
-                                                  enforce_sorted=packing)
-    assert_same(outputs_and_grads(fused, x, h, to_input), outputs_and_grads(ref, x, h, to_input))
+# Hypothesis examples per backend (the interpreter is slow).
+EXAMPLES = {"reference": 25, "cpu": 25, "triton": 6}
+
+
+@pytest.mark.parametrize("backend", list(EXAMPLES))
+def test_property_random_configs_match_torch(backend):
+    """Random options, sizes (T = 1 included), hx or not, padded or packed (sorted or not)."""
+
+    @settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(nonlinearity=st.sampled_from(["tanh", "relu"]), num_layers=st.integers(1, 3),
+           bidirectional=st.booleans(), batch_first=st.booleans(), bias=st.booleans(),
+           I=st.integers(1, 5), H=st.integers(1, 6), B=st.integers(1, 4), T=st.integers(1, 6),
+           hx=st.booleans(), packing=st.sampled_from([None, True, False]), seed=st.integers(0, 2 ** 16))
+    def check(nonlinearity, num_layers, bidirectional, batch_first, bias, I, H, B, T, hx, packing, seed):
+        ref, fused = torch_and_fused(backend, seed, input_size=I, hidden_size=H, num_layers=num_layers,
+                                     nonlinearity=nonlinearity, bidirectional=bidirectional,
+                                     batch_first=batch_first, bias=bias)
+        D = 2 if bidirectional else 1
+        x = rand(*((B, T, I) if batch_first else (T, B, I)), seed=seed)
+        h = rand(num_layers * D, B, H, seed=seed + 1) if hx else None
+        to_input = lambda x: x  # noqa: E731
+        if packing is not None:
+            lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(seed))
+            if packing:
+                lengths = lengths.sort(descending=True).values
+            to_input = lambda x: pack_padded_sequence(x, lengths, batch_first=batch_first,  # noqa: E731
+                                                      enforce_sorted=packing)
+        assert_same(outputs_and_grads(fused, x, h, to_input), outputs_and_grads(ref, x, h, to_input))
+
+    check()
