@@ -38,15 +38,20 @@ def _elman(x, weights, h0, nonlinearity, lengths, backend):
     return elman_rnn(x, *weights, h0, nonlinearity=nonlinearity, lengths=lengths, backend=backend)
 
 
-def _reverse_in_time(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x [B, T, F]`` with each sequence reversed within its own length (padding stays where it
-    is), so that the reverse direction starts at each sequence's own last element, as PyTorch's
-    does for packed input. Its own inverse."""
-    if lengths is None:
+def _reversal_index(lengths: torch.Tensor, T: int, device) -> torch.Tensor:
+    """``[B, T]`` time indices that reverse each sequence within its own length and leave the
+    padding where it is, so that the reverse direction starts at each sequence's own last
+    element, as PyTorch's does for packed input."""
+    t = torch.arange(T, device=device)
+    lengths = lengths.to(device)[:, None]
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _reverse_in_time(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [B, T, F]`` reversed in time, within each sequence's length given its
+    :func:`_reversal_index` (None: all T long). Its own inverse."""
+    if index is None:
         return x.flip(1)
-    t = torch.arange(x.shape[1], device=x.device)
-    lengths = lengths.to(x.device)[:, None]
-    index = torch.where(t < lengths, lengths - 1 - t, t)  # [B, T]
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
 
 
@@ -151,6 +156,8 @@ class RNN(nn.RNNBase):
         # Between layers the sequence is time-major [T, B, D * H], as in ATen's RNN: on the CPU
         # the same seed then draws the same dropout masks as torch.nn.RNN (for unpacked input).
         directions = 2 if self.bidirectional else 1
+        reversal = (_reversal_index(lengths, seq.shape[0], seq.device)
+                    if directions == 2 and lengths is not None else None)
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
@@ -160,9 +167,9 @@ class RNN(nn.RNNBase):
             for direction in range(directions):
                 k = layer * directions + direction
                 reverse = direction == 1
-                out, h_n = _elman(_reverse_in_time(x, lengths) if reverse else x, self._layer_weights(k),
+                out, h_n = _elman(_reverse_in_time(x, reversal) if reverse else x, self._layer_weights(k),
                                   hx[k] if hx is not None else None, self.nonlinearity, lengths, self.backend)
-                outputs.append((_reverse_in_time(out, lengths) if reverse else out).transpose(0, 1))
+                outputs.append((_reverse_in_time(out, reversal) if reverse else out).transpose(0, 1))
                 finals.append(h_n)
             seq = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
         h_n = torch.stack(finals)
