@@ -491,9 +491,10 @@ def test_convert_leaves_a_parametrized_rnn_alone():
 # --- the ecosystem -----------------------------------------------------------------------------
 
 
-def test_torch_compile_fullgraph_reference_backend():
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
-    _, fused = torch_and_fused("reference", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    _, fused = torch_and_fused(backend, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     compiled = torch.compile(fused, fullgraph=True)  # a graph break would raise
     x, hx = rand(3, 2, 3, seed=1), rand(4, 2, 4, seed=2)
     assert_same(outputs_and_grads(compiled, x, hx), outputs_and_grads(fused, x, hx))
