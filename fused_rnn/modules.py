@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .function import fused_rnn
+from .function import BACKENDS, fused_rnn
 from .reference import CharLoopModel
+
+
+def _check_backend(backend: str) -> str:
+    """Refuses an unknown backend when a module is built, not at its first call."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 class FusedRNNLayer(nn.Module):
@@ -57,6 +64,10 @@ class FusedRNN(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if dropout > 0 and num_layers == 1:  # as torch.nn.RNN warns
+            warnings.warn(f"dropout acts between stacked layers, so dropout={dropout} does nothing "
+                          f"with num_layers=1", stacklevel=2)
+        _check_backend(backend)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.batch_first, self.dropout, self.vocab_size, self.backend = batch_first, dropout, vocab_size, backend
         self.layers = nn.ModuleList(
@@ -103,7 +114,7 @@ class FusedCharLoopModel(nn.Module):
         self.l_in = nn.Linear(n_fac, n_hidden)
         self.l_hidden = nn.Linear(n_hidden, n_hidden)
         self.l_out = nn.Linear(n_hidden, vocab_size)
-        self.backend = backend
+        self.backend = _check_backend(backend)
 
     def forward(self, *cs: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not cs:
@@ -124,7 +135,7 @@ class FusedCharLoopModel(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.e, fused.l_in, fused.l_hidden, fused.l_out = model.e, model.l_in, model.l_hidden, model.l_out
-        fused.backend = backend
+        fused.backend = _check_backend(backend)
         return fused.train(model.training)
 
 
