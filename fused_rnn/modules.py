@@ -1,8 +1,8 @@
-"""Drop-in nn.Modules built on :func:`fused_rnn.fused_rnn`, and :func:`convert`."""
+"""Drop-in nn.Modules built on :func:`fused_rnn.fused_rnn` (``convert`` is in fused_rnn/convert.py)."""
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,14 +140,30 @@ class FusedCharLoopModel(nn.Module):
 
 
 def course_model_mismatch(model: nn.Module) -> Optional[str]:
-    """None when ``model`` has the course model's four submodules with consistent shapes, else
-    what is wrong."""
+    """None when ``model`` holds exactly the course model's four submodules, with consistent
+    shapes and nothing the fused model would drop or ignore; else what is wrong."""
     kinds = {"e": nn.Embedding, "l_in": nn.Linear, "l_hidden": nn.Linear, "l_out": nn.Linear}
     for name, kind in kinds.items():
         sub = getattr(model, name, None)
         if not isinstance(sub, kind):
             return f"its submodule {name!r} is {type(sub).__name__ if sub is not None else 'missing'}, not {kind.__name__}"
+        if type(sub).forward is not kind.forward:
+            return f"its submodule {name!r} ({type(sub).__name__}) overrides {kind.__name__}.forward"
+        if any(getattr(sub, h) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                         "_backward_pre_hooks")):
+            return f"its submodule {name!r} has hooks, which the fused model would not call"
+    extra = [name for name in model._modules if name not in kinds]
+    if extra:
+        return f"it has submodules beyond e, l_in, l_hidden, l_out ({', '.join(extra)}), which the fused model would drop"
+    own = [name for name, _ in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]]
+    if own:
+        return f"it holds its own parameters or buffers ({', '.join(own)}), which the fused model would drop"
     e, l_in, l_hidden, l_out = model.e, model.l_in, model.l_hidden, model.l_out
+    options = {"padding_idx": e.padding_idx, "max_norm": e.max_norm,
+               "scale_grad_by_freq": e.scale_grad_by_freq or None, "sparse": e.sparse or None}
+    used = [f"{k}={v}" for k, v in options.items() if v is not None]
+    if used:
+        return f"its embedding sets {', '.join(used)}, which the fused model ignores"
     H = l_hidden.out_features
     checks = [(l_in.in_features == e.embedding_dim, "l_in.in_features != e.embedding_dim"),
               (l_in.out_features == H, "l_in.out_features != l_hidden.out_features"),
@@ -160,38 +176,10 @@ def course_model_mismatch(model: nn.Module) -> Optional[str]:
     return None
 
 
-def convert(model: nn.Module, classes: Optional[Sequence[type]] = None, backend: str = "auto") -> nn.Module:
-    """Replaces, in place, every course-style char model in ``model``'s tree by a
-    :class:`FusedCharLoopModel` holding the same submodules (weights, device, dtype, training
-    mode carry over). Returns ``model``, or the fused model when ``model`` itself is one.
+def __getattr__(name):
+    # convert() lives in fused_rnn/convert.py (which imports this module); the old path still works.
+    if name == "convert":
+        from .convert import convert
 
-    Matched by default: instances of :class:`fused_rnn.reference.CharLoopModel`, and of any class
-    named ``CharLoopModel`` (as copied from the course's notebook) whose ``e``, ``l_in``,
-    ``l_hidden`` and ``l_out`` have matching shapes. With ``classes``, instances of those classes
-    instead; one that does not match is left alone with a warning saying why.
-    """
-    explicit = classes is not None
-    classes = tuple(classes) if explicit else (CharLoopModel,)
-
-    def wanted(m):
-        return isinstance(m, classes) or (not explicit and type(m).__name__ == "CharLoopModel")
-
-    def swap(m):
-        if isinstance(m, FusedCharLoopModel) or not wanted(m):
-            return None
-        problem = course_model_mismatch(m)
-        if problem is None:
-            return FusedCharLoopModel.from_course_model(m, backend)
-        if explicit:
-            warnings.warn(f"fused_rnn.convert: left {type(m).__name__} alone: {problem}", stacklevel=3)
-        return None
-
-    root = swap(model)
-    if root is not None:
-        return root
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            new = swap(child)
-            if new is not None:
-                setattr(parent, name, new)
-    return model
+        return convert
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
