@@ -136,7 +136,8 @@ class FusedCharLoopModel(nn.Module):
         nn.Module.__init__(fused)
         fused.e, fused.l_in, fused.l_hidden, fused.l_out = model.e, model.l_in, model.l_hidden, model.l_out
         fused.backend = _check_backend(backend)
-        return fused.train(model.training)
+        fused.training = model.training  # not .train(): that would reset the submodules' own modes
+        return fused
 
 
 def course_model_mismatch(model: nn.Module) -> Optional[str]:
