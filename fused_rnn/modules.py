@@ -49,7 +49,7 @@ class FusedRNN(nn.Module):
         dropout: dropout on the outputs of every layer but the last, while training.
         vocab_size: token input: ``x`` holds ids in ``[0, vocab_size)`` and the first layer owns an
             embedding of ``input_size``.
-        backend: see :func:`fused_rnn.fused_rnn`.
+        backend: see :func:`fused_rnn.fused_rnn`; an unknown one raises ``ValueError`` here.
 
     ``forward(x, h0=None, lengths=None)`` returns ``(output [B, T, H], h_n [num_layers, B, H])``
     (``output`` is ``[T, B, H]`` when ``batch_first=False``). ``lengths [B]`` gives each padded
