@@ -254,14 +254,14 @@ def _check_range(values, lo_ok, hi_ok, error, message):
         raise error(f"{message}, got values in [{int(lo)}, {int(hi)}]")
 
 
-def _fused_limit(floats) -> Optional[str]:
+def _fused_limit(inputs) -> Optional[str]:
     """The differentiation mode active for these inputs that the fused kernels cannot follow (they
     are custom ops with a reverse-mode rule only), or None."""
     if torch.compiler.is_compiling():
         return None
     forward = "forward-mode AD (torch.func.jvp, jacfwd, hessian; torch.autograd.forward_ad)"
     if forward_ad._current_level >= 0 and any(
-            forward_ad.unpack_dual(t).tangent is not None for t in floats if t is not None):
+            forward_ad.unpack_dual(t).tangent is not None for t in inputs if t is not None):
         return forward
     if torch._C._functorch.maybe_current_level() is not None:
         kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
