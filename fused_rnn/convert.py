@@ -125,8 +125,10 @@ def convert(model: nn.Module, classes: Optional[Sequence[type]] = None, backend:
 
 def _convert_one(module: nn.Module, explicit: bool, backend: str) -> Optional[nn.Module]:
     """The twin of a claimed module, or None (after a warning saying why)."""
-    reasons = [] if _hook_problem(module) is None else [_hook_problem(module)]
-    for converter in (CONVERTERS if explicit else [c for c in CONVERTERS if c.matches(module)]) * (not reasons):
+    hook_problem = _hook_problem(module)
+    reasons = [hook_problem] if hook_problem else []
+    candidates = CONVERTERS if explicit else [c for c in CONVERTERS if c.matches(module)]
+    for converter in [] if hook_problem else candidates:
         try:
             twin = converter.build(module, backend)
             problem = _probe(converter, module, twin)
