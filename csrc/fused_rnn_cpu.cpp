@@ -245,17 +245,22 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
       scalar_t* h1_p = h1.data_ptr<scalar_t>();
       for (int64_t v = 0; v < V; ++v) bias_tanh_row(h1_p + v * H, b_p, H);
       const at::Tensor g = T >= 2 ? at::mm(h1, w_h_t) : at::Tensor();
-      const scalar_t* q_p = q.data_ptr<scalar_t>();
-      const scalar_t* g_p = T >= 2 ? g.data_ptr<scalar_t>() : nullptr;
-      for_each_row_by_block(B, [&](int64_t b, int64_t) {
-        const int64_t x0 = ids_p[b * T];
-        std::copy(h1_p + x0 * H, h1_p + (x0 + 1) * H, h_row(1, b));
-        if (T >= 2) {
-          add_rows(g_p + x0 * H, q_p + ids_p[b * T + 1] * H, h_row(2, b), H);
-          bias_tanh_row(h_row(2, b), b_p, H);
-        }
-      });
-      t0 = std::min<int64_t>(T, 2);
+      // h_2's sum is reassociated (G[x_0] + Q[x_1], not (h_1 + relu(U[x_1])) W^T): equal up to
+      // rounding while both are finite, but an Inf in either (Inf in W_h, an overflow) can meet
+      // one of the other sign where the loop's sum is finite; then the steps run as the loop does.
+      if (T < 2 || (at::isfinite(q).all().item<bool>() && at::isfinite(g).all().item<bool>())) {
+        const scalar_t* q_p = q.data_ptr<scalar_t>();
+        const scalar_t* g_p = T >= 2 ? g.data_ptr<scalar_t>() : nullptr;
+        for_each_row_by_block(B, [&](int64_t b, int64_t) {
+          const int64_t x0 = ids_p[b * T];
+          std::copy(h1_p + x0 * H, h1_p + (x0 + 1) * H, h_row(1, b));
+          if (T >= 2) {
+            add_rows(g_p + x0 * H, q_p + ids_p[b * T + 1] * H, h_row(2, b), H);
+            bias_tanh_row(h_row(2, b), b_p, H);
+          }
+        });
+        t0 = std::min<int64_t>(T, 2);
+      }
     }
     // a_t = h_{t-1} + relu(p_t), the GEMM's input (contiguous); its output goes straight into
     // the states (contiguous too), where one pass per step finishes it in place with the tanh

@@ -7,14 +7,24 @@ import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
+from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
 from .ops import cpu_ext, output_view, states_shape, workspace_dtype
 from .reference import elman_reference, rnn_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 NONLINEARITIES = ("tanh", "relu")
+
+
+def check_backend(backend: str) -> str:
+    """Refuses an unknown backend name (modules call it when they are built, not at first use)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)  # what F.embedding and the kernels read; others are cast
 CPU_DTYPES = (torch.float32, torch.float64)
 
 
@@ -156,6 +166,16 @@ def _recurrence_autograd(ctx, grad_states, grad_h_n):
 _recurrence.register_autograd(_recurrence_autograd, setup_context=_recurrence_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fused_rnn: the fused backends ('cpu', 'triton') have no double backward (a "
+                       "gradient of a gradient: create_graph=True then backward again, hessian, "
+                       "gradient penalties); use backend='reference'")
+
+
+# Registered so that a second backward names the limit instead of PyTorch's generic message.
+_recurrence_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _check_tensor(name, t, ndim, shape=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -216,8 +236,6 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths=None):
         _check_tensor("lengths", lengths, 1, (B,))
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if torch.compiler.is_compiling():
-        return  # the value checks below need a host sync, which a compiled graph cannot have
     checks = []
     if tokens:
         V = embedding.shape[0]
@@ -225,14 +243,49 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths=None):
     if lengths is not None:
         checks.append((lengths, 1, T, ValueError, f"lengths must lie in [1, T={T}]"))
     for values, lo_ok, hi_ok, error, message in checks:
-        lo, hi = torch.aminmax(values)
-        if values.device.type == "cuda":
-            # No host sync per call: the check is queued on the stream before any kernel, and a
-            # bad value stops the program there with a device-side assert (the message shows
-            # only on CPU; a kernel cannot print it).
-            torch._assert_async((lo >= lo_ok) & (hi <= hi_ok), message)
-        elif int(lo) < lo_ok or int(hi) > hi_ok:
-            raise error(f"{message}, got values in [{int(lo)}, {int(hi)}]")
+        if torch._C._functorch.is_batchedtensor(values):
+            raise RuntimeError("fused_rnn: torch.vmap over token ids or lengths is not supported (their "
+                               "range check reads their values); fold the vmapped dimension into the batch")
+        _check_range(values, lo_ok, hi_ok, error, message)
+
+
+def _check_range(values, lo_ok, hi_ok, error, message):
+    """Raises ``error(message)`` unless every value lies in ``[lo_ok, hi_ok]``."""
+    lo, hi = torch.aminmax(values)
+    if values.device.type == "cuda" or torch.compiler.is_compiling():
+        # No host sync per call (and none is possible in a compiled graph, which keeps this
+        # assert): the check is queued before any kernel, and a bad value stops the program there
+        # (a RuntimeError on CPU; a device-side assert on CUDA, where a kernel cannot print it).
+        torch._assert_async((lo >= lo_ok) & (hi <= hi_ok), message)
+    elif int(lo) < lo_ok or int(hi) > hi_ok:
+        raise error(f"{message}, got values in [{int(lo)}, {int(hi)}]")
+
+
+def _fused_limit(inputs) -> Optional[str]:
+    """The differentiation mode active for these inputs that the fused kernels cannot follow (they
+    are custom ops with a reverse-mode rule only), or None."""
+    if torch.compiler.is_compiling():
+        return None
+    forward = "forward-mode AD (torch.func.jvp, jacfwd, hessian; torch.autograd.forward_ad)"
+    if forward_ad._current_level >= 0 and any(
+            forward_ad.unpack_dual(t).tangent is not None for t in inputs if t is not None):
+        return forward
+    if torch._C._functorch.maybe_current_level() is not None:
+        kinds = {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
+        if TransformType.Jvp in kinds:
+            return forward
+        if TransformType.Grad in kinds:
+            return "torch.func's reverse-mode transforms (grad, vjp, jacrev)"
+    return None
+
+
+def _as_index(ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Integer ids or lengths of a dtype the kernels and F.embedding cannot read (uint8, int8,
+    int16, uint16, ...) as int64, once; anything else as it is (the checks judge it)."""
+    if (isinstance(ids, torch.Tensor) and not ids.dtype.is_floating_point and not ids.dtype.is_complex
+            and ids.dtype != torch.bool and ids.dtype not in INDEX_DTYPES):
+        return ids.to(torch.int64)
+    return ids
 
 
 def _autocast_inputs(tensors: dict, weight: str = "w_h") -> dict:
@@ -246,6 +299,15 @@ def _autocast_inputs(tensors: dict, weight: str = "w_h") -> dict:
     dtype = torch.get_autocast_dtype(device_type)
     return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.dtype in FLOAT_DTYPES else v)
             for k, v in tensors.items()}
+
+
+def _occurring_rows(embedding, ids):
+    """``embedding`` with the rows of tokens absent from ``ids`` zeroed. The reference loop never
+    reads them, so a NaN or Inf there must not reach a gradient, as it would through the table's
+    ``dW_in = dU^T E`` (dU is zero there, and 0 * NaN is NaN)."""
+    occurs = torch.zeros(embedding.shape[0], dtype=torch.bool, device=embedding.device)
+    occurs.index_fill_(0, ids.reshape(-1), True)
+    return torch.where(occurs[:, None], embedding, 0)
 
 
 def _apply_lengths(output, h_n, lengths, T):
@@ -296,17 +358,32 @@ def fused_rnn(
         Float inputs share one dtype (fp16, bf16, fp32, fp64); half types accumulate and keep
         the state in fp32. Under ``torch.autocast`` the float inputs are cast to the autocast
         dtype.
+
+    Not supported by the fused backends: forward-mode AD (``torch.func.jvp``/``jacfwd``,
+    ``torch.autograd.forward_ad``) and ``torch.func``'s reverse-mode transforms (``grad``,
+    ``vjp``, ``jacrev``), where ``backend="auto"`` runs the reference loop and an explicit fused
+    backend raises; double backward (raises at the second backward). ``torch.vmap`` over ``x``'s
+    token ids or ``lengths`` raises on every backend.
     """
+    backend_asked = backend
     t = _autocast_inputs(dict(x=x, w_in=w_in, b_in=b_in, w_h=w_h, b_h=b_h, h0=h0, embedding=embedding))
     x, w_in, b_in, w_h, b_h, h0, embedding = (t[k] for k in ("x", "w_in", "b_in", "w_h", "b_h", "h0", "embedding"))
+    x, lengths = _as_index(x) if embedding is not None else x, _as_index(lengths)
     _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths)
     backend = _resolve_backend(backend, w_h.device, w_h.dtype)
+    limit = _fused_limit((x, w_in, b_in, w_h, b_h, h0, embedding)) if backend != "reference" else None
+    if limit is not None:
+        if backend_asked != "auto":
+            raise RuntimeError(f"fused_rnn: backend={backend_asked!r} does not support {limit}; "
+                               f"use backend='reference' (backend='auto' switches to it)")
+        backend = "reference"
     if backend == "reference":
         output, h_n = rnn_reference(x, w_in, b_in, w_h, b_h, h0, embedding=embedding)
     else:
         # The input projection is a parallel GEMM; autograd differentiates it.
         if embedding is not None:
-            proj, ids = F.linear(embedding, w_in, b_in), x.to(torch.int64).contiguous()  # U [V, H]
+            ids = x.to(torch.int64).contiguous()
+            proj = F.linear(_occurring_rows(embedding, ids), w_in, b_in)  # U [V, H]
         else:
             proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
         states, h_n = _recurrence(

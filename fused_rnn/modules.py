@@ -1,17 +1,15 @@
-"""Drop-in nn.Modules for the course's cell built on :func:`fused_rnn.fused_rnn`, and
-:func:`convert` (which also swaps ``torch.nn.RNN``/``RNNCell`` for the twins in :mod:`fused_rnn.rnn`)."""
+"""Drop-in nn.Modules built on :func:`fused_rnn.fused_rnn` (``convert`` is in fused_rnn/convert.py)."""
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .function import fused_rnn
+from .function import check_backend, fused_rnn
 from .reference import CharLoopModel
-from .rnn import RNN, RNNCell, from_torch, torch_rnn_mismatch
 
 
 class FusedRNNLayer(nn.Module):
@@ -33,10 +31,7 @@ class FusedRNNLayer(nn.Module):
 
 
 class FusedRNN(nn.Module):
-    """The course's cell stacked: ``h_t = tanh(W_h (h_{t-1} + relu(W_in x_t + b_in)) + b_h)``, in a
-    layer shaped like ``torch.nn.RNN`` (but batch first by default, with ``l_in``/``l_hidden``
-    submodules). For ``torch.nn.RNN``'s own cell, ``act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``,
-    use :class:`fused_rnn.RNN`.
+    """A layer like ``torch.nn.RNN`` for ``h_t = tanh(W_h (h_{t-1} + relu(W_in x_t + b_in)) + b_h)``.
 
     Args:
         input_size: features of ``x`` (the embedding size when ``vocab_size`` is set).
@@ -47,7 +42,7 @@ class FusedRNN(nn.Module):
         dropout: dropout on the outputs of every layer but the last, while training.
         vocab_size: token input: ``x`` holds ids in ``[0, vocab_size)`` and the first layer owns an
             embedding of ``input_size``.
-        backend: see :func:`fused_rnn.fused_rnn`.
+        backend: see :func:`fused_rnn.fused_rnn`; an unknown one raises ``ValueError`` here.
 
     ``forward(x, h0=None, lengths=None)`` returns ``(output [B, T, H], h_n [num_layers, B, H])``
     (``output`` is ``[T, B, H]`` when ``batch_first=False``). ``lengths [B]`` gives each padded
@@ -62,6 +57,10 @@ class FusedRNN(nn.Module):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if dropout > 0 and num_layers == 1:  # as torch.nn.RNN warns
+            warnings.warn(f"dropout acts between stacked layers, so dropout={dropout} does nothing "
+                          f"with num_layers=1", stacklevel=2)
+        check_backend(backend)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.batch_first, self.dropout, self.vocab_size, self.backend = batch_first, dropout, vocab_size, backend
         self.layers = nn.ModuleList(
@@ -108,7 +107,7 @@ class FusedCharLoopModel(nn.Module):
         self.l_in = nn.Linear(n_fac, n_hidden)
         self.l_hidden = nn.Linear(n_hidden, n_hidden)
         self.l_out = nn.Linear(n_hidden, vocab_size)
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def forward(self, *cs: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not cs:
@@ -129,19 +128,36 @@ class FusedCharLoopModel(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.e, fused.l_in, fused.l_hidden, fused.l_out = model.e, model.l_in, model.l_hidden, model.l_out
-        fused.backend = backend
-        return fused.train(model.training)
+        fused.backend = check_backend(backend)
+        fused.training = model.training  # not .train(): that would reset the submodules' own modes
+        return fused
 
 
 def course_model_mismatch(model: nn.Module) -> Optional[str]:
-    """None when ``model`` has the course model's four submodules with consistent shapes, else
-    what is wrong."""
+    """None when ``model`` holds exactly the course model's four submodules, with consistent
+    shapes and nothing the fused model would drop or ignore; else what is wrong."""
     kinds = {"e": nn.Embedding, "l_in": nn.Linear, "l_hidden": nn.Linear, "l_out": nn.Linear}
     for name, kind in kinds.items():
         sub = getattr(model, name, None)
         if not isinstance(sub, kind):
             return f"its submodule {name!r} is {type(sub).__name__ if sub is not None else 'missing'}, not {kind.__name__}"
+        if type(sub).forward is not kind.forward:
+            return f"its submodule {name!r} ({type(sub).__name__}) overrides {kind.__name__}.forward"
+        if any(getattr(sub, h) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                         "_backward_pre_hooks")):
+            return f"its submodule {name!r} has hooks, which the fused model would not call"
+    extra = [name for name in model._modules if name not in kinds]
+    if extra:
+        return f"it has submodules beyond e, l_in, l_hidden, l_out ({', '.join(extra)}), which the fused model would drop"
+    own = [name for name, _ in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]]
+    if own:
+        return f"it holds its own parameters or buffers ({', '.join(own)}), which the fused model would drop"
     e, l_in, l_hidden, l_out = model.e, model.l_in, model.l_hidden, model.l_out
+    options = {"padding_idx": e.padding_idx, "max_norm": e.max_norm,
+               "scale_grad_by_freq": e.scale_grad_by_freq or None, "sparse": e.sparse or None}
+    used = [f"{k}={v}" for k, v in options.items() if v is not None]
+    if used:
+        return f"its embedding sets {', '.join(used)}, which the fused model ignores"
     H = l_hidden.out_features
     checks = [(l_in.in_features == e.embedding_dim, "l_in.in_features != e.embedding_dim"),
               (l_in.out_features == H, "l_in.out_features != l_hidden.out_features"),
@@ -154,50 +170,10 @@ def course_model_mismatch(model: nn.Module) -> Optional[str]:
     return None
 
 
-def convert(model: nn.Module, classes: Optional[Sequence[type]] = None, backend: str = "auto") -> nn.Module:
-    """Replaces, in place, every course-style char model in ``model``'s tree by a
-    :class:`FusedCharLoopModel` holding the same submodules, and every ``torch.nn.RNN`` and
-    ``torch.nn.RNNCell`` by its fused twin (:class:`fused_rnn.RNN`, :class:`fused_rnn.RNNCell`)
-    holding the same Parameter objects (weights, device, dtype, training mode carry over, and an
-    optimizer holding them keeps working). Returns ``model``, or the fused model when ``model``
-    itself is one.
+def __getattr__(name):
+    # convert() lives in fused_rnn/convert.py (which imports this module); the old path still works.
+    if name == "convert":
+        from .convert import convert
 
-    Matched by default: instances of :class:`fused_rnn.reference.CharLoopModel`, and of any class
-    named ``CharLoopModel`` (as copied from the course's notebook) whose ``e``, ``l_in``,
-    ``l_hidden`` and ``l_out`` have matching shapes; instances of ``nn.RNN`` and ``nn.RNNCell``
-    (subclasses that override ``forward`` are left alone; LSTM and GRU have no twin). With
-    ``classes``, instances of those classes instead; one that cannot be converted is left alone
-    with a warning saying why.
-    """
-    explicit = classes is not None
-    classes = tuple(classes) if explicit else (CharLoopModel, nn.RNN, nn.RNNCell)
-
-    def wanted(m):
-        return isinstance(m, classes) or (not explicit and type(m).__name__ == "CharLoopModel")
-
-    def swap(m):
-        if isinstance(m, (FusedCharLoopModel, RNN, RNNCell)) or not wanted(m):
-            return None
-        if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):  # torch's recurrent modules: the Elman twins
-            problem = torch_rnn_mismatch(m)
-            if problem is None:
-                return from_torch(m, backend)
-            if explicit:
-                warnings.warn(f"fused_rnn.convert: left {type(m).__name__} alone: {problem}", stacklevel=3)
-            return None
-        problem = course_model_mismatch(m)
-        if problem is None:
-            return FusedCharLoopModel.from_course_model(m, backend)
-        if explicit:
-            warnings.warn(f"fused_rnn.convert: left {type(m).__name__} alone: {problem}", stacklevel=3)
-        return None
-
-    root = swap(model)
-    if root is not None:
-        return root
-    for parent in model.modules():
-        for name, child in list(parent.named_children()):
-            new = swap(child)
-            if new is not None:
-                setattr(parent, name, new)
-    return model
+        return convert
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,13 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .function import BACKENDS, elman_rnn
+from .function import check_backend, elman_rnn
 from .reference import elman_reference
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _autocasting(device: torch.device) -> bool:
@@ -81,7 +76,7 @@ class RNN(nn.RNNBase):
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
         if nonlinearity not in modes:
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-        _check_backend(backend)
+        check_backend(backend)
         super().__init__(modes[nonlinearity], input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
         self.nonlinearity = nonlinearity
@@ -199,7 +194,7 @@ class RNNCell(nn.RNNCell):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None, *, backend: str = "auto"):
-        _check_backend(backend)
+        check_backend(backend)
         super().__init__(input_size, hidden_size, bias, nonlinearity, device, dtype)
         self.backend = backend
 
@@ -269,8 +264,6 @@ def torch_rnn_mismatch(module: nn.Module) -> Optional[str]:
     held = [name for name, p in module._parameters.items() if p is not None]
     if sorted(held) != sorted(names) or module._modules or module._buffers:
         return f"it holds parameters, buffers or submodules beyond {kind.__name__}'s own (a parametrization?)"
-    if module._forward_hooks or module._forward_pre_hooks:
-        return "it has forward hooks, which its twin would not run"
     return None
 
 
