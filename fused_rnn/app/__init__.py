@@ -2,7 +2,7 @@
 
 One concern per module, and every import points down this list (and into the kernel library,
 never back): errors, model, corpus, devices, checkpoint, progress, signals, distributed,
-sampling, training (the ``train`` command), analysis (the numbers of ``inspect``), drawings
-(its pictures, matplotlib), report (its HTML page), cli (the command line). Nothing is imported
-here, so a command loads only the modules it needs.
+sampling, analysis (the numbers of ``inspect``), drawings (its pictures and the loss curve,
+matplotlib), training (the ``train`` command), report (the ``inspect`` command and its HTML
+page), cli (the command line). Nothing is imported here, so a command loads only what it needs.
 """
