@@ -234,3 +234,19 @@ def test_inspect_a_two_layer_model(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_inspect(parse(["--checkpoint", str(path), "--out", str(out), "--chars", "60"])) == 0
     assert "the last of its 2 layers" in (out / "index.html").read_text()
+
+
+def test_from_course_model_predicts_what_the_course_model_predicts():
+    from fused_rnn import CharLoopModel
+
+    torch.manual_seed(0)
+    vocab = "".join(sorted(set(CODE)))
+    course = CharLoopModel(len(vocab), 5, 12).double()
+    model = CharLanguageModel.from_course_model(course, vocab).eval()
+    assert model.config == ModelConfig(vocab, n_fac=5, hidden_size=12) and model.l_out.weight.dtype == torch.float64
+    x = encode(CODE[:8], vocab)[None].repeat(3, 1)
+    logits, _ = model(x)
+    want = course(*x.unbind(1))
+    torch.testing.assert_close(torch.log_softmax(logits[:, -1], -1), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="the vocabulary has 2 chars"):
+        CharLanguageModel.from_course_model(course, "ab")
