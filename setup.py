@@ -1,6 +1,8 @@
 """Installs fused_rnn and, when PyTorch is importable at build time, builds its C++ CPU extension
 (csrc/) with ninja. Without PyTorch in the build environment (pip's default build isolation) the
 package installs without it and builds it just in time on first use."""
+import re
+
 from setuptools import find_packages, setup
 
 CPU_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast"]  # also in fused_rnn/ops/cpu_ext.py
@@ -17,9 +19,12 @@ else:
                                 extra_compile_args=CPU_FLAGS)]
     cmdclass = {"build_ext": BuildExtension}
 
+# One version, in fused_rnn/__init__.py (read as text: the package needs torch to import).
+VERSION = re.search(r'^__version__ = "([^"]+)"$', open("fused_rnn/__init__.py", encoding="utf-8").read(), re.M)[1]
+
 setup(
     name="fused_rnn",
-    version="0.1.0",
+    version=VERSION,
     description="The vanilla (Elman) char-RNN recurrence as fused Triton and C++ kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -41,7 +46,8 @@ setup(
         "numpy<2.3",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        # nbclient, ipykernel, nbformat: the test that runs examples/*.ipynb headless
+        "test": ["pytest", "hypothesis", "nbclient", "ipykernel", "nbformat"],
         "viz": ["matplotlib"],  # the loss curve of `train`, `inspect`
         "bench": ["matplotlib"],
     },

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from fused_rnn.train import CharLanguageModel, ModelConfig
+from fused_rnn.app.model import CharLanguageModel, ModelConfig
 
 VOCAB = "abcdefghijklmnop"
 

@@ -51,7 +51,8 @@ def _load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
+        if not _cached_build_is_current():
+            print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
         return build(name="fused_rnn_cpu", sources=[str(p) for p in SOURCES],
                      extra_cflags=CPU_FLAGS,
                      verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
@@ -59,6 +60,21 @@ def _load():
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return (f"the fused_rnn CPU extension could not be built ({first}); it needs a C++ compiler "
                 f"and ninja (pip install ninja). Set FUSED_RNN_VERBOSE_BUILD=1 to see the build log.")
+
+
+def _cached_build_is_current() -> bool:
+    """Whether torch's build cache holds a build newer than the source, so that loading it
+    compiles nothing (and the "building" line would be wrong): built from this checkout's source
+    (the cache is shared by every checkout), after its last change."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = Path(_get_build_directory("fused_rnn_cpu", verbose=False))
+        built = (folder / "fused_rnn_cpu.so").stat().st_mtime
+        same_source = all(str(p) in (folder / "build.ninja").read_text() for p in SOURCES)
+        return same_source and built >= max(p.stat().st_mtime for p in SOURCES)
+    except Exception:  # no build yet, or torch's private helper moved: say it builds
+        return False
 
 
 def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):

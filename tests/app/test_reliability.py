@@ -8,9 +8,11 @@ import time
 import pytest
 import torch
 
-from fused_rnn import train as train_module
-from fused_rnn.__main__ import main
-from fused_rnn.train import load_checkpoint, read_checkpoint
+from fused_rnn.app import checkpoint as checkpoint_module
+from fused_rnn.app.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from fused_rnn.app.cli import main
+from fused_rnn.app.corpus import load_corpus
+from fused_rnn.app.signals import stop_requests
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 40
 TINY = ["--seq-len", "16", "--hidden-size", "16", "--batch-size", "4", "--sample-chars", "10",
@@ -38,10 +40,10 @@ def test_checkpoint_write_is_atomic(corpus, tmp_path, monkeypatch, capsys):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
     model = load_checkpoint(str(ckpt))
     with pytest.raises(OSError, match="disk full"):
-        train_module.save_checkpoint(str(ckpt), model, 99, 0.0)
+        save_checkpoint(str(ckpt), model, 99, 0.0)
     assert ckpt.read_bytes() == before
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
@@ -100,13 +102,13 @@ def test_resume_refuses_conflicting_options_in_one_line(extra, message, corpus, 
 
 @pytest.mark.parametrize("case", ["missing", "garbage", "truncated", "old-format"])
 def test_resume_from_a_bad_checkpoint_is_one_line(case, tmp_path, capsys):
-    from fused_rnn.train import CharLanguageModel, ModelConfig
+    from fused_rnn.app.model import CharLanguageModel, ModelConfig
 
     ckpt = tmp_path / "model.pt"
     if case == "garbage":
         ckpt.write_bytes(b"not a checkpoint")
     elif case == "truncated":  # what a non-atomic write cut short would leave
-        train_module.save_checkpoint(str(ckpt), CharLanguageModel(ModelConfig("abc", hidden_size=8)), 3, 1.0)
+        save_checkpoint(str(ckpt), CharLanguageModel(ModelConfig("abc", hidden_size=8)), 3, 1.0)
         ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
         assert main(["sample", "--checkpoint", str(ckpt)]) == 1
         err = capsys.readouterr().err
@@ -132,7 +134,7 @@ def test_corpus_that_is_not_text_is_one_line(content, message, tmp_path, capsys)
     path = tmp_path / "corpus.bin"
     path.write_bytes(content)
     if message is None:
-        assert train_module.load_corpus(str(path)).startswith("tr\u00e8s")
+        assert load_corpus(str(path)).startswith("tr\u00e8s")
         return
     assert main(["train", "--corpus", str(path)]) == 1
     err = capsys.readouterr().err
@@ -143,7 +145,7 @@ def test_first_signal_asks_to_stop_second_one_kills():
     """The handler records the first signal and restores the default action, so a second Ctrl-C
     ends the process at once; leaving training restores the previous handlers."""
     previous = signal.getsignal(signal.SIGINT)
-    with train_module._stop_requests() as received:
+    with stop_requests() as received:
         os.kill(os.getpid(), signal.SIGTERM)
         assert received == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL

@@ -1,4 +1,4 @@
-"""fused_rnn.inspection: the numbers behind the pictures, and the inspect command end to end."""
+"""The numbers behind the pictures of inspect (fused_rnn.app.analysis), and the command end to end."""
 import argparse
 import sys
 
@@ -8,9 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from fused_rnn import rnn_reference
-from fused_rnn.inspection import (DEFAULT_TEXT, add_inspect_arguments, char_features, choose_units, gradient_norms,
-                                  next_char_probs, run_inspect, save_loss_curve, unit_activations)
-from fused_rnn.train import CharLanguageModel, ModelConfig, UserError, encode
+from fused_rnn.app.analysis import char_features, choose_units, gradient_norms, next_char_probs, unit_activations
+from fused_rnn.app.checkpoint import save_checkpoint
+from fused_rnn.app.cli import add_inspect_arguments, main
+from fused_rnn.app.corpus import encode
+from fused_rnn.app.drawings import save_loss_curve
+from fused_rnn.app.errors import UserError
+from fused_rnn.app.model import CharLanguageModel, ModelConfig
+from fused_rnn.app.report import DEFAULT_TEXT, run_inspect
 
 CODE = "def add(a, b):\n    # sum\n    return 'a' + (b * 2)\n\n" * 3
 
@@ -157,8 +162,6 @@ def test_without_matplotlib(monkeypatch, checkpoint, tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from fused_rnn.__main__ import main
-
     folder = tmp_path_factory.mktemp("inspect")
     corpus = folder / "corpus.txt"
     corpus.write_text((CODE * 5 + DEFAULT_TEXT) * 3)  # every char of the built-in text
@@ -215,8 +218,6 @@ def test_user_errors_are_one_line(argv, message, checkpoint, tmp_path):
 
 
 def test_through_the_command_line(checkpoint, tmp_path, capsys):
-    from fused_rnn.__main__ import main
-
     out = tmp_path / "cli"
     assert main(["inspect", "--checkpoint", checkpoint, "--out", str(out), "--chars", "100", "--units", "2"]) == 0
     assert capsys.readouterr().out.split() == [str(out / f) for f in FILES]
@@ -226,8 +227,6 @@ def test_through_the_command_line(checkpoint, tmp_path, capsys):
 
 
 def test_inspect_a_two_layer_model(tmp_path, capsys):
-    from fused_rnn.train import save_checkpoint
-
     torch.manual_seed(0)
     model = CharLanguageModel(ModelConfig("".join(sorted(set(DEFAULT_TEXT))), n_fac=4, hidden_size=8, num_layers=2))
     path = tmp_path / "two.pt"
@@ -235,3 +234,19 @@ def test_inspect_a_two_layer_model(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_inspect(parse(["--checkpoint", str(path), "--out", str(out), "--chars", "60"])) == 0
     assert "the last of its 2 layers" in (out / "index.html").read_text()
+
+
+def test_from_course_model_predicts_what_the_course_model_predicts():
+    from fused_rnn import CharLoopModel
+
+    torch.manual_seed(0)
+    vocab = "".join(sorted(set(CODE)))
+    course = CharLoopModel(len(vocab), 5, 12).double()
+    model = CharLanguageModel.from_course_model(course, vocab).eval()
+    assert model.config == ModelConfig(vocab, n_fac=5, hidden_size=12) and model.l_out.weight.dtype == torch.float64
+    x = encode(CODE[:8], vocab)[None].repeat(3, 1)
+    logits, _ = model(x)
+    want = course(*x.unbind(1))
+    torch.testing.assert_close(torch.log_softmax(logits[:, -1], -1), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="the vocabulary has 2 chars"):
+        CharLanguageModel.from_course_model(course, "ab")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from fused_rnn.__main__ import main
+from fused_rnn.app.cli import main
 
 TEXT = "def add(a, b):\n    return a + b\n\n" * 40
 
@@ -98,7 +98,7 @@ def test_sigterm_under_torchrun_saves_once(corpus, tmp_path):
 
 
 def test_mismatched_checkpoint_is_one_line(tmp_path, capsys):
-    from fused_rnn.train import CharLanguageModel, ModelConfig
+    from fused_rnn.app.model import CharLanguageModel, ModelConfig
 
     path = tmp_path / "other.pt"
     small = CharLanguageModel(ModelConfig("abc", hidden_size=8))
@@ -147,7 +147,7 @@ def test_loss_curve_without_matplotlib_is_one_plain_line(corpus, tmp_path, capsy
 
 
 def test_progress_without_a_terminal_prints_plain_lines(capsys):
-    from fused_rnn.train import Progress
+    from fused_rnn.app.progress import Progress
 
     progress = Progress(3, "epoch 1/1", True, interval=0)
     for _ in range(3):
