@@ -168,12 +168,3 @@ def course_model_mismatch(model: nn.Module) -> Optional[str]:
         if not ok:
             return what
     return None
-
-
-def __getattr__(name):
-    # convert() lives in fused_rnn/convert.py (which imports this module); the old path still works.
-    if name == "convert":
-        from .convert import convert
-
-        return convert
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -231,12 +231,6 @@ def test_the_probe_restores_rng_training_modes_and_weights():
         assert torch.equal(v, weights[k]), k
 
 
-def test_old_import_path():
-    from fused_rnn.modules import convert as old
-
-    assert old is fused_rnn.convert
-
-
 # --- the table ------------------------------------------------------------------------------------------
 
 class Doubler(nn.Module):
