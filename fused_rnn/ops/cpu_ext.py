@@ -61,9 +61,9 @@ def _load():
                 f"and ninja (pip install ninja). Set FUSED_RNN_VERBOSE_BUILD=1 to see the build log.")
 
 
-def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
-    return load().rnn_fwd(proj, ids, w_h, b_h, h0)
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
+    return load().rnn_fwd(proj, ids, w_h, b_h, h0, cell)
 
 
-def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False):
-    return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias))
+def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell="course"):
+    return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell))
