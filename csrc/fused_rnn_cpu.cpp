@@ -160,14 +160,14 @@ ROW_KERNEL void tanh_grad_row(const T* __restrict__ grad_out, const T* __restric
   }
 }
 
-// dz = (grad_out + carry) * (h > 0), relu's gradient from its output (0 where h is NaN, as in
-// torch.relu's backward); db += dz
+// dz = (grad_out + carry) * (h > 0), relu's gradient from its output (g passes where h is NaN,
+// as in torch.relu's backward); db += dz
 template <typename T>
 ROW_KERNEL void relu_state_grad_row(const T* __restrict__ grad_out, const T* __restrict__ carry,
                                     const T* __restrict__ h, T* __restrict__ dz, T* __restrict__ db, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     const T g = grad_out[j] + carry[j];
-    dz[j] = h[j] > T(0) ? g : T(0);
+    dz[j] = h[j] <= T(0) ? T(0) : g;
     db[j] += dz[j];
   }
 }
