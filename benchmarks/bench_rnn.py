@@ -1,9 +1,11 @@
-"""Times the recurrence (token input, input projection included) against the peers a user would
-run instead.
+"""Times the recurrence (input projection included) against the peers a user would run instead,
+for either cell (``--cell``).
 
     python benchmarks/bench_rnn.py --shapes cpu --providers loop,nnrnn,compiled,fused,gemm
+    python benchmarks/bench_rnn.py --cell elman --shapes cpu --providers loop,nnrnn,compiled,fused,gemm
 
-Every provider computes the same function, ``(output [B, T, H], h_n [B, H])`` from token ids:
+``--cell course`` (the default): every provider computes the same function,
+``(output [B, T, H], h_n [B, H])`` from token ids (shapes ``B,T,H``):
 
 * ``loop``: the course's CharLoopModel loop as written (embedding and ``l_in`` inside the step
   loop), returning every state. The baseline a user of the course has.
@@ -18,6 +20,18 @@ Every provider computes the same function, ``(output [B, T, H], h_n [B, H])`` fr
   force a Triton kernel through ``FUSED_RNN_TRITON_KERNEL`` (CUDA).
 * ``gemm``: only the matrix products the fused path must do (forward: one ``[B, H] x [H, H]`` per
   step; backward: one more per step and the ``[H, B*T] x [B*T, H]`` weight gradient): the floor.
+
+``--cell elman``: ``torch.nn.RNN``'s own cell (tanh) on dense input ``x [B, T, I]`` (shapes
+``B,T,I,H``), gradients with respect to ``x`` and every weight and bias:
+
+* ``nnrnn``: ``torch.nn.RNN`` itself (ATen on the CPU, cuDNN on CUDA).
+* ``loop``: the loop a careful user writes: ``q = x W_ih^T + b_ih + b_hh`` projected once, then
+  ``h = tanh(addmm(q_t, h, W_hh^T))`` per step over ``q.unbind(1)`` (no per-step slicing).
+* ``compiled``: ``torch.compile`` of ``loop`` (of one step for T > 64, as above).
+* ``fused``: ``fused_rnn.elman_rnn``; ``fused-blocked`` / ``fused-persistent`` as above.
+* ``gemm``: the input projection ``[B*T, I] x [I, H]`` and one ``[B, H] x [H, H]`` per step
+  (forward); backward adds one product per step, the ``[H, B*T] x [B*T, H]`` and
+  ``[H, B*T] x [B*T, I]`` weight gradients and ``dx = dq W_ih``.
 
 Medians: ``triton.testing.do_bench`` on CUDA; on the CPU, interleaved rounds (A, B, C, A, B, C,
 ...) in one process so machine drift hits all providers alike. Rows are appended to a CSV (with
@@ -51,9 +65,15 @@ SHAPE_SETS = {
     "grid": [(B, T, H) for B in (64, 256, 1024) for T in (8, 512) for H in (128, 256, 512, 1024)]
     + [(512, 8, 256)],
 }
+ELMAN_SHAPE_SETS = {  # (B, T, I, H)
+    "cpu": [(512, 8, 64, 256), (64, 256, 128, 256), (256, 64, 256, 512)],
+    "design": [(512, 8, 64, 256), (64, 512, 256, 256), (256, 512, 256, 256), (1024, 512, 256, 256),
+               (256, 512, 512, 512)],
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSV_FIELDS = ["date", "device", "torch", "triton", "provider", "mode", "dtype", "B", "T", "H", "ms", "peak_mb"]
+CSV_FIELDS = ["date", "device", "torch", "triton", "provider", "mode", "dtype", "B", "T", "H", "ms", "peak_mb",
+              "cell", "I"]
 PEERS = ("loop", "nnrnn", "compiled")  # what "strongest" is taken over (reference is not a fair peer)
 COMPILE_WHOLE_LOOP_MAX_T = 64
 
@@ -123,6 +143,89 @@ def triton_kernel(name):
             os.environ["FUSED_RNN_TRITON_KERNEL"] = old
 
 
+def make_elman_params(I, H, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):  # nn.RNN's init: U(-1/sqrt(H), 1/sqrt(H))
+        t = (torch.rand(*shape, generator=g) * 2 - 1) * H ** -0.5
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    return dict(w_ih=rand(H, I), w_hh=rand(H, H), b_ih=rand(H), b_hh=rand(H))
+
+
+def elman_cell(q_t, h, w_hh):
+    return torch.tanh(torch.addmm(q_t, h, w_hh.t()))
+
+
+def elman_loop(x, p, cell=elman_cell):
+    """The careful user's loop: the input projected once, one addmm and tanh per step."""
+    q = F.linear(x, p["w_ih"], p["b_ih"] + p["b_hh"])
+    h = q.new_zeros(x.shape[0], q.shape[2])
+    states = []
+    for q_t in q.unbind(1):
+        h = cell(q_t, h, p["w_hh"])
+        states.append(h)
+    return torch.stack(states, dim=1), h
+
+
+class ElmanRNN(torch.nn.Module):
+    """torch.nn.RNN holding the benchmark's parameters."""
+
+    def __init__(self, params):
+        super().__init__()
+        H, I = params["w_ih"].shape
+        w = params["w_ih"]
+        self.rnn = torch.nn.RNN(I, H, batch_first=True, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
+                              ("bias_hh_l0", "b_hh")):
+                getattr(self.rnn, name).copy_(params[key])
+
+    def forward(self, x):
+        output, h_n = self.rnn(x)
+        return output, h_n[0]
+
+
+def make_elman_providers(names, params, x):
+    """As make_providers, for nn.RNN's own cell; the gradient is also taken w.r.t. x."""
+    device, T = x.device, x.shape[1]
+    weights = [x] + list(params.values())
+
+    def fused(x):
+        return fused_rnn.elman_rnn(x, params["w_ih"], params["w_hh"], params["b_ih"], params["b_hh"])
+
+    out = {}
+    for name in names:
+        if name == "loop":
+            out[name] = (lambda x: elman_loop(x, params), weights)
+        elif name == "compiled":
+            if T <= COMPILE_WHOLE_LOOP_MAX_T:
+                out[name] = (torch.compile(lambda x: elman_loop(x, params)), weights)
+            else:
+                cell = torch.compile(elman_cell)
+                out[name] = (lambda x: elman_loop(x, params, cell), weights)
+        elif name == "nnrnn":
+            peer = ElmanRNN(params)
+            out[name] = (peer, [x] + list(peer.parameters()))
+        elif name == "fused":
+            out[name] = (fused, weights)
+        elif name in ("fused-blocked", "fused-persistent"):
+            if device.type != "cuda":
+                continue
+            kernel = name.split("-")[1]
+            out[name] = (lambda x, kernel=kernel: _with_kernel(kernel, fused, x), weights)
+        elif name == "gemm":
+            continue
+        else:
+            raise SystemExit(f"unknown provider {name!r} for --cell elman")
+    return out
+
+
+def _with_kernel(kernel, fn, x):
+    with triton_kernel(kernel):
+        return fn(x)
+
+
 def make_providers(names, params, x):
     """{name: (fn, weights, gemm_only)}: fn(x) -> (output, h_n); the gradient is taken w.r.t. weights."""
     device, T = x.device, x.shape[1]
@@ -185,18 +288,25 @@ def make_step(fn, weights, x, mode):
     return step
 
 
-def make_gemm_step(B, T, H, dtype, device, mode):
-    """Only the matrix products of the fused path, in its shapes: the floor it is measured against."""
+def make_gemm_step(B, T, H, dtype, device, mode, I=0):
+    """Only the matrix products of the fused path, in its shapes: the floor it is measured against.
+    ``I`` > 0: also the dense input's projection (forward) and its two gradients (backward)."""
     g = torch.Generator().manual_seed(1)
     a = torch.randn(B, H, generator=g).to(device, dtype)
     w = torch.randn(H, H, generator=g).to(device, dtype)
     out = torch.empty(B, H, device=device, dtype=dtype)
     rows = torch.randn(B * T, H, generator=g).to(device, dtype) if mode != "fwd" else None
+    x = torch.randn(B * T, I, generator=g).to(device, dtype) if I else None
+    w_ih = torch.randn(H, I, generator=g).to(device, dtype) if I else None
 
     def step():
+        if x is not None:
+            x @ w_ih.t()
         for _ in range(T if mode == "fwd" else 2 * T):
             torch.mm(a, w, out=out)
         if rows is not None:
+            if x is not None:
+                rows @ w_ih, rows.t() @ x
             return rows.t() @ rows
         return out
     return step
@@ -250,7 +360,11 @@ def device_name(device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="design", help=f"one of {list(SHAPE_SETS)} or B,T,H[;B,T,H...]")
+    ap.add_argument("--cell", default="course", choices=["course", "elman"],
+                    help="course: the course's cell on token ids; elman: torch.nn.RNN's own (tanh) on dense input")
+    ap.add_argument("--shapes", default="design",
+                    help=f"course: one of {list(SHAPE_SETS)} or B,T,H[;B,T,H...]; "
+                         f"elman: one of {list(ELMAN_SHAPE_SETS)} or B,T,I,H[;...]")
     ap.add_argument("--providers", default="loop,nnrnn,fused,gemm",
                     help="comma-separated: loop, reference, nnrnn, compiled, fused, fused-blocked, "
                          "fused-persistent, gemm")
@@ -267,7 +381,11 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    shapes = SHAPE_SETS.get(args.shapes) or [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    elman = args.cell == "elman"
+    shapes = (ELMAN_SHAPE_SETS if elman else SHAPE_SETS).get(args.shapes) \
+        or [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
+    if any(len(s) != (4 if elman else 3) for s in shapes):
+        raise SystemExit(f"--shapes: expected {'B,T,I,H' if elman else 'B,T,H'} per shape, got {args.shapes!r}")
     names = args.providers.split(",")
     try:
         import triton
@@ -281,10 +399,18 @@ def main(argv=None):
     rows = []
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
-        for B, T, H in shapes:
-            params = make_params(H, dtype, device)
-            x = torch.randint(0, V, (B, T), device=device)
-            providers = make_providers(names, params, x)
+        for shape in shapes:
+            if elman:
+                B, T, I, H = shape
+                params = make_elman_params(I, H, dtype, device)
+                x = torch.randn(B, T, I, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+                x.requires_grad_()
+                providers = make_elman_providers(names, params, x)
+            else:
+                (B, T, H), I = shape, 0
+                params = make_params(H, dtype, device)
+                x = torch.randint(0, V, (B, T), device=device)
+                providers = make_providers(names, params, x)
             # The peers must compute the same function: check each forward against the first.
             outs = {k: fn(x)[0].detach() for k, (fn, _) in providers.items()}
             first = next(iter(outs))
@@ -292,33 +418,53 @@ def main(argv=None):
             for mode in args.modes.split(","):
                 steps = {k: make_step(fn, w, x, mode) for k, (fn, w) in providers.items()}
                 if "gemm" in names:
-                    steps["gemm"] = make_gemm_step(B, T, H, dtype, device, mode)
+                    steps["gemm"] = make_gemm_step(B, T, H, dtype, device, mode, I)
                 ms = median_ms(steps, device, rounds=args.rounds)
                 for k in steps:
                     rows.append(dict(meta, provider=k, mode=mode, dtype=dtype_name, B=B, T=T, H=H,
-                                     ms=round(ms[k], 4), peak_mb=round(peak_mb(steps[k], device), 1)))
+                                     ms=round(ms[k], 4), peak_mb=round(peak_mb(steps[k], device), 1),
+                                     cell=args.cell, I=I or ""))
                     err = f"  (fwd rel err vs {first}: {errs[k]:.1e})" if k in errs else ""
-                    print(f"{dtype_name} B={B} T={T} H={H} {mode:8s} {k:16s} {ms[k]:9.3f} ms{err}", flush=True)
+                    print(f"{args.cell} {dtype_name} B={B} T={T}{f' I={I}' if I else ''} H={H} {mode:8s} "
+                          f"{k:16s} {ms[k]:9.3f} ms{err}", flush=True)
             del providers, steps, outs
     if args.csv and not args.no_csv:
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_csv(args.csv, rows)
     print_table(rows)
     if args.plot:
         plot_speedups(rows, args.plot, f"{meta['device']}, torch {torch.__version__}, triton {triton_version}")
 
 
+def append_csv(path, rows):
+    """Appends rows; a file written before the cell and I columns existed is rewritten with them
+    (its rows are the course cell's)."""
+    old = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != CSV_FIELDS:
+                old = [dict(r, cell=r.get("cell") or "course", I=r.get("I") or "") for r in reader]
+        if not old:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_FIELDS).writerows(rows)
+            return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(old + rows)
+
+
+def _key(r):
+    return (r.get("cell", "course"), r["dtype"], r["B"], r["T"], r.get("I", ""), r["H"], r["mode"])
+
+
 def summarize(rows):
     """[(key, {provider: ms}, strongest peer, fused speedup over it, GEMM share of fused)] per
-    (dtype, B, T, H, mode); the fused provider is the fastest of fused* present."""
-    keys = list(dict.fromkeys((r["dtype"], r["B"], r["T"], r["H"], r["mode"]) for r in rows))
+    (cell, dtype, B, T, I, H, mode); the fused provider is the fastest of fused* present."""
+    keys = list(dict.fromkeys(_key(r) for r in rows))
     out = []
     for key in keys:
-        ms = {r["provider"]: r["ms"] for r in rows if (r["dtype"], r["B"], r["T"], r["H"], r["mode"]) == key}
+        ms = {r["provider"]: r["ms"] for r in rows if _key(r) == key}
         fused = min((v for k, v in ms.items() if k.startswith("fused")), default=None)
         peers = {k: v for k, v in ms.items() if k in PEERS}
         best = min(peers, key=peers.get) if peers else None
@@ -340,7 +486,8 @@ def plot_speedups(rows, path, title):
     bars = [(key, best, s) for key, _, best, s, _ in summarize(rows) if s is not None]
     if not bars:
         return
-    labels = [f"{d} B{B} T{T} H{H}\n{m} vs {best}" for (d, B, T, H, m), best, _ in bars]
+    labels = [f"{c} {d} B{B} T{T}{f' I{I}' if I else ''} H{H}\n{m} vs {best}"
+              for (c, d, B, T, I, H, m), best, _ in bars]
     speedups = [s for _, _, s in bars]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(bars)), 4))
     ax.bar(range(len(bars)), speedups, color=["tab:green" if v >= 1 else "tab:red" for v in speedups])
@@ -355,9 +502,9 @@ def plot_speedups(rows, path, title):
 
 def print_table(rows):
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    print("\n| dtype | B | T | H | mode | " + " | ".join(f"{p} ms" for p in providers)
+    print("\n| cell | dtype | B | T | I | H | mode | " + " | ".join(f"{p} ms" for p in providers)
           + " | fused vs strongest peer | GEMM floor share of fused |")
-    print("|---" * (7 + len(providers)) + "|")
+    print("|---" * (9 + len(providers)) + "|")
     for key, ms, best, speedup, share in summarize(rows):
         cells = [f"{ms[p]:.3f}" if p in ms else "-" for p in providers]
         print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells)

@@ -8,7 +8,8 @@
 #
 # Stages: environment; the sm_90 compile check (in the background, CPU only); the CUDA test
 # suite with FUSED_RNN_TRITON_KERNEL=persistent (a persistent-kernel failure is an error there,
-# not a fallback) and =blocked; the barrier stress run; the timing table (benchmarks/bench_rnn.py);
+# not a fallback) and =blocked; the barrier stress run; the timing tables (benchmarks/bench_rnn.py,
+# both cells: the course's and nn.RNN's own against cuDNN);
 # determinism / no-sync / bad-id / 2^31-offset checks; compute-sanitizer memcheck on two small shapes.
 set -u
 cd "$(dirname "$0")/.."
@@ -69,11 +70,11 @@ record environment "$env_rc" 0 env.log
 # -- compile check for sm_90, in the background (CPU only): every kernel the planner would pick
 cc_t0=$SECONDS
 timeout -k 5 300 python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,300,384,512,1000,1024 \
-    --dtypes fp32,bf16,fp16 --batch-sizes 64,256 > "$out/compile_check.log" 2>&1 &
+    --dtypes fp32,bf16,fp16 --batch-sizes 64,256 --cells course > "$out/compile_check.log" 2>&1 &
 cc_pid=$!
 
 # -- the CUDA test suite, both kernel families (the cpu backend's tests ran in CI)
-tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py"
+tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests/test_elman.py"
 # (the first stage pays the cold Triton cache: ~1-3 s per kernel configuration)
 FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 150 pytest_persistent.log \
     python -m pytest -q -x -p no:cacheprovider -k "not cpu" --durations=10 \
@@ -88,6 +89,12 @@ shapes="512,8,256;64,512,256;256,512,256;1024,512,256;256,512,512;256,512,1024"
 gpu_stage "bench" 150 bench.log \
     python benchmarks/bench_rnn.py --shapes "$shapes" --providers nnrnn,fused-blocked,fused-persistent \
     --modes fwd,fwd+bwd --dtypes fp32,bf16 --csv "$out/results.csv" --plot "$out/speedup.png"
+# nn.RNN's own cell against cuDNN's nn.RNN (the same stage, --cell elman)
+elman_shapes="512,8,64,256;64,512,256,256;256,512,256,256;256,512,512,512"
+gpu_stage "bench elman" 90 bench_elman.log \
+    python benchmarks/bench_rnn.py --cell elman --shapes "$elman_shapes" \
+    --providers nnrnn,fused-blocked,fused-persistent --modes fwd,fwd+bwd --dtypes fp32,bf16 \
+    --csv "$out/results.csv" --plot "$out/speedup_elman.png"
 gpu_stage "bench loop" 25 bench_loop.log \
     python benchmarks/bench_rnn.py --shapes "512,8,256" --providers loop,nnrnn,fused-persistent \
     --modes fwd,fwd+bwd --dtypes fp32 --csv "$out/results.csv" --plot ""
@@ -130,7 +137,7 @@ tail -n 3 "$out/compile_check.log"
 record "compile check sm_90" "$cc_rc" $((SECONDS - cc_t0)) compile_check.log
 
 echo
-grep -h "^|" "$out/bench.log" "$out/bench_loop.log" 2>/dev/null | tail -n 40
+grep -h "^|" "$out/bench.log" "$out/bench_elman.log" "$out/bench_loop.log" 2>/dev/null | tail -n 60
 echo
 echo "| stage | status | time | log (under $out) |"
 echo "|---|---|---|---|"

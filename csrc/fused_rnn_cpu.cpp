@@ -1,13 +1,18 @@
-// The recurrence on the CPU: the same two entry points as the Triton backend.
+// The recurrence on the CPU: the same two entry points as the Triton backend, for two cells
+// (`cell`: "course", or nn.RNN's own "elman_tanh" / "elman_relu").
 //
-//   rnn_fwd(proj, ids, w_h, b_h, h0) -> out [T, B, H]: out[t] = h_{t+1} (time-major; h0 None: zeros)
-//       h_t = tanh((h_{t-1} + relu(p_t)) @ W_h^T + b_h), p_t = proj[ids[:, t]] (token input)
-//       or proj[:, t] (dense input, proj [B, T, H]).
-//   rnn_bwd(grad_out [B, T, H], grad_h_n, out, h0, proj, ids, w_h, has_bias)
+//   rnn_fwd(proj, ids, w_h, b_h, h0, cell) -> out [T, B, H]: out[t] = h_{t+1} (time-major; h0 None: zeros)
+//       course: h_t = tanh((h_{t-1} + relu(p_t)) @ W_h^T + b_h), p_t = proj[ids[:, t]] (token input)
+//               or proj[:, t] (dense input, proj [B, T, H]).
+//       elman:  h_t = act(h_{t-1} @ W_h^T + q_t), act = tanh or relu, q_t = proj[t] (proj [T, B, H],
+//               time-major, both biases already in it; no ids, no b_h).
+//   rnn_bwd(grad_out [B, T, H], grad_h_n, out, h0, proj, ids, w_h, has_bias, cell)
 //       -> (grad_proj, grad_w_h, grad_b_h, grad_h0): the chain c_t = dz_t @ W_h with
-//       dz_t = (grad_out[:, t] + c_{t+1}) * (1 - h_t^2), c_T = grad_h_n, run per step; then
-//       grad_w_h = sum_t dz_t^T (h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
-//       grad_p_t = c_t * (p_t > 0) (summed into rows of proj for token input), grad_h0 = c_0.
+//       dz_t = (grad_out[:, t] + c_{t+1}) * act'(h_t), c_T = grad_h_n, run per step
+//       (act' = 1 - h^2 for tanh, h > 0 for relu); then grad_h0 = c_0 and
+//       course: grad_w_h = sum_t dz_t^T (h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
+//               grad_p_t = c_t * (p_t > 0) (summed into rows of proj for token input);
+//       elman:  grad_w_h = sum_t dz_t^T h_{t-1}, grad_proj = dz ([T, B, H], like proj), no grad_b_h.
 //
 // The states are time-major: each step's are one contiguous [B, H] block, so every GEMM writes
 // its output in place, and the backward's weight gradient reads a chunk of steps' states as one
@@ -30,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -47,6 +53,16 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& w_h, at
   TORCH_CHECK_TYPE(t.scalar_type() == w_h.scalar_type(), name, " must be ", w_h.scalar_type(), ", got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// Which recurrence runs: the course's cell, or nn.RNN's own with either activation.
+enum class Cell { course, elman_tanh, elman_relu };
+
+Cell parse_cell(const std::string& name) {
+  if (name == "course") return Cell::course;
+  if (name == "elman_tanh") return Cell::elman_tanh;
+  if (name == "elman_relu") return Cell::elman_relu;
+  TORCH_CHECK_VALUE(false, "cell must be 'course', 'elman_tanh' or 'elman_relu', got '", name, "'");
 }
 
 // Batch rows per task of the elementwise passes.
@@ -115,12 +131,43 @@ void bias_tanh_row(double* __restrict__ h, const double* __restrict__ b, int64_t
   for (int64_t j = 0; j < H; ++j) h[j] = std::tanh(h[j] + b[j]);
 }
 
+// h = relu(h + b) in place; NaN passes through, as in torch.relu
+template <typename T>
+ROW_KERNEL void bias_relu_row(T* __restrict__ h, const T* __restrict__ b, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T x = h[j] + b[j];
+    h[j] = x < T(0) ? T(0) : x;
+  }
+}
+
+// h = act(h + b) in place for an elman cell
+template <typename T>
+void bias_act_row(Cell cell, T* h, const T* b, int64_t H) {
+  if (cell == Cell::elman_relu) {
+    bias_relu_row(h, b, H);
+  } else {
+    bias_tanh_row(h, b, H);
+  }
+}
+
 // dz = (grad_out + carry) * (1 - h^2); db += dz (this block's share of the bias gradient)
 template <typename T>
 ROW_KERNEL void tanh_grad_row(const T* __restrict__ grad_out, const T* __restrict__ carry, const T* __restrict__ h,
                               T* __restrict__ dz, T* __restrict__ db, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     dz[j] = (grad_out[j] + carry[j]) * (T(1) - h[j] * h[j]);
+    db[j] += dz[j];
+  }
+}
+
+// dz = (grad_out + carry) * (h > 0), relu's gradient from its output (g passes where h is NaN,
+// as in torch.relu's backward); db += dz
+template <typename T>
+ROW_KERNEL void relu_state_grad_row(const T* __restrict__ grad_out, const T* __restrict__ carry,
+                                    const T* __restrict__ h, T* __restrict__ dz, T* __restrict__ db, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    const T g = grad_out[j] + carry[j];
+    dz[j] = h[j] <= T(0) ? T(0) : g;
     db[j] += dz[j];
   }
 }
@@ -186,13 +233,23 @@ bool token_tables(bool tokens, int64_t V, int64_t B, int64_t T) {
 }  // namespace
 
 at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in, const at::Tensor& w_h_in,
-                   const c10::optional<at::Tensor>& b_h_in, const c10::optional<at::Tensor>& h0_in) {
+                   const c10::optional<at::Tensor>& b_h_in, const c10::optional<at::Tensor>& h0_in,
+                   const std::string& cell_name) {
   check_weights(w_h_in);
+  const Cell cell = parse_cell(cell_name);
+  const bool elman = cell != Cell::course;
   const int64_t H = w_h_in.size(0);
   const bool tokens = ids_in.has_value();
   int64_t B, T;
   at::Tensor ids;
-  if (tokens) {
+  if (elman) {
+    TORCH_CHECK_VALUE(!tokens && !b_h_in, "the elman cells take neither ids nor b_h (the biases are in q)");
+    TORCH_CHECK_VALUE(proj_in.dim() == 3 && proj_in.size(2) == H, "the elman cells need q [T, B, ", H, "], got ",
+                      proj_in.sizes());
+    check_like("q", proj_in, w_h_in, proj_in.sizes());
+    T = proj_in.size(0);
+    B = proj_in.size(1);
+  } else if (tokens) {
     ids = ids_in->contiguous();
     TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
     TORCH_CHECK_VALUE(ids.dim() == 2, "ids must be [B, T], got ", ids.sizes());
@@ -234,7 +291,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
     scalar_t* out_p = out.data_ptr<scalar_t>();
     auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
     int64_t t0 = 0;
-    if (tokens && !h0_in && 2 * V <= B) {
+    if (!elman && tokens && !h0_in && 2 * V <= B) {
       // With h_0 = 0 the first two states depend only on the first two tokens, so they come
       // from [V, H] tables instead of [B, H] GEMMs (at the course's V = 85, B = 512, T = 8 this
       // skips a quarter of the forward's GEMM work):
@@ -262,21 +319,36 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
         t0 = std::min<int64_t>(T, 2);
       }
     }
-    // a_t = h_{t-1} + relu(p_t), the GEMM's input (contiguous); its output goes straight into
-    // the states (contiguous too), where one pass per step finishes it in place with the tanh
-    // and forms the next step's a while the row is in cache.
-    at::Tensor a = at::empty({B, H}, out.options());
-    scalar_t* a_p = a.data_ptr<scalar_t>();
-    auto p_row = [&](int64_t b, int64_t t) { return proj_p + (tokens ? ids_p[b * T + t] : b * T + t) * H; };
-    if (t0 < T) {
+    if (elman && !h0_in) {
+      // h_0 = 0: h_1 = act(q_1), no product
+      for_each_row_by_block(B, [&](int64_t b, int64_t) {
+        std::fill(h_row(1, b), h_row(1, b) + H, scalar_t(0));
+        bias_act_row(cell, h_row(1, b), proj_p + b * H, H);
+      });
+      t0 = 1;
+    }
+    // The GEMM's input: the course's a_t = h_{t-1} + relu(p_t) (contiguous), or the elman cells'
+    // h_{t-1} itself (the previous step's block of the states). Its output goes straight into
+    // the states (contiguous too), where one pass per step finishes it in place with the
+    // activation and, for the course, forms the next step's a while the row is in cache.
+    at::Tensor a = elman ? at::Tensor() : at::empty({B, H}, out.options());
+    scalar_t* a_p = elman ? nullptr : a.data_ptr<scalar_t>();
+    auto p_row = [&](int64_t b, int64_t t) {
+      return proj_p + (elman ? t * B + b : tokens ? ids_p[b * T + t] : b * T + t) * H;
+    };
+    if (!elman && t0 < T) {
       for_each_row_by_block(B, [&](int64_t b, int64_t) { relu_add_row(h_row(t0, b), p_row(b, t0), a_p + b * H, H); });
     }
     for (int64_t t = t0; t < T; ++t) {
       at::Tensor h_next = out[t];
-      at::mm_out(h_next, a, w_h_t);
+      at::mm_out(h_next, elman ? (t == 0 ? h0 : out[t - 1]) : a, w_h_t);
       for_each_row_by_block(B, [&](int64_t b, int64_t) {
-        bias_tanh_row(h_row(t + 1, b), b_p, H);
-        if (t + 1 < T) relu_add_row(h_row(t + 1, b), p_row(b, t + 1), a_p + b * H, H);
+        if (elman) {
+          bias_act_row(cell, h_row(t + 1, b), p_row(b, t), H);  // h_t = act(h_{t-1} W^T + q_t)
+        } else {
+          bias_tanh_row(h_row(t + 1, b), b_p, H);
+          if (t + 1 < T) relu_add_row(h_row(t + 1, b), p_row(b, t + 1), a_p + b * H, H);
+        }
       });
     }
   });
@@ -286,8 +358,10 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
 std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_h_n,
                                                const at::Tensor& out, const c10::optional<at::Tensor>& h0_in,
                                                const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in,
-                                               const at::Tensor& w_h, bool has_bias) {
+                                               const at::Tensor& w_h, bool has_bias, const std::string& cell_name) {
   check_weights(w_h);
+  const Cell cell = parse_cell(cell_name);
+  const bool elman = cell != Cell::course;
   TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) >= 1 && out.size(2) == w_h.size(0) && out.is_contiguous(),
                     "out must be the contiguous [T, B, H] states from rnn_fwd, got ", out.sizes());
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
@@ -298,7 +372,10 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   check_like("grad_out", grad_out_in, w_h, {B, T, H});
   check_like("grad_h_n", grad_h_n, w_h, {B, H});
   at::Tensor ids;
-  if (tokens) {
+  if (elman) {
+    TORCH_CHECK_VALUE(!tokens && !has_bias, "the elman cells take neither ids nor a bias (the biases are in q)");
+    check_like("q", proj_in, w_h, {T, B, H});
+  } else if (tokens) {
     ids = ids_in->contiguous();
     TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong && ids.sizes() == at::IntArrayRef({B, T}),
                       "ids must be int64 [", B, ", ", T, "], got ", ids.scalar_type(), " ", ids.sizes());
@@ -316,18 +393,24 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   // table; grad_U and the input's share of the weight gradient come from their sum after the
   // loop. Otherwise a second pass per step forms dp_t = c_t * (p_t > 0) and a_t = h_{t-1} + relu(p_t).
   const bool by_token = token_tables(tokens, V, B, T);
-  // The chain's last product c_0 = dz_0 W_h feeds only grad_h0 (and dp_0 without token tables).
-  const bool need_c0 = has_h0 || !by_token;
+  // The chain's last product c_0 = dz_0 W_h feeds only grad_h0 (and the course's dp_0 without
+  // token tables).
+  const bool need_c0 = has_h0 || (!elman && !by_token);
+  // The weight gradient's partner rows: the states h_{t-1} themselves (the elman cells; the
+  // course's state share with token tables), or a_t = h_{t-1} + relu(p_t) formed per step.
+  const bool states_partner = elman || by_token;
   // The weight gradient sum_t dz_t^T a_t is one GEMM per chunk of steps (at least kGemmRows rows
   // each), so dz (and a) need only a chunk's steps: fresh [T, B, H] buffers cost page faults and
-  // trips through memory on every call. Time-major like the states, so with token tables a
-  // chunk's partner rows h_{t-1} are one contiguous block of out.
+  // trips through memory on every call. Time-major like the states, so a chunk's partner rows
+  // h_{t-1} are one contiguous block of out. The elman cells return all of dz as grad_q, so
+  // their dz holds every step (slot = t).
   const int64_t chunk = std::min(T, std::max<int64_t>(1, (kGemmRows + B - 1) / B));
-  at::Tensor dz = at::empty({chunk, B, H}, out.options());  // dz_t = g_t * (1 - h_t^2)
-  at::Tensor a = by_token ? at::Tensor() : at::empty({chunk, B, H}, out.options());
+  at::Tensor dz = at::empty({elman ? T : chunk, B, H}, out.options());  // dz_t = g_t * act'(h_t)
+  at::Tensor a = states_partner ? at::Tensor() : at::empty({chunk, B, H}, out.options());
   at::Tensor grad_w_h = at::zeros({H, H}, out.options());
-  at::Tensor sums = by_token ? at::zeros({nblocks, V, H}, out.options())  // per-block sums of dz by token
-                             : at::empty({B, T, H}, out.options());       // dL/dp_t = c_t * (p_t > 0)
+  at::Tensor sums = elman      ? at::Tensor()
+                    : by_token ? at::zeros({nblocks, V, H}, out.options())  // per-block sums of dz by token
+                               : at::empty({B, T, H}, out.options());       // dL/dp_t = c_t * (p_t > 0)
   at::Tensor db_parts = at::zeros({nblocks, H}, out.options());  // per-block sums of dz
   const at::Tensor h0 = has_h0 ? h0_in->contiguous() : at::zeros({B, H}, out.options());
   const at::Tensor states = out.view({T * B, H});
@@ -340,8 +423,8 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     const scalar_t* proj_p = proj.data_ptr<scalar_t>();
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     scalar_t* dz_p = dz.data_ptr<scalar_t>();
-    scalar_t* a_p = by_token ? nullptr : a.data_ptr<scalar_t>();
-    scalar_t* sums_p = sums.data_ptr<scalar_t>();
+    scalar_t* a_p = states_partner ? nullptr : a.data_ptr<scalar_t>();
+    scalar_t* sums_p = elman ? nullptr : sums.data_ptr<scalar_t>();
     scalar_t* db_p = db_parts.data_ptr<scalar_t>();
     auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
     // c_{t+1} (the carry) and c_t: only two steps are ever live.
@@ -350,16 +433,23 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     for (int64_t t = T - 1; t >= 0; --t) {
       const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
       const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
-      scalar_t* dz_t = dz_p + slot * B * H;
+      const int64_t dz_slot = elman ? t : slot;
+      scalar_t* dz_t = dz_p + dz_slot * B * H;
       for_each_row_by_block(B, [&](int64_t b, int64_t k) {
-        tanh_grad_row(go_p + b * go_sb + t * go_st, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_p + k * H, H);
+        // (the elman cells' db sums go unused: their biases are differentiated through q)
+        const scalar_t* g_out = go_p + b * go_sb + t * go_st;
+        if (cell == Cell::elman_relu) {
+          relu_state_grad_row(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_p + k * H, H);
+        } else {
+          tanh_grad_row(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_p + k * H, H);
+        }
         if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
       }, block_rows);
       if (t > 0 || need_c0) {
-        at::mm_out(c_t, dz[slot], w_h);  // c_t = dz_t @ W_h
+        at::mm_out(c_t, dz[dz_slot], w_h);  // c_t = dz_t @ W_h
         std::swap(c_next, c_t);
       }
-      if (!by_token) {
+      if (!states_partner) {
         const scalar_t* c_p = c_next.data_ptr<scalar_t>();
         for_each_row_by_block(B, [&](int64_t b, int64_t) {
           const int64_t row = b * T + t;
@@ -369,12 +459,12 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
       }
       if (slot == 0) {  // the chunk's steps first..min(T, first + chunk) - 1 are done
         const int64_t steps = std::min(T, first + chunk) - first;
-        const at::Tensor dz_rows = dz.view({chunk * B, H}).narrow(0, 0, steps * B);
-        if (by_token) {
-          // The states' share here (the input's after the loop): step t multiplies h_t, which is
-          // out[t - 1], or h0 for t = 0 (nothing to add without h0).
+        const at::Tensor dz_rows = dz.view({dz.size(0) * B, H}).narrow(0, (elman ? first : 0) * B, steps * B);
+        if (states_partner) {
+          // The states' share here (the course's input share after the loop): step t multiplies
+          // h_t, which is out[t - 1], or h0 for t = 0 (nothing to add without h0).
           const int64_t lo = first == 0 ? 1 : 0;
-          if (first == 0 && has_h0) grad_w_h.addmm_(dz[0].t(), h0);
+          if (first == 0 && has_h0) grad_w_h.addmm_(dz[0].t(), h0);  // (slot 0 is step 0 either way)
           if (steps > lo) {
             grad_w_h.addmm_(dz_rows.narrow(0, lo * B, (steps - lo) * B).t(),
                             states.narrow(0, (first + lo - 1) * B, (steps - lo) * B));
@@ -397,7 +487,9 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     }
   });
 
-  if (!by_token) {
+  if (elman) {
+    grad_proj = dz;  // dL/dq_t = dz_t
+  } else if (!by_token) {
     grad_proj = sums;
     if (tokens) {
       grad_proj = at::zeros_like(proj);
@@ -410,9 +502,9 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn: the Elman recurrence on the CPU (forward and the BPTT chain)";
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
-        py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"));
+        py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course");
   m.def("rnn_bwd", &rnn_bwd,
         "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0)",
         py::arg("grad_out"), py::arg("grad_h_n"), py::arg("out"), py::arg("h0"), py::arg("proj"), py::arg("ids"),
-        py::arg("w_h"), py::arg("has_bias"));
+        py::arg("w_h"), py::arg("has_bias"), py::arg("cell") = "course");
 }

@@ -1,9 +1,9 @@
 """Compile every Triton kernel configuration the launchers would pick, for a named GPU, without one.
 
     python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,1024 \
-        --dtypes fp32,bf16,fp16 [--batch-sizes 64,256] [--sm-count 132]
+        --dtypes fp32,bf16,fp16 [--batch-sizes 64,256] [--sm-count 132] [--cells course,elman_tanh]
 
-For each (B, H, dtype) it asks the planner for the persistent forward and backward tilings (and
+For each (B, H, dtype, cell) it asks the planner for the persistent forward and backward tilings (and
 says when they do not fit) and takes the blocked kernels' configuration, compiles each distinct
 kernel for the target (Triton compiles for a named GPU on a CPU-only machine), reads registers,
 spills and shared memory from the bundled ``ptxas -v``, and prints one markdown row per kernel.
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ops import CELLS
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SM_COUNT = {80: 108, 90: 132}  # A100, H100/H200
@@ -34,7 +36,8 @@ SM_COUNT = {80: 108, 90: 132}  # A100, H100/H200
 @dataclass
 class KernelConfig:
     """One kernel compiled with one set of constexprs: what the launchers would launch."""
-    kernel: str  # "persistent_fwd", "persistent_bwd", "blocked_fwd", "blocked_bwd"
+    kernel: str  # "persistent_fwd", "persistent_bwd", "blocked_fwd", "blocked_bwd"; an elman cell's
+    # kernels carry it in brackets: "blocked_fwd[elman_relu]"
     dtype: str
     B: int
     H: int
@@ -77,43 +80,48 @@ def _signature(fn, types: dict, H: int, constexprs: dict):
 
 
 def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int = 90,
-                   token_grad: bool = False) -> tuple[list, list]:
-    """(configs, notes): the kernels the launchers would run for this problem, and a note for
-    each persistent kernel the planner says does not fit. ``token_grad``: also the deterministic
-    token-table gradient kernel (it runs in the fp32 workspace dtype whatever the inputs')."""
+                   token_grad: bool = False, cell: str = "course") -> tuple[list, list]:
+    """(configs, notes): the kernels the launchers would run for this problem and cell
+    (``ops.CELLS``), and a note for each persistent kernel the planner says does not fit.
+    ``token_grad``: also the deterministic token-table gradient kernel (it runs in the fp32
+    workspace dtype whatever the inputs')."""
     from .ops import planner, triton_persistent, triton_rnn
 
+    course = cell == "course"
+    tag = "" if course else f"[{cell}]"
     t = TRITON_TYPES[dtype]
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     configs, notes = [], []
     plan = planner.plan_persistent(B, H, dtype, sm_count, arch=arch)
     if plan.fits:
         tiling = dict(BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-                      DOT_PRECISION=plan.precision, STEPWISE=False)
-        for tokens in (True, False):  # token input gathers rows of U; dense input reads P
-            fwd = dict(tiling, TOKENS=tokens, HAS_BIAS=True, TANH_SMALL=0.0625)
+                      DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell)
+        # The course: token input gathers rows of U, dense input reads P. The elman cells read
+        # dense q with the biases in it.
+        for tokens in ((True, False) if course else (False,)):
+            fwd = dict(tiling, TOKENS=tokens, HAS_BIAS=course, TANH_SMALL=0.0625)
             configs.append(KernelConfig(
-                "persistent_fwd" + ("" if tokens else "_dense"), name, B, H, plan.describe(),
+                "persistent_fwd" + ("" if tokens else "_dense") + tag, name, B, H, plan.describe(),
                 triton_persistent.rnn_persistent_fwd_kernel,
                 {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}",
                  "arrivals_ptr": "*i32", "error_ptr": "*i32"}, fwd, plan.num_warps, plan.programs_per_sm,
                 triton_persistent.NUM_STAGES))
         configs.append(KernelConfig(
-            "persistent_bwd", name, B, H, plan.describe(), triton_persistent.rnn_persistent_bwd_kernel,
+            "persistent_bwd" + tag, name, B, H, plan.describe(), triton_persistent.rnn_persistent_bwd_kernel,
             {"w_h_ptr": f"*{t}", "arrivals_ptr": "*i32", "error_ptr": "*i32"}, tiling,
             plan.num_warps, plan.programs_per_sm, triton_persistent.NUM_STAGES))
     else:
-        notes.append(f"{name} B={B} H={H}: persistent {plan.describe()}")
+        notes.append(f"{name} B={B} H={H}{tag}: persistent {plan.describe()}")
     block_b, block_n, block_k = triton_rnn.blocked_block_sizes(B, H, interpret=False)
-    blocked = dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee")
+    blocked = dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee", CELL=cell)
     config = f"{block_b}x{block_n}x{block_k}, 4 warps"
     configs.append(KernelConfig(
-        "blocked_fwd", name, B, H, config, triton_rnn.rnn_fwd_kernel,
+        "blocked_fwd" + tag, name, B, H, config, triton_rnn.rnn_fwd_kernel,
         {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}"},
-        dict(blocked, TOKENS=True, HAS_BIAS=True, TANH_SMALL=0.0625)))
+        dict(blocked, TOKENS=course, HAS_BIAS=course, TANH_SMALL=0.0625)))
     configs.append(KernelConfig(
-        "blocked_bwd", name, B, H, config, triton_rnn.rnn_bwd_kernel, {"w_h_ptr": f"*{t}"}, blocked))
-    if token_grad:
+        "blocked_bwd" + tag, name, B, H, config, triton_rnn.rnn_bwd_kernel, {"w_h_ptr": f"*{t}"}, blocked))
+    if token_grad and course:
         block_n = triton_rnn.token_grad_block_n(H)
         configs.append(KernelConfig(
             "token_table_grad", "fp32", B, H, f"16 rows x {block_n}, 4 warps",
@@ -201,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-sizes", default="1,100,256,300,384,512,1000,1024", type=_ints)
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--batch-sizes", default="64,256", type=_ints)
+    parser.add_argument("--cells", default="course,elman_tanh,elman_relu",
+                        help="the recurrence cells to compile (fused_rnn.ops.CELLS)")
     parser.add_argument("--sm-count", type=int, default=None,
                         help="SMs the planner plans for (default: 132 for sm_90, 108 for sm_80)")
     args = parser.parse_args(argv)
@@ -215,14 +225,19 @@ def main(argv=None) -> int:
     for d in dtypes:
         if d not in DTYPES:
             parser.error(f"--dtypes: {d!r} is not one of {sorted(DTYPES)}")
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    for c in cells:
+        if c not in CELLS:
+            parser.error(f"--cells: {c!r} is not one of {CELLS}")
     configs, notes = [], []
-    for d in dtypes:
-        for H in args.hidden_sizes:
-            for B in args.batch_sizes:
-                c, n = kernel_configs(B, H, DTYPES[d], sm_count, arch,
-                                      token_grad=d == dtypes[0] and B == args.batch_sizes[0])
-                configs += c
-                notes += n
+    for cell in cells:
+        for d in dtypes:
+            for H in args.hidden_sizes:
+                for B in args.batch_sizes:
+                    c, n = kernel_configs(B, H, DTYPES[d], sm_count, arch, cell=cell,
+                                          token_grad=d == dtypes[0] and B == args.batch_sizes[0])
+                    configs += c
+                    notes += n
     print(f"Triton kernels compiled for sm_{arch} ({sm_count} SMs planned for)\n")
     failures = check(configs, arch)
     for note in notes:

@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
-from .ops import cpu_ext, output_view, states_shape, workspace_dtype
+from .ops import cpu_ext, elman_q_time_major, output_view, states_shape, workspace_dtype
 from .reference import elman_reference, rnn_reference
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -104,23 +104,30 @@ def _kernels(backend: str):
 # The fused recurrence as PyTorch custom ops, so that torch.compile(fullgraph=True) can trace
 # through it (the fake implementations give it the output shapes) and autograd sees one node.
 #
-# fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32) -> (states, h_n)
+# fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell) -> (states, h_n)
 #   states (fp32; fp64 for fp64 inputs) in the backend's layout (ops.states_shape); the public
 #   function returns ops.output_view(states) as the [B, T, H] output; h_n [B, H] in the inputs'
-#   dtype.
+#   dtype. cell (ops.CELLS): "course", or nn.RNN's own "elman_tanh" / "elman_relu", whose proj
+#   is q with both biases in it (no ids, no b_h), in the layout of ops.elman_q_time_major.
+
+
+def _batch_and_steps(proj, ids, backend, cell):
+    if ids is not None:
+        return ids.shape
+    return proj.shape[1::-1] if elman_q_time_major(backend, cell) else proj.shape[:2]
 
 
 @torch.library.custom_op("fused_rnn::recurrence", mutates_args=())
 def _recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
                 b_h: Optional[torch.Tensor], h0: Optional[torch.Tensor], backend: str,
-                allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    states = _kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32)
+                allow_tf32: bool, cell: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    states = _kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell)
     return states, output_view(states, backend)[:, -1].to(w_h.dtype, copy=True)
 
 
 @_recurrence.register_fake
-def _(proj, ids, w_h, b_h, h0, backend, allow_tf32):
-    B, T = ids.shape if ids is not None else proj.shape[:2]
+def _(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell):
+    B, T = _batch_and_steps(proj, ids, backend, cell)
     H = w_h.shape[0]
     states = w_h.new_empty(states_shape(backend, B, T, H), dtype=workspace_dtype(w_h.dtype))
     return states, w_h.new_empty((B, H))
@@ -129,25 +136,25 @@ def _(proj, ids, w_h, b_h, h0, backend, allow_tf32):
 @torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())
 def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: torch.Tensor, states: torch.Tensor,
                          h0: Optional[torch.Tensor], proj: torch.Tensor, ids: Optional[torch.Tensor],
-                         w_h: torch.Tensor, has_bias: bool, backend: str, allow_tf32: bool
+                         w_h: torch.Tensor, has_bias: bool, backend: str, allow_tf32: bool, cell: str
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_proj, grad_w_h, grad_b_h, grad_h0); grad_b_h is empty without a bias."""
     grad_proj, grad_w_h, grad_b_h, grad_h0 = _kernels(backend).rnn_bwd(
-        output_view(grad_states, backend), grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32)
+        output_view(grad_states, backend), grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32, cell)
     return grad_proj, grad_w_h, grad_b_h if has_bias else w_h.new_empty(0), grad_h0
 
 
 @_recurrence_backward.register_fake
-def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allow_tf32):
+def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allow_tf32, cell):
     B, H = grad_h_n.shape
     return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(H if has_bias else 0),
             w_h.new_empty((B, H)))
 
 
 def _recurrence_setup_context(ctx, inputs, output):
-    proj, ids, w_h, b_h, h0, backend, allow_tf32 = inputs
+    proj, ids, w_h, b_h, h0, backend, allow_tf32, cell = inputs
     ctx.save_for_backward(proj, ids, w_h, output[0], h0)
-    ctx.has_bias, ctx.backend, ctx.allow_tf32 = b_h is not None, backend, allow_tf32
+    ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell = b_h is not None, backend, allow_tf32, cell
 
 
 def _recurrence_autograd(ctx, grad_states, grad_h_n):
@@ -158,9 +165,9 @@ def _recurrence_autograd(ctx, grad_states, grad_h_n):
         B, H = output_view(states, ctx.backend).shape[0], w_h.shape[0]
         grad_h_n = w_h.new_zeros((B, H))
     grad_proj, grad_w_h, grad_b_h, grad_h0 = _recurrence_backward(
-        grad_states, grad_h_n, states, h0, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32)
+        grad_states, grad_h_n, states, h0, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell)
     return (grad_proj, None, grad_w_h, grad_b_h if ctx.has_bias else None,
-            grad_h0 if ctx.needs_input_grad[4] else None, None, None)
+            grad_h0 if ctx.needs_input_grad[4] else None, None, None, None)
 
 
 _recurrence.register_autograd(_recurrence_autograd, setup_context=_recurrence_setup_context)
@@ -232,25 +239,25 @@ def _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths=None):
     for name, t in {**floats, "x": x}.items():
         if t.device != w_h.device:
             raise ValueError(f"all inputs must be on one device: w_h is on {w_h.device}, {name} is on {t.device}")
-    if lengths is not None:
-        _check_tensor("lengths", lengths, 1, (B,))
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    checks = []
     if tokens:
         V = embedding.shape[0]
-        checks.append((x, 0, V - 1, IndexError, f"token ids must lie in [0, {V})"))
+        _check_range(x, 0, V - 1, IndexError, f"token ids must lie in [0, {V})")
     if lengths is not None:
-        checks.append((lengths, 1, T, ValueError, f"lengths must lie in [1, T={T}]"))
-    for values, lo_ok, hi_ok, error, message in checks:
-        if torch._C._functorch.is_batchedtensor(values):
-            raise RuntimeError("fused_rnn: torch.vmap over token ids or lengths is not supported (their "
-                               "range check reads their values); fold the vmapped dimension into the batch")
-        _check_range(values, lo_ok, hi_ok, error, message)
+        _check_lengths(lengths, B, T)
+
+
+def _check_lengths(lengths, B, T):
+    _check_tensor("lengths", lengths, 1, (B,))
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+    _check_range(lengths, 1, T, ValueError, f"lengths must lie in [1, T={T}]")
 
 
 def _check_range(values, lo_ok, hi_ok, error, message):
     """Raises ``error(message)`` unless every value lies in ``[lo_ok, hi_ok]``."""
+    if torch._C._functorch.is_batchedtensor(values):
+        raise RuntimeError("fused_rnn: torch.vmap over token ids or lengths is not supported (their "
+                           "range check reads their values); fold the vmapped dimension into the batch")
     lo, hi = torch.aminmax(values)
     if values.device.type == "cuda" or torch.compiler.is_compiling():
         # No host sync per call (and none is possible in a compiled graph, which keeps this
@@ -277,6 +284,20 @@ def _fused_limit(inputs) -> Optional[str]:
         if TransformType.Grad in kinds:
             return "torch.func's reverse-mode transforms (grad, vjp, jacrev)"
     return None
+
+
+def _backend_for(backend: str, weight: torch.Tensor, inputs) -> str:
+    """The backend that runs: ``backend`` resolved for ``weight``'s device and dtype, or the
+    reference loop under a differentiation mode the fused kernels cannot follow (``"auto"``; an
+    explicitly asked fused backend raises then)."""
+    resolved = _resolve_backend(backend, weight.device, weight.dtype)
+    limit = _fused_limit(inputs) if resolved != "reference" else None
+    if limit is None:
+        return resolved
+    if backend != "auto":
+        raise RuntimeError(f"fused_rnn: backend={backend!r} does not support {limit}; "
+                           f"use backend='reference' (backend='auto' switches to it)")
+    return "reference"
 
 
 def _as_index(ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -365,18 +386,11 @@ def fused_rnn(
     backend raises; double backward (raises at the second backward). ``torch.vmap`` over ``x``'s
     token ids or ``lengths`` raises on every backend.
     """
-    backend_asked = backend
     t = _autocast_inputs(dict(x=x, w_in=w_in, b_in=b_in, w_h=w_h, b_h=b_h, h0=h0, embedding=embedding))
     x, w_in, b_in, w_h, b_h, h0, embedding = (t[k] for k in ("x", "w_in", "b_in", "w_h", "b_h", "h0", "embedding"))
     x, lengths = _as_index(x) if embedding is not None else x, _as_index(lengths)
     _check_inputs(x, w_in, b_in, w_h, b_h, h0, embedding, lengths)
-    backend = _resolve_backend(backend, w_h.device, w_h.dtype)
-    limit = _fused_limit((x, w_in, b_in, w_h, b_h, h0, embedding)) if backend != "reference" else None
-    if limit is not None:
-        if backend_asked != "auto":
-            raise RuntimeError(f"fused_rnn: backend={backend_asked!r} does not support {limit}; "
-                               f"use backend='reference' (backend='auto' switches to it)")
-        backend = "reference"
+    backend = _backend_for(backend, w_h, (x, w_in, b_in, w_h, b_h, h0, embedding))
     if backend == "reference":
         output, h_n = rnn_reference(x, w_in, b_in, w_h, b_h, h0, embedding=embedding)
     else:
@@ -388,7 +402,7 @@ def fused_rnn(
             proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
         states, h_n = _recurrence(
             proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
-            h0.contiguous() if h0 is not None else None, backend, allow_tf32)
+            h0.contiguous() if h0 is not None else None, backend, allow_tf32, "course")
         output = output_view(states, backend).to(w_h.dtype)
     if lengths is not None:
         output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
@@ -431,13 +445,7 @@ def _check_elman_inputs(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity, lengths):
         if t.device != w_hh.device:
             raise ValueError(f"all inputs must be on one device: w_hh is on {w_hh.device}, {name} is on {t.device}")
     if lengths is not None:
-        _check_tensor("lengths", lengths, 1, (B,))
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-        if not torch.compiler.is_compiling() and lengths.device.type != "cuda":
-            lo, hi = torch.aminmax(lengths)
-            if int(lo) < 1 or int(hi) > T:
-                raise ValueError(f"lengths must lie in [1, T={T}], got values in [{int(lo)}, {int(hi)}]")
+        _check_lengths(lengths, B, T)
 
 
 def elman_rnn(
@@ -466,13 +474,22 @@ def elman_rnn(
     Returns:
         ``(output [B, T, H], h_n [B, H])``, differentiable with respect to every float input.
     """
-    # TODO(issue 16): the fused backends (cpu, triton) through the shared recurrence op.
     t = _autocast_inputs(dict(x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0), "w_hh")
     x, w_ih, w_hh, b_ih, b_hh, h0 = (t[k] for k in ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0"))
+    lengths = _as_index(lengths)
     _check_elman_inputs(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity, lengths)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    output, h_n = elman_reference(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity)
+    backend = _backend_for(backend, w_hh, (x, w_ih, w_hh, b_ih, b_hh, h0))
+    if backend == "reference":
+        output, h_n = elman_reference(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity)
+    else:
+        # q_t = x_t W_ih^T + b_ih + b_hh for all steps: one GEMM over B*T rows before the
+        # recurrence (autograd differentiates it), in the layout the backend reads.
+        cell = f"elman_{nonlinearity}"
+        bias = b_ih + b_hh if b_ih is not None and b_hh is not None else b_ih if b_ih is not None else b_hh
+        q = F.linear(x.transpose(0, 1) if elman_q_time_major(backend, cell) else x, w_ih, bias)
+        states, h_n = _recurrence(q.contiguous(), None, w_hh.contiguous(), None,
+                                  h0.contiguous() if h0 is not None else None, backend, allow_tf32, cell)
+        output = output_view(states, backend).to(w_hh.dtype)
     if lengths is not None:
         output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
                                      x.shape[1])

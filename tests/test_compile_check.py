@@ -20,19 +20,24 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=900)
 
 
-# A spread that costs ~25 compiles: H = 1 (a constant), unaligned H, a 512 tiling, H = 1024 at a
-# batch it fits, half types, and sm_80's smaller shared memory.
+# A spread that costs ~35 compiles: H = 1 (a constant), unaligned H, a 512 tiling, H = 1024 at a
+# batch it fits, half types, sm_80's smaller shared memory, and nn.RNN's own cells.
 @pytest.mark.parametrize("args", [
-    ("--arch", "sm_90", "--hidden-sizes", "1,512", "--dtypes", "fp32", "--batch-sizes", "256"),
-    ("--arch", "sm_90", "--hidden-sizes", "100,1024", "--dtypes", "bf16", "--batch-sizes", "64"),
-    ("--arch", "sm_80", "--hidden-sizes", "256", "--dtypes", "fp16", "--batch-sizes", "256"),
-], ids=["sm90-fp32", "sm90-bf16", "sm80-fp16"])
+    ("--arch", "sm_90", "--hidden-sizes", "1,512", "--dtypes", "fp32", "--batch-sizes", "256", "--cells", "course"),
+    ("--arch", "sm_90", "--hidden-sizes", "100,1024", "--dtypes", "bf16", "--batch-sizes", "64", "--cells", "course"),
+    ("--arch", "sm_80", "--hidden-sizes", "256", "--dtypes", "fp16", "--batch-sizes", "256", "--cells", "course"),
+    ("--arch", "sm_90", "--hidden-sizes", "100,512", "--dtypes", "fp32", "--batch-sizes", "256",
+     "--cells", "elman_tanh,elman_relu"),
+    ("--arch", "sm_80", "--hidden-sizes", "256", "--dtypes", "bf16", "--batch-sizes", "64", "--cells", "elman_relu"),
+], ids=["sm90-fp32", "sm90-bf16", "sm80-fp16", "sm90-fp32-elman", "sm80-bf16-elman-relu"])
 def test_planned_kernels_compile(args):
     run = run_cli(*args)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith("| persistent")]
     n_hidden = len(args[3].split(","))
-    assert len(rows) == 3 * n_hidden, run.stdout  # fwd (token and dense input) and bwd per H
+    # per H: the course's fwd (token and dense input) and bwd; an elman cell's fwd (dense) and bwd
+    per_hidden = sum(3 if cell == "course" else 2 for cell in args[args.index("--cells") + 1].split(","))
+    assert len(rows) == per_hidden * n_hidden, run.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert int(cells[6]) == 0, row  # spill bytes
@@ -89,6 +94,15 @@ def test_configs_follow_the_planner():
     configs, notes = compile_check.kernel_configs(64, 1024, torch.bfloat16, 132)
     assert [c.kernel for c in configs][:3] == ["persistent_fwd", "persistent_fwd_dense", "persistent_bwd"]
     assert configs[0].planned_programs_per_sm == 1 and not notes
+
+
+def test_elman_configs_read_dense_q_without_bias():
+    configs, _ = compile_check.kernel_configs(256, 256, torch.float32, 132, cell="elman_relu")
+    assert [c.kernel for c in configs] == ["persistent_fwd_dense[elman_relu]", "persistent_bwd[elman_relu]",
+                                           "blocked_fwd[elman_relu]", "blocked_bwd[elman_relu]"]
+    for c in configs:
+        assert c.constexprs["CELL"] == "elman_relu" and not c.constexprs.get("TOKENS")
+        assert not c.constexprs.get("HAS_BIAS")
 
 
 def test_configs_that_compile_differently_have_different_keys():

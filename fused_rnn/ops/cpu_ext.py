@@ -77,9 +77,9 @@ def _cached_build_is_current() -> bool:
         return False
 
 
-def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
-    return load().rnn_fwd(proj, ids, w_h, b_h, h0)
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
+    return load().rnn_fwd(proj, ids, w_h, b_h, h0, cell)
 
 
-def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False):
-    return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias))
+def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell="course"):
+    return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell))

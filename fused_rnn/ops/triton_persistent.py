@@ -10,6 +10,12 @@ counter per step, so nothing is ever reset; no whole-grid barrier).
     forward   h_t[g, j] = tanh((h_{t-1}[g, :] + relu(p_t[g, :])) @ W_h[j, :]^T + b_h[j])
     backward  c_t[g, j] = ((g_t + c_{t+1})[g, :] * (1 - h_t[g, :]^2)) @ W_h[:, j]
 
+or, with the ``CELL`` constexpr set to one of nn.RNN's own cells (``ops.CELLS``), q = proj with
+both biases in it:
+
+    forward   h_t[g, j] = act(h_{t-1}[g, :] @ W_h[j, :]^T + q_t[g, j]),  act = tanh or relu
+    backward  c_t[g, j] = ((g_t + c_{t+1})[g, :] * act'(h_t[g, :])) @ W_h[:, j]
+
 Never hang, never silently wrong: the grid is launched cooperatively (a grid that cannot be
 resident at once fails at launch), every spin is bounded, and a program whose wait times out
 sets an error flag and writes NaN into every output it owns from then on (so a wrong result
@@ -27,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .planner import Plan
-from .triton_common import _tanh
+from .triton_common import _activation, _activation_grad
 
 # Spin iterations before a barrier wait gives up. One acquire load round trip is ~1 us, so this
 # is seconds: far past any real step (~us), short enough that a broken barrier fails the call.
@@ -88,6 +94,7 @@ def rnn_persistent_fwd_kernel(
     TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
+    CELL: tl.constexpr,  # ops.CELLS
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
@@ -108,14 +115,20 @@ def rnn_persistent_fwd_kernel(
             src = rows64 * T + t64
         h_prev = h_rows + t64 * H
         # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
-        h = tl.load(h_prev[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
-        p = tl.load(proj_ptr + (src * H)[:, None] + ks[None, :], mask=in_mask, other=0.0)
-        p = p.to(h.dtype)
-        a = h + tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
-        acc = tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=h.dtype)
+        a = tl.load(h_prev[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
+        if CELL == "course":  # the input enters before the product
+            p = tl.load(proj_ptr + (src * H)[:, None] + ks[None, :], mask=in_mask, other=0.0)
+            p = p.to(a.dtype)
+            a += tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
+        acc = tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=a.dtype)
+        if CELL != "course":  # the input enters after the product: only this program's columns
+            # (the select keeps the compiler from folding q into the product as its accumulator,
+            # which spills at fp32 H=256 on sm_90: 9 KB; a failed program's states are NaN anyway)
+            acc = tl.where(ok != 0, acc, float("nan"))
+            acc += tl.load(proj_ptr + (src * H)[:, None] + cols[None, :], mask=out_mask, other=0.0).to(acc.dtype)
         if HAS_BIAS:
             acc += bias[None, :]
-        h_t = tl.where(ok != 0, _tanh(acc, TANH_SMALL), float("nan"))
+        h_t = tl.where(ok != 0, _activation(acc, CELL, TANH_SMALL), float("nan"))
         tl.store(h_prev[:, None] + H + cols[None, :], h_t, mask=out_mask)
         if not STEPWISE:
             still_ok = _group_barrier(arrivals_ptr + group * T + t, n_col_blocks, spin_limit, ok)
@@ -142,6 +155,7 @@ def rnn_persistent_bwd_kernel(
     H_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
+    CELL: tl.constexpr,  # ops.CELLS: which activation's gradient
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
@@ -158,7 +172,7 @@ def rnn_persistent_bwd_kernel(
         g = tl.load(grad_out_ptr + go_rows[:, None] + t * H + offs, mask=in_mask, other=0.0) \
             + tl.load(c_next[:, None] + offs, mask=in_mask, other=0.0, cache_modifier=".cg")
         h = tl.load(h_ptr + ws_rows[:, None] + (t + 1) * H + offs, mask=in_mask, other=0.0)
-        dz = g * (1.0 - h * h)
+        dz = _activation_grad(g, h, CELL)
         acc = tl.dot(dz, w, input_precision=DOT_PRECISION, out_dtype=g.dtype)
         c_t = tl.where(ok != 0, acc, float("nan"))
         tl.store(c_next[:, None] - H + cols[None, :], c_t, mask=out_mask)
@@ -191,7 +205,7 @@ def _launch(kernel, plan: Plan, args: tuple, T: int, stepwise: bool, spin_limit,
 
 
 def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool,
-                   spin_limit: int | None = None) -> None:
+                   spin_limit: int | None = None, cell: str = "course") -> None:
     """Fills ``ws [B, T+1, H]`` (``ws[:, 0]`` set by the caller) with ``h_1..h_T``."""
     B, T1, H = ws.shape
     T = T1 - 1
@@ -201,11 +215,11 @@ def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool
     _launch(rnn_persistent_fwd_kernel, plan, args, T, stepwise, spin_limit, dict(
         TOKENS=ids is not None, HAS_BIAS=b_h is not None, BLOCK_B=plan.block_b,
         BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-        TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625, DOT_PRECISION=plan.precision))
+        TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625, DOT_PRECISION=plan.precision, CELL=cell))
 
 
 def persistent_bwd(grad_out, ws, w_h, c, plan: Plan, error, *, stepwise: bool,
-                   spin_limit: int | None = None) -> None:
+                   spin_limit: int | None = None, cell: str = "course") -> None:
     """Fills ``c [B, T+1, H]`` (``c[:, T]`` set by the caller) with ``c_0..c_{T-1}``."""
     B, T1, H = ws.shape
     T = T1 - 1
@@ -213,4 +227,4 @@ def persistent_bwd(grad_out, ws, w_h, c, plan: Plan, error, *, stepwise: bool,
     args = (grad_out, ws, w_h, c, arrivals, error, B, T, H)
     _launch(rnn_persistent_bwd_kernel, plan, args, T, stepwise, spin_limit, dict(
         BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-        DOT_PRECISION=plan.precision))
+        DOT_PRECISION=plan.precision, CELL=cell))

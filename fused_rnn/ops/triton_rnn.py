@@ -1,8 +1,8 @@
 """The recurrence in Triton: one launch runs all T steps forward, one runs the BPTT chain backward.
 
 Entry points (shared with the CPU extension; `fused_rnn.function` wraps them in autograd):
-``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32) -> ws`` and
-``rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32)
+``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell) -> ws`` and
+``rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32, cell)
 -> (grad_proj, grad_w_h, grad_b_h, grad_h0)``.
 
 The input projection ``p = W_in e(x) + b_in`` is not here: it is a parallel GEMM that the caller
@@ -12,6 +12,13 @@ autograd differentiates it. This file owns only the sequential part:
     forward   a_t = h_{t-1} + relu(p_t);  h_t = tanh(a_t @ W_h^T + b_h)
     backward  g_t = dL/dh_t (output grad + carry);  dz_t = g_t * (1 - h_t^2);  c_t = dz_t @ W_h
               c_t is both the carry into step t-1 and dL/dr_t.
+
+The ``CELL`` constexpr switches the same kernels to nn.RNN's own cell (``ops.CELLS``):
+
+    forward   h_t = act(h_{t-1} @ W_h^T + q_t), act = tanh ("elman_tanh") or relu ("elman_relu"),
+              q = proj [B, T, H] with both biases in it (no ids, no b_h)
+    backward  dz_t = g_t * act'(h_t) (1 - h^2, or h > 0);  c_t = dz_t @ W_h is the carry only;
+              dL/dq = dz, dL/dW_h = sum_t dz_t^T h_{t-1}
 
 Two kernel families run the sequential part; ``FUSED_RNN_TRITON_KERNEL`` (read on every call:
 ``auto``, ``blocked``, ``persistent``) picks one:
@@ -39,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import planner, workspace_dtype
-from .triton_common import INTERPRET, _tanh
+from .triton_common import INTERPRET, _activation, _activation_grad
 
 
 @triton.jit(do_not_specialize=["B", "T"])
@@ -59,6 +66,7 @@ def rnn_fwd_kernel(
     BLOCK_K: tl.constexpr,
     TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CELL: tl.constexpr,  # ops.CELLS
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -79,18 +87,21 @@ def rnn_fwd_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
                 mask = row_ok[:, None] & k_ok[None, :]
-                h = tl.load(h_prev[:, None] + ks[None, :], mask=mask, other=0.0)
-                p = tl.load(proj_ptr + p_row[:, None] + ks[None, :], mask=mask, other=0.0)
-                p = p.to(h.dtype)
-                a = h + tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
+                a = tl.load(h_prev[:, None] + ks[None, :], mask=mask, other=0.0)
+                if CELL == "course":  # the input enters before the product
+                    p = tl.load(proj_ptr + p_row[:, None] + ks[None, :], mask=mask, other=0.0)
+                    p = p.to(a.dtype)
+                    a += tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
                 # w[k, n] = W_h[n, k]
                 w = tl.load(w_h_ptr + cols[None, :] * H + ks[:, None],
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+            out_mask = row_ok[:, None] & col_ok[None, :]
+            if CELL != "course":  # the input enters after the product
+                acc += tl.load(proj_ptr + p_row[:, None] + cols[None, :], mask=out_mask, other=0.0).to(acc.dtype)
             if HAS_BIAS:
                 acc += tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
-            tl.store(h_prev[:, None] + H + cols[None, :], _tanh(acc, TANH_SMALL),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(h_prev[:, None] + H + cols[None, :], _activation(acc, CELL, TANH_SMALL), mask=out_mask)
         tl.debug_barrier()  # h_t must be visible to every thread of this program before step t+1
 
 
@@ -107,6 +118,7 @@ def rnn_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CELL: tl.constexpr,  # ops.CELLS: which activation's gradient
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -130,7 +142,7 @@ def rnn_bwd_kernel(
                 g = tl.load(g_out[:, None] + offs, mask=mask, other=0.0) \
                     + tl.load(c_next[:, None] + offs, mask=mask, other=0.0)
                 h = tl.load(h_t[:, None] + offs, mask=mask, other=0.0)
-                dz = g * (1.0 - h * h)
+                dz = _activation_grad(g, h, CELL)
                 # w[k, n] = W_h[k, n]
                 w = tl.load(w_h_ptr + ks[:, None] * H + cols[None, :],
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -334,11 +346,12 @@ def _run_persistent(launch, ws) -> bool:
     return True
 
 
-def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
     """Runs the forward recurrence. Returns the state workspace ``[B, T+1, H]`` (fp32/fp64):
     ``ws[:, 0] = h0`` and ``ws[:, t+1] = h_t``.
 
-    proj: ``[V, H]`` (with ``ids [B, T]``) or ``[B, T, H]`` (``ids=None``), contiguous.
+    proj: ``[V, H]`` (with ``ids [B, T]``) or ``[B, T, H]`` (``ids=None``), contiguous; for the
+    elman cells q ``[B, T, H]`` with ``ids`` and ``b_h`` None.
     """
     _check_runnable(w_h)
     B, T = (ids.shape if ids is not None else proj.shape[:2])
@@ -351,7 +364,7 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
     plan = _persistent_plan(B, H, w_h, allow_tf32)
     with _on_device(ws):
         if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_fwd(
-                proj, ids, w_h, b_h, ws, plan, error, stepwise=PERSISTENT_STEPWISE), ws):
+                proj, ids, w_h, b_h, ws, plan, error, stepwise=PERSISTENT_STEPWISE, cell=cell), ws):
             return ws
         BLOCK_B, BLOCK_N, BLOCK_K = blocked_block_sizes(B, H)
         rnn_fwd_kernel[(triton.cdiv(B, BLOCK_B),)](
@@ -360,22 +373,28 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False):
             TOKENS=ids is not None, HAS_BIAS=b_h is not None,
             BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625,
-            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
+            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32), CELL=cell,
         )
     return ws
 
 
-def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=False):
+def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell="course"):
     """Backward through all steps: ``(grad_proj, grad_w_h, grad_b_h, grad_h0)`` (``grad_b_h``
     None without a bias), in the dtypes of ``proj`` and ``w_h``. ``h0`` is not read (``ws[:, 0]``
     holds it)."""
-    c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32)
+    c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell)
     # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
     # dtype, cast to the inputs' dtype at the end.
     H = w_h.shape[0]
-    p = (proj[ids] if ids is not None else proj).to(ws.dtype)
     h = ws[:, 1:]
-    dz = ((grad_out.to(ws.dtype) + c[:, 1:]) * (1.0 - h * h)).reshape(-1, H)
+    g = grad_out.to(ws.dtype) + c[:, 1:]
+    grad_h0 = c[:, 0].to(w_h.dtype)
+    if cell != "course":  # dL/dq = dz; the product's partner is h_{t-1}
+        dz = torch.where(h <= 0, 0.0, g) if cell == "elman_relu" else g * (1.0 - h * h)
+        grad_w_h = (dz.reshape(-1, H).t() @ ws[:, :-1].reshape(-1, H)).to(w_h.dtype)
+        return dz.to(proj.dtype), grad_w_h, None, grad_h0
+    p = (proj[ids] if ids is not None else proj).to(ws.dtype)
+    dz = (g * (1.0 - h * h)).reshape(-1, H)
     a = (ws[:, :-1] + torch.relu(p)).reshape(-1, H)
     grad_w_h = (dz.t() @ a).to(w_h.dtype)
     grad_b_h = dz.sum(0).to(w_h.dtype) if has_bias else None
@@ -385,7 +404,6 @@ def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=Fal
                                      deterministic=torch.are_deterministic_algorithms_enabled())
     else:
         grad_proj = dp
-    grad_h0 = c[:, 0].to(w_h.dtype)
     return grad_proj.to(proj.dtype), grad_w_h, grad_b_h, grad_h0
 
 
@@ -412,7 +430,7 @@ def token_table_grad(ids, dp, V, deterministic=False):
     return grad
 
 
-def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32):
+def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell):
     """Runs the reverse-time chain. Returns ``c [B, T+1, H]`` with ``c[:, t] = dz_t @ W_h`` for
     ``t < T`` (the gradient reaching ``h_{t-1}`` and ``r_t`` from step ``t``) and
     ``c[:, T] = grad_h_n``."""
@@ -424,13 +442,13 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32):
     plan = _persistent_plan(B, H, w_h, allow_tf32)
     with _on_device(ws):
         if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_bwd(
-                grad_out, ws, w_h, c, plan, error, stepwise=PERSISTENT_STEPWISE), ws):
+                grad_out, ws, w_h, c, plan, error, stepwise=PERSISTENT_STEPWISE, cell=cell), ws):
             return c
         BLOCK_B, BLOCK_N, BLOCK_K = blocked_block_sizes(B, H)
         rnn_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](
             grad_out, ws, w_h, c, B, T, H,
             BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32),
+            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32), CELL=cell,
         )
     return c
 
