@@ -50,6 +50,8 @@ def backends() -> dict:
         note = "CUDA is available" if cuda else "no CUDA device"
         if mod.INTERPRET:
             note += "; TRITON_INTERPRET=1: CPU tensors run through the (slow) interpreter"
+        if mod.self_check.summary():
+            note += f"; first-use self-check: {mod.self_check.summary()}"
         info["triton"] = BackendInfo(cuda or mod.INTERPRET, devices, note)
     return info
 
