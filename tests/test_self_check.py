@@ -11,14 +11,13 @@ import pytest
 import torch
 
 import fused_rnn as fr
-from conftest import DEVICE
+from conftest import TRITON_DEVICE as DEVICE, requires_triton
 from helpers import check_parity, make_problem, rel_err
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
 from fused_rnn.ops import self_check, triton_persistent  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not triton_rnn.INTERPRET and DEVICE != "cuda",
-                                reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+pytestmark = requires_triton
 
 
 @pytest.fixture

@@ -112,8 +112,8 @@ def check(choice, precision: str, fwd, bwd, *, B, H, dtype, device, tokens, has_
                   grad_out=(B, T, H), grad_h_n=(B, H))
     scales = dict(w_h=1.5 * H ** -0.5, b_h=0.5, h0=0.9)
     sizes = [torch.Size(shape).numel() for shape in shapes.values()]
-    g = torch.Generator().manual_seed(1234)
-    uniform = torch.rand(sum(sizes), generator=g, dtype=torch.float64).to(device)  # one copy
+    g = torch.Generator(device=device).manual_seed(1234)  # drawn on the device: no copy
+    uniform = torch.rand(sum(sizes), generator=g, device=device, dtype=torch.float64)
     values = {}
     for (name, shape), u in zip(shapes.items(), uniform.split(sizes)):
         if name == "ids":

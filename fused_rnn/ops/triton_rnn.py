@@ -416,7 +416,7 @@ def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=Fal
                                      deterministic=torch.are_deterministic_algorithms_enabled())
     else:
         grad_proj = dp
-    grad_h0 = c[:, 0].to(w_h.dtype)
+    grad_h0 = c[:, 0].to(w_h.dtype).contiguous()  # not a view of c: the fake op is contiguous
     return grad_proj.to(proj.dtype), grad_w_h, grad_b_h, grad_h0
 
 
