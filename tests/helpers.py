@@ -36,12 +36,6 @@ def make_problem(B, T, H, *, E=6, V=11, tokens=True, h0=True, bias=True, dtype=t
     return args
 
 
-def to_device(args, device):
-    """The problem's tensors on ``device`` (float inputs as new leaves that require grad)."""
-    return {k: (v.detach().to(device).requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor)
-                else v) for k, v in args.items()}
-
-
 def float_inputs(args):
     return {k: v for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
 

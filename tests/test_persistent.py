@@ -169,6 +169,20 @@ def test_cuda_persistent_matches_reference(shape, dtype, persistent):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inputs", [dict(tokens=False), dict(h0=False), dict(bias=False),
+                                    dict(tokens=False, h0=False, bias=False)],
+                         ids=["dense", "zero-h0", "no-bias", "dense-zero-h0-no-bias"])
+@pytest.mark.parametrize("shape", [(20, 9, 300), (64, 64, 256)], ids=lambda s: "B{}-T{}-H{}".format(*s))
+def test_cuda_persistent_input_variants(shape, inputs, dtype, persistent):
+    """The other input cases of the parity test above: dense input, no h0, no biases."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", triton_rnn.PersistentKernelWarning)
+        check_parity(make_problem(*shape, E=32, dtype=dtype, device="cuda", **inputs), dtype)
+    assert persistent == {"fwd": 1, "bwd": 1}
+
+
+@requires_cuda
 @pytest.mark.parametrize("kernel", ["blocked", "persistent"])
 def test_cuda_call_has_no_host_sync(kernel, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", kernel)
