@@ -102,6 +102,7 @@ def test_wrong_persistent_kernel_falls_back_to_blocked(checked, monkeypatch):
 def test_wrong_blocked_kernels_fall_back_to_the_loop(checked, monkeypatch):
     """The persistent path not selected; the blocked backward kernel is wrong in its first
     batch row: the plain loop answers, forward and every gradient right."""
+    monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "blocked")
     wrong = Corrupted(triton_rnn.rnn_bwd_kernel, out=3, rows=(0, slice(0, -1)))
     monkeypatch.setattr(triton_rnn, "rnn_bwd_kernel", wrong)
     args = make_problem(5, 4, 24, device=DEVICE)
@@ -135,9 +136,10 @@ def test_a_kernel_that_raises_fails_its_check(checked, monkeypatch):
         check_parity(make_problem(4, 2, 16, device=DEVICE), torch.float32, "triton")
 
 
-def test_bf16_and_tf32_paths_are_checked_with_their_tolerance(checked):
+def test_tf32_path_is_checked_with_its_tolerance(checked, monkeypatch):
     """The check's tolerance follows the precision the kernels run in (a path's dtype)."""
     assert self_check.TOLERANCE["tf32"] > self_check.TOLERANCE["float32"]
+    monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "blocked")
     args = make_problem(4, 3, 16, device=DEVICE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", self_check.SelfCheckWarning)
