@@ -74,7 +74,11 @@ timeout -k 5 300 python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1
 cc_pid=$!
 
 # -- the CUDA test suite, both kernel families (the cpu backend's tests ran in CI)
-tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests/test_elman.py"
+# (every file whose tests take a backend: their tensors go where it runs, conftest.backend_device;
+# the CLI and app tests run on the CPU and ran in CI)
+tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests/test_properties.py
+       tests/test_ecosystem.py tests/test_reference.py tests/test_self_check.py tests/test_inputs.py
+       tests/test_elman.py tests/test_nn_rnn.py tests/test_edges.py"
 # (the first stage pays the cold Triton cache: ~1-3 s per kernel configuration)
 FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 150 pytest_persistent.log \
     python -m pytest -q -x -p no:cacheprovider -k "not cpu" --durations=10 \

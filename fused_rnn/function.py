@@ -42,6 +42,14 @@ def _triton_module():
         return exc
 
 
+@torch.compiler.assume_constant_result
+def _triton_import_error() -> Optional[str]:
+    """Why the Triton op module does not import, or None. A constant to torch.compile: backend
+    resolution runs inside a traced fused_rnn, where importlib cannot be traced."""
+    mod = _triton_module()
+    return f"{type(mod).__name__}: {mod}" if isinstance(mod, Exception) else None
+
+
 def backends() -> dict:
     """What each backend needs and whether it can run here: ``{name: BackendInfo}``.
 
@@ -60,6 +68,8 @@ def backends() -> dict:
         note = "CUDA is available" if cuda else "no CUDA device"
         if mod.INTERPRET:
             note += "; TRITON_INTERPRET=1: CPU tensors run through the (slow) interpreter"
+        if mod.self_check.summary():
+            note += f"; first-use self-check: {mod.self_check.summary()}"
         info["triton"] = BackendInfo(cuda or mod.INTERPRET, devices, note)
     return info
 
@@ -74,7 +84,7 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            return "reference" if isinstance(_triton_module(), Exception) else "triton"
+            return "reference" if _triton_import_error() is not None else "triton"
         if device.type == "cpu" and dtype in CPU_DTYPES:
             reason = cpu_ext.unavailable_reason()
             if reason is None:
@@ -91,8 +101,8 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
             raise RuntimeError(f"backend='cpu' supports float32 and float64, got {dtype}; "
                                f"use backend='reference' or convert the inputs")
         cpu_ext.load()  # raises RuntimeError saying how to fix a failed build
-    elif backend == "triton" and isinstance(_triton_module(), Exception):
-        raise RuntimeError(f"backend='triton' needs triton ({_triton_module()}); pip install triton")
+    elif backend == "triton" and _triton_import_error() is not None:
+        raise RuntimeError(f"backend='triton' needs triton ({_triton_import_error()}); pip install triton")
     return backend
 
 

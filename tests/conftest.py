@@ -14,6 +14,27 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+# Where the triton backend's tensors live in this run: CUDA when there is a GPU, CPU tensors
+# through the interpreter (TRITON_INTERPRET=1, the default above without a GPU), else nowhere.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else (
+    "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+TRITON_MISSING = ("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run CPU tensors "
+                  "through the interpreter")
+
+
+def backend_device(backend: str) -> str:
+    """The device a test must put its tensors on to run ``backend`` here: CUDA for ``triton``
+    when there is a GPU (CPU tensors under the interpreter), CPU for the C++ extension (``cpu``),
+    CUDA when present for ``reference`` and ``auto``. Skips the calling test, saying why, where
+    the backend cannot run (``triton`` with ``TRITON_INTERPRET=0`` and no GPU)."""
+    if backend == "cpu":
+        return "cpu"
+    if backend == "triton":
+        if TRITON_DEVICE is None:
+            pytest.skip(TRITON_MISSING)
+        return TRITON_DEVICE
+    return DEVICE
+
 
 @pytest.fixture
 def device():
@@ -31,6 +52,9 @@ class Kernel:
 
 
 # The one parity/gradient/bad-input suite runs over every fused backend.
-@pytest.fixture(params=[Kernel("triton", DEVICE), Kernel("cpu", "cpu")], ids=repr)
+@pytest.fixture(params=["triton", "cpu"])
 def kernel(request):
-    return request.param
+    return Kernel(request.param, backend_device(request.param))
+
+
+requires_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason=TRITON_MISSING)

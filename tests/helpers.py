@@ -42,7 +42,7 @@ def float_inputs(args):
 
 def cast(args, dtype):
     """A detached copy of the problem with float inputs in ``dtype``."""
-    return {k: (v.detach().to(dtype).requires_grad_() if v is not None and v.is_floating_point()
+    return {k: (v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
                 else v) for k, v in args.items()}
 
 

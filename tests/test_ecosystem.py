@@ -4,22 +4,31 @@ import torch
 import torch.multiprocessing as mp
 
 from fused_rnn import fused_rnn as rnn
+from conftest import backend_device, requires_cuda
 from helpers import cast, make_problem, rel_err, run_with_grads
 import ddp_worker
 
 
-@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
-def test_torch_compile_fullgraph(tokens):
-    args = make_problem(4, 6, 16, tokens=tokens)
+@pytest.mark.parametrize("backend,tokens,padded", [
+    ("cpu", True, False), ("cpu", False, False), ("triton", True, False), ("triton", False, True)],
+    ids=["cpu-tokens", "cpu-dense", "triton-tokens", "triton-dense-lengths"])
+def test_torch_compile_fullgraph(backend, tokens, padded):
+    """fullgraph=True: backend resolution (which imports the Triton module on first use) must not
+    break the graph; the fake ops must match the kernels' outputs (shapes and strides)."""
+    device = backend_device(backend)
+    args = make_problem(4, 6, 16, tokens=tokens, device=device)
+    lengths = torch.tensor([6, 2, 5, 1], device=device) if padded else None
     torch._dynamo.reset()
-    compiled = torch.compile(lambda **a: rnn(**a, backend="cpu"), fullgraph=True)
+    compiled = torch.compile(lambda **a: rnn(**a, lengths=lengths, backend=backend), fullgraph=True)
     got = run_with_grads(compiled, args)
-    want = run_with_grads(lambda **a: rnn(**a, backend="cpu"), args)
+    want = run_with_grads(lambda **a: rnn(**a, lengths=lengths, backend=backend), args)
     for name in want:
         assert rel_err(got[name], want[name]) < 1e-5, name
 
 
 def test_autocast_runs_in_the_autocast_dtype():
+    """On the CPU this never reaches a fused kernel: bf16 CPU tensors go to the reference loop
+    (the C++ extension is fp32/fp64 only). The CUDA test below runs the Triton kernels."""
     args = make_problem(4, 6, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output, h_n = rnn(**args)
@@ -27,6 +36,27 @@ def test_autocast_runs_in_the_autocast_dtype():
     want, _ = rnn(**cast(args, torch.float64))
     assert rel_err(output, want) < 2e-2
     output.float().sum().backward()  # gradients reach the fp32 parameters
+    assert args["w_h"].grad is not None and args["w_h"].grad.dtype == torch.float32
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_on_cuda_runs_the_triton_kernels(dtype, monkeypatch):
+    from fused_rnn.ops import triton_rnn
+    launches = []
+    original = triton_rnn.rnn_fwd
+
+    def spy(*args, **kwargs):
+        launches.append(args[2].dtype)  # w_h
+        return original(*args, **kwargs)
+    monkeypatch.setattr(triton_rnn, "rnn_fwd", spy)
+    args = make_problem(8, 12, 64, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        output, h_n = rnn(**args)
+    assert launches == [dtype] and output.dtype == h_n.dtype == dtype
+    want, _ = rnn(**cast(args, torch.float64), backend="reference")
+    assert rel_err(output, want) < 2e-2
+    output.float().sum().backward()
     assert args["w_h"].grad is not None and args["w_h"].grad.dtype == torch.float32
 
 

@@ -9,6 +9,7 @@ from torch import nn
 import fused_rnn
 from fused_rnn import FusedCharLoopModel, FusedRNN, convert, fused_rnn as rnn, rnn_reference
 from fused_rnn.reference import CharLoopModel as CourseModel
+from conftest import backend_device
 from helpers import make_problem, rel_err
 
 
@@ -45,12 +46,13 @@ def chars(B=6, T=8, V=20, seed=0):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_fused_char_loop_model_matches_the_course_model(backend):
+    device = backend_device(backend)
     torch.manual_seed(0)
-    course = CourseModel(20, 7, 32)
-    fused = FusedCharLoopModel(20, 7, 32, backend=backend)
+    course = CourseModel(20, 7, 32).to(device)
+    fused = FusedCharLoopModel(20, 7, 32, backend=backend).to(device)
     fused.load_state_dict(course.state_dict(), strict=True)
     course.load_state_dict(fused.state_dict(), strict=True)
-    cs = chars()
+    cs = [c.to(device) for c in chars()]
     want = course(*cs)
     torch.testing.assert_close(fused(*cs), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused(torch.stack(cs, 1)), want, rtol=1e-5, atol=1e-6)
@@ -152,11 +154,13 @@ def test_fused_rnn_module_token_input():
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
 def test_lengths_match_running_each_sequence_alone(backend, tokens):
     B, T, H = 4, 9, 16
-    args = make_problem(B, T, H, tokens=tokens, dtype=torch.float64)
-    lengths = torch.tensor([9, 1, 5, 7])
+    device = backend_device(backend)
+    args = make_problem(B, T, H, tokens=tokens, dtype=torch.float64, device=device)
+    lengths = torch.tensor([9, 1, 5, 7], device=device)
     out, h_n = rnn(**args, lengths=lengths, backend=backend)
     g = torch.Generator().manual_seed(3)
-    go, gh = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(h_n.shape, generator=g, dtype=out.dtype)
+    go = torch.randn(out.shape, generator=g, dtype=out.dtype).to(device)
+    gh = torch.randn(h_n.shape, generator=g, dtype=out.dtype).to(device)
     floats = {k: v for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad}
     grads = torch.autograd.grad((out * go).sum() + (h_n * gh).sum(), list(floats.values()))
 

@@ -4,7 +4,7 @@ import torch
 
 from fused_rnn import fused_rnn, rnn_reference
 from helpers import TOLERANCE, cast, check_parity, make_problem, rel_err, run_with_grads
-from conftest import requires_cuda
+from conftest import backend_device, requires_cuda, requires_triton
 
 # Odd sizes beside round ones; H=130/200 take more than one column block in every mode, B=70
 # more than one batch block.
@@ -91,7 +91,94 @@ def test_large_hidden_sizes(H):
 
 @requires_cuda
 def test_tf32_is_opt_in_and_close():
+    """TF32 must change the result (beyond fp32 rounding, so the switch is not ignored) and stay
+    within TF32's error, forward and every gradient."""
     args = make_problem(16, 32, 256, device="cuda")
-    exact = fused_rnn(**args, backend="triton")[0]
-    tf32 = fused_rnn(**args, backend="triton", allow_tf32=True)[0]
-    assert rel_err(tf32, exact) < 1e-2
+    exact = run_with_grads(lambda **a: fused_rnn(**a, backend="triton"), args)
+    tf32 = run_with_grads(lambda **a: fused_rnn(**a, backend="triton", allow_tf32=True), args)
+    for name in exact:
+        err = rel_err(tf32[name], exact[name])
+        assert TOLERANCE[torch.float32] < err < 1e-2, f"{name}: TF32 vs IEEE relative error {err:.1e}"
+
+
+@requires_triton
+def test_allow_tf32_reaches_the_kernels(monkeypatch):
+    """The interpreter ignores input_precision, so here the switch is checked where it enters the
+    kernels: every dot of the forward and backward chain is told "tf32" (and "ieee" without it)."""
+    triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
+    seen = []
+    for name in ("rnn_fwd_kernel", "rnn_bwd_kernel"):
+        kernel = getattr(triton_rnn, name)
+
+        class Spy:
+            def __getitem__(self, grid, _kernel=kernel):
+                def launch(*args, **kwargs):
+                    seen.append(kwargs["DOT_PRECISION"])
+                    return _kernel[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(triton_rnn, name, Spy())
+    monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "blocked")
+    args = make_problem(3, 2, 8, device=backend_device("triton"))
+    run_with_grads(lambda **a: fused_rnn(**a, backend="triton", allow_tf32=True), args)
+    run_with_grads(lambda **a: fused_rnn(**a, backend="triton"), args)
+    assert seen == ["tf32", "tf32", "ieee", "ieee"]
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [(33, 5, 100), (5, 3, 130), (17, 2, 64), (2, 3, 7)], ids=shape_id)
+def test_blocked_kernels_with_the_gpu_tiling(shape, monkeypatch):
+    """The interpreter picks its own (larger) blocks for speed; here the blocked kernels run the
+    exact tiles a GPU runs (16 rows x 64 columns x 64 K: several row, column and K blocks, ragged
+    last ones), forward and every gradient against the reference."""
+    triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
+    gpu_sizes = triton_rnn.blocked_block_sizes
+    used = []
+
+    def as_on_a_gpu(B, H, interpret=None):
+        used.append(gpu_sizes(B, H, interpret=False))
+        return used[-1]
+    monkeypatch.setattr(triton_rnn, "blocked_block_sizes", as_on_a_gpu)
+    monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "blocked")
+    B, T, H = shape
+    for tokens in (True, False):
+        check_parity(make_problem(B, T, H, tokens=tokens, device=backend_device("triton"), seed=H),
+                     torch.float32, "triton")
+    assert used and all(sizes == (16, min(64, max(16, triton_rnn.triton.next_power_of_2(H))),
+                                  min(64, max(16, triton_rnn.triton.next_power_of_2(H)))) for sizes in used)
+
+
+def _errors(args, lengths, backend):
+    """Relative error of every output and gradient of ``backend`` in fp32 against fp64."""
+    def run(a, dtype, backend):
+        return run_with_grads(lambda **kw: fused_rnn(**kw, lengths=lengths, backend=backend), cast(a, dtype))
+
+    want = run(args, torch.float64, "reference")
+    got = run(args, torch.float32, backend)
+    return {k: rel_err(got[k], want[k]) for k in want}
+
+
+# Random problems per backend (the interpreter is ~50x slower than the C++ extension).
+SATURATED_CASES = {"cpu": 150, "triton": 40}
+
+
+def test_fp32_error_near_the_eager_loop_on_saturated_states(kernel):
+    """Where tanh saturates, 1 - h^2 amplifies any error in h: on random small problems with
+    saturated states, every fp32 output and gradient of each fused backend stays within 8x of the
+    eager fp32 loop's own error (floor 1e-5). (The rational tanh of v0.1 broke this by up to 100x.)"""
+    worst = []
+    for case in range(SATURATED_CASES[kernel.backend]):
+        g = torch.Generator().manual_seed(case)
+        B, T, H = [int(v) for v in torch.randint(1, 9, (3,), generator=g)]
+        if case == 0:
+            B, T, H = 4, 5, 1  # dense input, padded lengths: 20x off with the rational tanh
+        args = make_problem(B, T, H, tokens=case % 2 == 1, seed=100 + case, dtype=torch.float64,
+                            device=kernel.device)
+        with torch.no_grad():  # weights large enough to saturate most states
+            args["w_h"].mul_(6.0)
+            args["w_in"].mul_(4.0)
+        lengths = torch.randint(1, T + 1, (B,), generator=g).to(kernel.device) if case % 3 == 0 else None
+        loop = _errors(args, lengths, "reference")
+        fused = _errors(args, lengths, kernel.backend)
+        worst += [(fused[k] / max(loop[k], 1.25e-6), case, k, fused[k], loop[k]) for k in loop]
+    ratio, case, name, fused_err, loop_err = max(worst)
+    assert ratio <= 8, f"case {case}: {name} error {fused_err:.1e}, the eager loop's {loop_err:.1e}"

@@ -14,7 +14,7 @@ import torch
 
 from fused_rnn import fused_rnn, rnn_reference
 from fused_rnn.ops import planner
-from conftest import DEVICE, requires_cuda
+from conftest import TRITON_DEVICE as DEVICE, requires_cuda, requires_triton
 from helpers import TOLERANCE, cast, make_problem, rel_err, run_with_grads
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
@@ -169,6 +169,20 @@ def test_cuda_persistent_matches_reference(shape, dtype, persistent):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inputs", [dict(tokens=False), dict(h0=False), dict(bias=False),
+                                    dict(tokens=False, h0=False, bias=False)],
+                         ids=["dense", "zero-h0", "no-bias", "dense-zero-h0-no-bias"])
+@pytest.mark.parametrize("shape", [(20, 9, 300), (64, 64, 256)], ids=lambda s: "B{}-T{}-H{}".format(*s))
+def test_cuda_persistent_input_variants(shape, inputs, dtype, persistent):
+    """The other input cases of the parity test above: dense input, no h0, no biases."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", triton_rnn.PersistentKernelWarning)
+        check_parity(make_problem(*shape, E=32, dtype=dtype, device="cuda", **inputs), dtype)
+    assert persistent == {"fwd": 1, "bwd": 1}
+
+
+@requires_cuda
 @pytest.mark.parametrize("kernel", ["blocked", "persistent"])
 def test_cuda_call_has_no_host_sync(kernel, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", kernel)
@@ -244,6 +258,7 @@ def test_timeout_warns_and_reruns_on_blocked_kernels(monkeypatch, persistent):
 # Kernel selection
 
 
+@requires_triton
 def test_kernel_variable_is_read_on_every_call(monkeypatch, persistent):
     args = make_problem(3, 2, 8, device=DEVICE)
     for value, expected in (("blocked", 0), ("persistent", 1), ("auto", 1), ("PERSISTENT", 2)):
@@ -252,6 +267,7 @@ def test_kernel_variable_is_read_on_every_call(monkeypatch, persistent):
         assert persistent["fwd"] == expected, value
 
 
+@requires_triton
 def test_bad_kernel_variable(monkeypatch):
     monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "fastest")
     with pytest.raises(ValueError, match="FUSED_RNN_TRITON_KERNEL"):
@@ -272,6 +288,7 @@ def test_persistent_that_does_not_fit_runs_blocked(monkeypatch, persistent):
 # Deterministic token-table gradient
 
 
+@requires_triton
 def test_token_table_grad_deterministic_kernel():
     g = torch.Generator().manual_seed(0)
     V, H = 9, 130  # id 8 never occurs; two column blocks
@@ -283,6 +300,7 @@ def test_token_table_grad_deterministic_kernel():
     assert torch.equal(got, triton_rnn.token_table_grad(ids, dp, V, deterministic=True))
 
 
+@requires_triton
 @pytest.mark.skipif(DEVICE == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
                     reason="deterministic cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts")
 def test_deterministic_mode_uses_the_sorted_kernel(monkeypatch):
@@ -307,6 +325,7 @@ def test_deterministic_mode_uses_the_sorted_kernel(monkeypatch):
     assert calls[-1] is False
 
 
+@requires_triton
 def test_flag_from_an_earlier_launch_disables_the_persistent_path(persistent):
     """On CUDA the timeout flag is read at the next call from a pinned copy, once the copy's
     event has completed (no sync); here the copy is faked as landed and set."""

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fused_rnn import fused_rnn, rnn_reference
+from conftest import backend_device
 from helpers import TOLERANCE, cast, make_problem, rel_err, run_with_grads
 
 # Examples per backend: the Triton interpreter runs ~50x slower than the C++ extension.
@@ -27,17 +28,18 @@ def strided(t):
 
 
 @st.composite
-def problems(draw):
+def problems(draw, device):
     B, T, H = draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(1, 12))
     E, V = draw(st.integers(1, 5)), draw(st.integers(1, 6))
     tokens, bias, h0, padded, contiguous = (draw(st.booleans()) for _ in range(5))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     seed = draw(st.integers(0, 2**16))
-    args = make_problem(B, T, H, E=E, V=V, tokens=tokens, h0=h0, bias=bias, dtype=dtype, seed=seed)
+    args = make_problem(B, T, H, E=E, V=V, tokens=tokens, h0=h0, bias=bias, dtype=dtype, seed=seed,
+                        device=device)
     if not contiguous:
         args = {k: strided(v) for k, v in args.items()}
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, T + 1, (B,), generator=g) if padded else None
+    lengths = torch.randint(1, T + 1, (B,), generator=g).to(device) if padded else None
     return args, lengths
 
 
@@ -60,10 +62,11 @@ def reference(args, lengths):
 def test_random_problems_match_the_reference(backend):
     """Random B, T, H, E, V; tokens or dense; with/without biases and h0; padded lengths; fp32 or
     fp64; contiguous or not: the forward and every gradient match the float64 loop."""
+    device = backend_device(backend)
 
     @settings(max_examples=EXAMPLES[backend], derandomize=True, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow])
-    @given(problems())
+    @given(problems(device))
     def check(problem):
         args, lengths = problem
         dtype = args["w_h"].dtype
@@ -94,9 +97,9 @@ NONFINITE = {
 NONFINITE_PARAMS = [pytest.param(backend, case, id=f"{backend}-{case}") for backend in EXAMPLES for case in NONFINITE]
 
 
-def nonfinite_problem(case):
+def nonfinite_problem(case, backend):
     name, value, tokens = NONFINITE[case]
-    args = make_problem(3, 4, 5, E=3, V=4, tokens=tokens, seed=1)
+    args = make_problem(3, 4, 5, E=3, V=4, tokens=tokens, seed=1, device=backend_device(backend))
     with torch.no_grad():
         args[name].view(-1)[1] = value
     return args
@@ -116,7 +119,7 @@ interpreter_nan_warning = pytest.mark.filterwarnings("ignore:invalid value encou
 @interpreter_nan_warning
 @pytest.mark.parametrize("backend, case", NONFINITE_PARAMS)
 def test_nan_and_inf_forward_like_the_reference(backend, case):
-    args = nonfinite_problem(case)
+    args = nonfinite_problem(case, backend)
     with torch.no_grad():
         got = dict(zip(["output", "h_n"], fused_rnn(**args, backend=backend)))
         want = dict(zip(["output", "h_n"], rnn_reference(**cast(args, torch.float64))))
@@ -126,7 +129,7 @@ def test_nan_and_inf_forward_like_the_reference(backend, case):
 @interpreter_nan_warning
 @pytest.mark.parametrize("backend, case", NONFINITE_PARAMS)
 def test_nan_and_inf_gradients_like_the_reference(backend, case):
-    args = nonfinite_problem(case)
+    args = nonfinite_problem(case, backend)
     got = run_with_grads(lambda **a: fused_rnn(**a, backend=backend), args)
     want = run_with_grads(rnn_reference, cast(args, torch.float64))
     assert_same_nonfinite(got, want)
@@ -140,7 +143,8 @@ DETERMINISM = {"cpu": dict(B=64, T=24, H=96, E=16, V=20), "triton": dict(B=5, T=
 @pytest.mark.parametrize("backend", list(DETERMINISM))
 def test_deterministic_algorithms_give_bitwise_repeatable_results(backend, tokens):
     shape = DETERMINISM[backend]
-    args = make_problem(shape["B"], shape["T"], shape["H"], E=shape["E"], V=shape["V"], tokens=tokens, seed=3)
+    args = make_problem(shape["B"], shape["T"], shape["H"], E=shape["E"], V=shape["V"], tokens=tokens, seed=3,
+                        device=backend_device(backend))
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

@@ -38,6 +38,7 @@ The weight/bias gradients and dL/dp are large parallel GEMMs/reductions done aft
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 
@@ -45,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import planner, workspace_dtype
+from . import planner, self_check, workspace_dtype
 from .triton_common import INTERPRET, _activation, _activation_grad
 
 
@@ -299,6 +300,33 @@ def _persistent_plan(B, H, w_h, allow_tf32):
     return plan
 
 
+def _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell):
+    """(family, persistent plan or None) that answers this call: the persistent kernels if
+    selected and they fit, else the blocked ones; each path only once it has passed its first-use
+    self-check (`self_check.py`), else the next one down, at the bottom the plain loop."""
+    forced = self_check.forced()  # a running self-check: its small problem, the tiling it checks
+    if forced is not None:
+        family, plan = forced
+        return family, plan and dataclasses.replace(plan, groups=-(-B // plan.block_b))
+    plan = _persistent_plan(B, H, w_h, allow_tf32)
+    precision = "tf32" if _dot_precision(w_h.dtype, allow_tf32) == "tf32" else str(w_h.dtype)[6:]
+    shape = (precision, f"H_PAD={max(16, triton.next_power_of_2(H))}",
+             "H%16=0" if H % 16 == 0 else "H%16>0", "tokens" if tokens else "dense",
+             "bias" if has_bias else "no-bias")
+    candidates = [("persistent", plan)] if plan is not None else []
+    candidates.append(("blocked", None))
+    for family, p in candidates:
+        tiles = (f"tiles={p.block_b}x{p.block_n}", f"warps={p.num_warps}") if p is not None else \
+            ("tiles={}x{}x{}".format(*blocked_block_sizes(B, H)),)
+        path = (family, f"{cell}-cell") + shape + tiles
+        if self_check.passes(path, w_h.device, lambda: self_check.check(
+                (family, p), precision, rnn_fwd, rnn_bwd, B=B, H=H, dtype=w_h.dtype, device=w_h.device,
+                tokens=tokens, has_bias=has_bias, allow_tf32=allow_tf32, cell=cell,
+                broken=lambda: _persistent.disabled_reason if family == "persistent" else None)):
+            return family, p
+    return "loop", None
+
+
 def _error_flag(device):
     if device not in _persistent.flags:
         error = torch.zeros(1, device=device, dtype=torch.int32)
@@ -361,8 +389,11 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
         ws[:, 0].zero_()
     else:
         ws[:, 0].copy_(h0)
-    plan = _persistent_plan(B, H, w_h, allow_tf32)
+    family, plan = _choose_path(B, H, w_h, allow_tf32, ids is not None, b_h is not None, cell)
     with _on_device(ws):
+        if family == "loop":
+            self_check.loop_fwd(proj, ids, w_h, b_h, ws, cell)
+            return ws
         if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_fwd(
                 proj, ids, w_h, b_h, ws, plan, error, stepwise=PERSISTENT_STEPWISE, cell=cell), ws):
             return ws
@@ -382,13 +413,13 @@ def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=Fal
     """Backward through all steps: ``(grad_proj, grad_w_h, grad_b_h, grad_h0)`` (``grad_b_h``
     None without a bias), in the dtypes of ``proj`` and ``w_h``. ``h0`` is not read (``ws[:, 0]``
     holds it)."""
-    c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell)
+    c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, ids is not None, has_bias)
     # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
     # dtype, cast to the inputs' dtype at the end.
     H = w_h.shape[0]
     h = ws[:, 1:]
     g = grad_out.to(ws.dtype) + c[:, 1:]
-    grad_h0 = c[:, 0].to(w_h.dtype)
+    grad_h0 = c[:, 0].to(w_h.dtype).contiguous()  # not a view of c: the fake op is contiguous
     if cell != "course":  # dL/dq = dz; the product's partner is h_{t-1}
         dz = torch.where(h <= 0, 0.0, g) if cell == "elman_relu" else g * (1.0 - h * h)
         grad_w_h = (dz.reshape(-1, H).t() @ ws[:, :-1].reshape(-1, H)).to(w_h.dtype)
@@ -430,7 +461,7 @@ def token_table_grad(ids, dp, V, deterministic=False):
     return grad
 
 
-def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell):
+def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, tokens, has_bias):
     """Runs the reverse-time chain. Returns ``c [B, T+1, H]`` with ``c[:, t] = dz_t @ W_h`` for
     ``t < T`` (the gradient reaching ``h_{t-1}`` and ``r_t`` from step ``t``) and
     ``c[:, T] = grad_h_n``."""
@@ -439,8 +470,11 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell):
     c = torch.empty_like(ws)
     c[:, T].copy_(grad_h_n)
     grad_out = grad_out.to(ws.dtype).contiguous()
-    plan = _persistent_plan(B, H, w_h, allow_tf32)
+    family, plan = _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell)
     with _on_device(ws):
+        if family == "loop":
+            self_check.loop_bwd(grad_out, ws, w_h, c, cell)
+            return c
         if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_bwd(
                 grad_out, ws, w_h, c, plan, error, stepwise=PERSISTENT_STEPWISE, cell=cell), ws):
             return c
