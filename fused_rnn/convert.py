@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .function import check_backend
+from .dispatch import check_backend
 from .modules import FusedCharLoopModel
 from .reference import CharLoopModel
 from .rnn import RNN, RNNCell, from_torch, torch_rnn_mismatch

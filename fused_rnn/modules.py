@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .function import check_backend, fused_rnn
+from .dispatch import check_backend
+from .function import fused_rnn
 from .reference import CharLoopModel
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .function import check_backend, elman_rnn
+from .dispatch import check_backend
+from .function import elman_rnn
 from .reference import elman_reference
 
 

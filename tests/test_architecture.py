@@ -9,7 +9,7 @@ import pytest
 import fused_rnn
 
 PACKAGE = Path(fused_rnn.__file__).parent
-KERNEL_FILES = {"ops/triton_rnn.py", "ops/triton_persistent.py", "function.py"}
+KERNEL_FILES = {"ops/triton_rnn.py", "ops/triton_persistent.py"}
 EXTENSIONS = {"fused_rnn._C"}  # the C++ extension: a module even where it is not built yet
 
 

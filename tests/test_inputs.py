@@ -8,7 +8,7 @@ import torch
 
 import fused_rnn
 from fused_rnn import fused_rnn as rnn
-from fused_rnn import function
+from fused_rnn import dispatch
 from fused_rnn.ops import cpu_ext
 from helpers import make_problem
 
@@ -84,7 +84,7 @@ def test_cpu_backend_refuses_what_it_cannot_run():
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_ext", "the extension could not be built (test)")
-    monkeypatch.setattr(function, "_warned_cpu_fallback", False)
+    monkeypatch.setattr(dispatch, "_warned_cpu_fallback", False)
     args = problem()
     with pytest.warns(UserWarning, match="falling back to the reference"):
         got = rnn(**args)

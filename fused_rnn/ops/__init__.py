@@ -16,7 +16,7 @@ may then skip work whose only use is ``grad_h0``, returning zeros).
 For the elman cells the backward's ``grad_proj`` is ``dz`` (``dL/dq``), ``grad_w_h`` is
 ``sum_t dz_t^T h_{t-1}`` and ``grad_b_h`` None; ``q`` is laid out as :func:`elman_q_time_major` says.
 
-Imported lazily by fused_rnn.function.
+Called by the custom ops in fused_rnn/recurrence_op.py.
 """
 import torch
 

@@ -1,6 +1,6 @@
 """The recurrence in Triton: one launch runs all T steps forward, one runs the BPTT chain backward.
 
-Entry points (shared with the CPU extension; `fused_rnn.function` wraps them in autograd):
+Entry points (shared with the CPU extension; `fused_rnn.recurrence_op` wraps them in autograd):
 ``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell) -> ws`` and
 ``rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32, cell)
 -> (grad_proj, grad_w_h, grad_b_h, grad_h0)``.
