@@ -41,8 +41,10 @@ class CharLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         V = len(config.vocab)
+        # dropout acts between stacked layers; with one layer the command line has said so once
+        dropout = config.dropout if config.num_layers > 1 else 0.0
         self.rnn = FusedRNN(config.n_fac, config.hidden_size, config.num_layers,
-                            dropout=config.dropout, vocab_size=V, backend=backend)
+                            dropout=dropout, vocab_size=V, backend=backend)
         self.l_out = nn.Linear(config.hidden_size, V)
 
     def forward(self, x, h0=None):
