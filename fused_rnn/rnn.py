@@ -87,10 +87,7 @@ class RNN(nn.RNNBase):
     def from_torch(cls, module: nn.RNN, backend: str = "auto") -> "RNN":
         """The twin of ``module`` holding its very Parameter objects (so an optimizer holding them
         keeps working, and device and dtype carry over) and its training mode."""
-        problem = torch_rnn_mismatch(module)
-        if problem is not None or not isinstance(module, nn.RNN):
-            raise TypeError(f"RNN.from_torch takes a torch.nn.RNN, got {type(module).__name__}"
-                            + (f": {problem}" if problem else ""))
+        _require_twin_source(module, nn.RNN, "RNN")
         with warnings.catch_warnings():  # module's constructor already warned about its dropout
             warnings.simplefilter("ignore")
             twin = cls(module.input_size, module.hidden_size, module.num_layers, module.nonlinearity,
@@ -203,10 +200,7 @@ class RNNCell(nn.RNNCell):
     def from_torch(cls, module: nn.RNNCell, backend: str = "auto") -> "RNNCell":
         """The twin of ``module`` holding its very Parameter objects (so an optimizer holding them
         keeps working, and device and dtype carry over) and its training mode."""
-        problem = torch_rnn_mismatch(module)
-        if problem is not None or not isinstance(module, nn.RNNCell):
-            raise TypeError(f"RNNCell.from_torch takes a torch.nn.RNNCell, got {type(module).__name__}"
-                            + (f": {problem}" if problem else ""))
+        _require_twin_source(module, nn.RNNCell, "RNNCell")
         twin = cls(module.input_size, module.hidden_size, module.bias, module.nonlinearity,
                    device="meta", backend=backend)
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -247,6 +241,14 @@ class RNNCell(nn.RNNCell):
             raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, expected {self.hidden_size}")
         if hx.dtype != x.dtype and not casting:
             raise RuntimeError(f"hx dtype ({hx.dtype}) does not match input dtype ({x.dtype})")
+
+
+def _require_twin_source(module: nn.Module, kind: type, name: str) -> None:
+    """TypeError saying why, unless ``module`` is a ``torch.nn.<name>`` its twin replaces exactly."""
+    problem = torch_rnn_mismatch(module)
+    if problem is not None or not isinstance(module, kind):
+        raise TypeError(f"{name}.from_torch takes a torch.nn.{name}, got {type(module).__name__}"
+                        + (f": {problem}" if problem else ""))
 
 
 def torch_rnn_mismatch(module: nn.Module) -> Optional[str]:

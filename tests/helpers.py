@@ -73,3 +73,18 @@ def check_parity(args, dtype, backend):
         assert got[name].dtype == dtype, name
         err = rel_err(got[name], want[name])
         assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+def count_persistent_launches(monkeypatch) -> dict:
+    """Counts the persistent kernels' launches from here on: ``{"fwd": n, "bwd": n}``."""
+    from fused_rnn.ops import triton_persistent
+
+    calls = {"fwd": 0, "bwd": 0}
+    for name, key in (("persistent_fwd", "fwd"), ("persistent_bwd", "bwd")):
+        original = getattr(triton_persistent, name)
+
+        def spy(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(triton_persistent, name, spy)
+    return calls

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fused_rnn import elman_reference, elman_rnn, fused_rnn, rnn_reference
-from helpers import TOLERANCE, cast, make_problem, rel_err, run_with_grads
+from helpers import TOLERANCE, cast, count_persistent_launches, make_problem, rel_err, run_with_grads
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
 from concurrent_interpreter import concurrent_programs  # noqa: E402
@@ -66,16 +66,8 @@ def persistent_gpu_mode(monkeypatch):
     # bf16: see the module docstring (no bf16 dot in the persistent kernels)
     monkeypatch.setattr(triton_rnn, "_check_runnable",
                         lambda t: None if t.dtype == torch.bfloat16 else runnable(t))
-    calls = {"fwd": 0, "bwd": 0}
-    for name, key in (("persistent_fwd", "fwd"), ("persistent_bwd", "bwd")):
-        original = getattr(triton_persistent, name)
-
-        def spy(*args, _original=original, _key=key, **kwargs):
-            calls[_key] += 1
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(triton_persistent, name, spy)
     triton_rnn.reset_persistent_state()
-    yield calls
+    yield count_persistent_launches(monkeypatch)
     triton_rnn.reset_persistent_state()
 
 

@@ -15,7 +15,7 @@ import torch
 from fused_rnn import fused_rnn, rnn_reference
 from fused_rnn.ops import planner
 from conftest import TRITON_DEVICE as DEVICE, requires_cuda, requires_triton
-from helpers import TOLERANCE, cast, make_problem, rel_err, run_with_grads
+from helpers import TOLERANCE, cast, count_persistent_launches, make_problem, rel_err, run_with_grads
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
 from fused_rnn.ops import triton_persistent  # noqa: E402
@@ -27,16 +27,8 @@ INTERPRET = triton_rnn.INTERPRET
 def persistent(monkeypatch):
     """Selects the persistent kernels and counts their launches: {"fwd": n, "bwd": n}."""
     monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "persistent")
-    calls = {"fwd": 0, "bwd": 0}
-    for name, key in (("persistent_fwd", "fwd"), ("persistent_bwd", "bwd")):
-        original = getattr(triton_persistent, name)
-
-        def spy(*args, _original=original, _key=key, **kwargs):
-            calls[_key] += 1
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(triton_persistent, name, spy)
     triton_rnn.reset_persistent_state()
-    yield calls
+    yield count_persistent_launches(monkeypatch)
     triton_rnn.reset_persistent_state()
 
 
