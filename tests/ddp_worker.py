@@ -1,4 +1,5 @@
-"""A 2-process DistributedDataParallel run of a fused char model (imported by test_ecosystem)."""
+"""A 2-process DistributedDataParallel run of a fused char model, on the course's cell or on
+nn.RNN's (fused_rnn.RNN) (imported by test_ecosystem)."""
 import os
 
 import torch
@@ -6,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import fused_rnn
 from fused_rnn.app.model import CharLanguageModel, ModelConfig
 
 VOCAB = "abcdefghijklmnop"
@@ -17,8 +19,24 @@ def batch():
     return x[:, :-1], x[:, 1:]
 
 
-def model(backend):
+class ElmanCharModel(torch.nn.Module):
+    """Embedding -> fused_rnn.RNN (2 layers, bidirectional) -> linear."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.e = torch.nn.Embedding(len(VOCAB), 5)
+        self.rnn = fused_rnn.RNN(5, 24, num_layers=2, batch_first=True, bidirectional=True, backend=backend)
+        self.l_out = torch.nn.Linear(48, len(VOCAB))
+
+    def forward(self, x):
+        output, h_n = self.rnn(self.e(x))
+        return self.l_out(output), h_n
+
+
+def model(backend, cell="course"):
     torch.manual_seed(0)
+    if cell == "elman":
+        return ElmanCharModel(backend)
     return CharLanguageModel(ModelConfig(VOCAB, n_fac=5, hidden_size=24, num_layers=2), backend=backend)
 
 
@@ -27,10 +45,10 @@ def loss_of(m, x, y):
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
-def worker(rank, world_size, init_file, out_file, backend):
+def worker(rank, world_size, init_file, out_file, backend, cell="course"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        ddp = DistributedDataParallel(model(backend))
+        ddp = DistributedDataParallel(model(backend, cell))
         x, y = batch()
         shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
         loss_of(ddp, x[shard], y[shard]).backward()

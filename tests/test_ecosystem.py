@@ -60,12 +60,12 @@ def test_autocast_on_cuda_runs_the_triton_kernels(dtype, monkeypatch):
     assert args["w_h"].grad is not None and args["w_h"].grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_distributed_data_parallel_two_processes(backend, tmp_path):
+@pytest.mark.parametrize("backend,cell", [("cpu", "course"), ("reference", "course"), ("cpu", "elman")])
+def test_distributed_data_parallel_two_processes(backend, cell, tmp_path):
     out_file = tmp_path / "grads.pt"
-    mp.spawn(ddp_worker.worker, args=(2, str(tmp_path / "init"), str(out_file), backend), nprocs=2)
+    mp.spawn(ddp_worker.worker, args=(2, str(tmp_path / "init"), str(out_file), backend, cell), nprocs=2)
     ddp_grads = torch.load(out_file)
-    single = ddp_worker.model(backend)
+    single = ddp_worker.model(backend, cell)
     ddp_worker.loss_of(single, *ddp_worker.batch()).backward()
     for name, p in single.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
