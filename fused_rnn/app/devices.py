@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..function import backends
+from ..dispatch import backends
 from .errors import UserError
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
