@@ -1,6 +1,7 @@
 """The char language model: embedding -> fused recurrence -> linear read-out, and its config."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,10 @@ class CharLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         V = len(config.vocab)
-        self.rnn = FusedRNN(config.n_fac, config.hidden_size, config.num_layers,
-                            dropout=config.dropout, vocab_size=V, backend=backend)
+        with warnings.catch_warnings():  # train says so itself, in one line; sample and inspect need not
+            warnings.filterwarnings("ignore", message="dropout acts between stacked layers")
+            self.rnn = FusedRNN(config.n_fac, config.hidden_size, config.num_layers,
+                                dropout=config.dropout, vocab_size=V, backend=backend)
         self.l_out = nn.Linear(config.hidden_size, V)
 
     def forward(self, x, h0=None):

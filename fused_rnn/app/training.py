@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +122,7 @@ def train(opts) -> CharLanguageModel:
 
 def _make_model(config, backend, device):
     try:
-        with warnings.catch_warnings():  # train already said so in one line (dropout with one layer)
-            warnings.filterwarnings("ignore", message="dropout acts between stacked layers")
-            return CharLanguageModel(config, backend=backend).to(device)
+        return CharLanguageModel(config, backend=backend).to(device)
     except (RuntimeError, MemoryError, OverflowError) as exc:  # sizes that cannot be allocated
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot make a model with hidden size {config.hidden_size}, embedding {config.n_fac} "
