@@ -9,6 +9,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch.func import functional_call, jacfwd, jacrev, jvp, vmap
 
 from fused_rnn import FusedCharLoopModel, FusedRNN, fused_rnn, rnn_reference
+from conftest import backend_device
 from helpers import cast, make_problem, run_with_grads
 
 FUSED = ["cpu", "triton"]
@@ -50,7 +51,7 @@ def _forward_mode(mode, fn, primal, tangent):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("mode", ["jvp", "jacfwd", "forward_ad"])
 def test_forward_mode_ad_on_a_fused_backend_refuses(backend, mode):
-    args = problem()
+    args = problem(device=backend_device(backend))
     with pytest.raises(RuntimeError, match=r"does not support forward-mode AD.*backend='reference'"):
         _forward_mode(mode, last_state(args, backend), args["w_h"], torch.randn_like(args["w_h"]))
 
@@ -74,7 +75,7 @@ def test_forward_mode_ad_through_the_module():
 
 @pytest.mark.parametrize("backend", ALL)
 def test_jacrev_with_auto_or_reference_is_right_and_fused_refuses(backend):
-    args = problem()
+    args = problem(device=backend_device(backend))
     fn = last_state(args, backend)
     if backend in FUSED:
         with pytest.raises(RuntimeError, match=r"reverse-mode transforms.*backend='reference'"):
@@ -85,7 +86,7 @@ def test_jacrev_with_auto_or_reference_is_right_and_fused_refuses(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_double_backward_on_a_fused_backend_names_the_limit(backend):
-    args = problem()
+    args = problem(device=backend_device(backend))
     w_h = args["w_h"].clone().requires_grad_()
     grad, = torch.autograd.grad(last_state(args, backend)(w_h).sum(), w_h, create_graph=True)
     with pytest.raises(RuntimeError, match=r"no double backward.*backend='reference'"):
@@ -103,8 +104,10 @@ def test_double_backward_on_the_reference_works():
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("what", ["ids", "lengths"])
 def test_vmap_over_ids_or_lengths_refuses(backend, what):
-    args = problem()
-    stacked = torch.stack([args["x"], args["x"].flip(0)]) if what == "ids" else torch.tensor([[1, 2, 4], [4, 3, 2]])
+    device = backend_device(backend)
+    args = problem(device=device)
+    stacked = (torch.stack([args["x"], args["x"].flip(0)]) if what == "ids"
+               else torch.tensor([[1, 2, 4], [4, 3, 2]], device=device))
 
     def fn(v):
         kw = {"x": v} if what == "ids" else {"lengths": v}
@@ -131,8 +134,9 @@ INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, t
 @pytest.mark.parametrize("backend", ALL)
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
 def test_ids_and_lengths_of_every_integer_dtype(backend, dtype):
-    args = problem(dtype=torch.float32)
-    lengths = torch.tensor([4, 1, 3])
+    device = backend_device(backend)
+    args = problem(dtype=torch.float32, device=device)
+    lengths = torch.tensor([4, 1, 3], device=device)
     want = fused_rnn(**args, lengths=lengths, backend=backend)
     small = {**args, "x": args["x"].to(dtype)}
     got = fused_rnn(**small, lengths=lengths.to(dtype), backend=backend)
@@ -159,29 +163,30 @@ def test_auto_with_half_weights_on_the_cpu_takes_uint8_ids():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_out_of_range_lengths_are_caught_in_the_compiled_graph(backend):
-    args = problem(dtype=torch.float32)
+    device = backend_device(backend)
+    args = problem(dtype=torch.float32, device=device)
     torch._dynamo.reset()
     compiled = torch.compile(lambda lengths: fused_rnn(**args, lengths=lengths, backend=backend),
                              fullgraph=True)
-    good = torch.tensor([4, 1, 3])
+    good = torch.tensor([4, 1, 3], device=device)
     for got, want in zip(compiled(good), fused_rnn(**args, lengths=good, backend=backend)):
         torch.testing.assert_close(got, want)
     for bad in ([0, 1, 3], [-1, 2, 2], [4, 5, 1]):
         with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, T=4\]"):
-            compiled(torch.tensor(bad))
+            compiled(torch.tensor(bad, device=device))
 
 
 # --- NaN / Inf where a fused path reads what the loop does not ------------------------------------
 
-def table_shortcut_problem(w_h_row):
+def table_shortcut_problem(w_h_row, device):
     """B >= 2V and no h0 (the cpu forward's [V, H] table shortcut for h_1, h_2): every token's
     input row is 1.5, and w_h's first row is ``w_h_row``, so h_1[0] = -1 and step 2's sum holds
     huge terms of both signs that the loop adds before multiplying."""
-    args = make_problem(8, 3, 2, E=3, V=4, h0=False, seed=2)
+    args = make_problem(8, 3, 2, E=3, V=4, h0=False, device=device, seed=2)
     with torch.no_grad():
         args["w_in"].zero_()
         args["b_in"].fill_(1.5)
-        args["w_h"][0] = torch.tensor(w_h_row)
+        args["w_h"][0] = torch.tensor(w_h_row, device=device)
     return args
 
 
@@ -191,7 +196,7 @@ def table_shortcut_problem(w_h_row):
 @pytest.mark.parametrize("backend", ALL[1:])
 @pytest.mark.parametrize("w_h_row", [[-float("inf"), 0.1], [-3e38, -3e38]], ids=["inf", "near-overflow"])
 def test_table_shortcut_agrees_with_the_loop_on_inf_and_overflow(backend, w_h_row):
-    args = table_shortcut_problem(w_h_row)
+    args = table_shortcut_problem(w_h_row, backend_device(backend))
     with torch.no_grad():
         got = fused_rnn(**args, backend=backend)
         want = rnn_reference(**args)
@@ -204,7 +209,7 @@ def test_table_shortcut_agrees_with_the_loop_on_inf_and_overflow(backend, w_h_ro
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("B", [4, 16], ids=["B4", "B16"])  # cpu: per-position sums / [V, H] tables
 def test_nonfinite_embedding_row_of_an_absent_token_reaches_no_gradient(backend, value, B):
-    args = make_problem(B, 5, 4, E=3, V=6, seed=3)
+    args = make_problem(B, 5, 4, E=3, V=6, device=backend_device(backend), seed=3)
     args["x"] = args["x"] % 5  # token 5 never occurs
     with torch.no_grad():
         args["embedding"][5] = value

@@ -14,18 +14,21 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn.rnn
 from fused_rnn import RNN, RNNCell, convert
+from conftest import backend_device
 from helpers import rel_err
 
-BACKENDS = ["reference", "cpu", "triton"]  # triton: through the interpreter on CPU tensors
+BACKENDS = ["reference", "cpu", "triton"]  # each on its backend_device: CUDA or CPU
 TOL = 1e-9
 f64 = torch.float64
 
 
 def torch_and_fused(backend, seed=0, **config):
-    """nn.RNN and fused_rnn.RNN of one config, float64, holding equal weights."""
+    """nn.RNN and fused_rnn.RNN of one config, float64, holding equal weights, both on the
+    device ``backend`` runs on."""
+    device = backend_device(backend)
     torch.manual_seed(seed)
-    ref = nn.RNN(**config, dtype=f64)
-    fused = RNN(**config, dtype=f64, backend=backend)
+    ref = nn.RNN(**config, dtype=f64).to(device)
+    fused = RNN(**config, dtype=f64, backend=backend).to(device)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
@@ -36,8 +39,8 @@ def outputs_and_grads(module, x, hx, to_input=lambda x: x, seed=1):
     out, h_n = module(to_input(x), hx)
     data = out.data if isinstance(out, PackedSequence) else out
     g = torch.Generator().manual_seed(seed)
-    loss = (data * torch.randn(data.shape, generator=g, dtype=f64)).sum() \
-        + (h_n * torch.randn(h_n.shape, generator=g, dtype=f64)).sum()
+    loss = (data * torch.randn(data.shape, generator=g, dtype=f64).to(data.device)).sum() \
+        + (h_n * torch.randn(h_n.shape, generator=g, dtype=f64).to(h_n.device)).sum()
     params = {name.removeprefix("_orig_mod."): p for name, p in module.named_parameters()}  # compiled
     inputs = {"input": x, **({"hx": hx} if hx is not None else {}), **params}
     grads = torch.autograd.grad(loss, list(inputs.values()))
@@ -60,9 +63,10 @@ def assert_same(got, want):
             assert rel_err(g, w) < TOL, f"{name}: relative error {rel_err(g, w):.1e}"
 
 
-def rand(*shape, seed=0):
+def rand(*shape, seed=0, device="cpu"):
+    """Seeded float64 values, the same on every device."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=f64).requires_grad_()
+    return torch.randn(*shape, generator=g, dtype=f64).to(device).requires_grad_()
 
 
 # Every value of every option, with odd sizes drawn at random (seeded) per config.
@@ -91,15 +95,16 @@ def sizes(i):
 @pytest.mark.parametrize("index", range(len(CONFIGS)), ids=[config_id(c) for c in CONFIGS])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_matches_torch(backend, index, kind):
+    device = backend_device(backend)
     config, s = CONFIGS[index], sizes(index)
     I, H, B, T = s["I"], s["H"], s["B"], s["T"]
     ref, fused = torch_and_fused(backend, index, input_size=I, hidden_size=H, **config)
     ref.eval(), fused.eval()  # dropout in eval mode: none
     D = 2 if config["bidirectional"] else 1
     shape = (B, T, I) if config["batch_first"] else (T, B, I)
-    x = rand(*shape, seed=index)
+    x = rand(*shape, seed=index, device=device)
     with_hx = (index + ["padded", "packed-sorted", "packed-unsorted"].index(kind)) % 2 == 0
-    hx = rand(config["num_layers"] * D, B, H, seed=index + 100) if with_hx else None
+    hx = rand(config["num_layers"] * D, B, H, seed=index + 100, device=device) if with_hx else None
     to_input = lambda x: x  # noqa: E731
     if kind != "padded":
         lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(index))
@@ -114,11 +119,12 @@ def test_rnn_matches_torch(backend, index, kind):
 @pytest.mark.parametrize("index", [0, 2, 3], ids=[config_id(CONFIGS[i]) for i in (0, 2, 3)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_unbatched_input(backend, index):
+    device = backend_device(backend)
     config = CONFIGS[index]
     ref, fused = torch_and_fused(backend, index, input_size=3, hidden_size=5, **config)
     D = 2 if config["bidirectional"] else 1
-    x = rand(4, 3, seed=1)
-    for hx in (None, rand(config["num_layers"] * D, 5, seed=2)):
+    x = rand(4, 3, seed=1, device=device)
+    for hx in (None, rand(config["num_layers"] * D, 5, seed=2, device=device)):
         got, want = outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx)
         assert got["output"].shape == (4, 5 * D) and got["h_n"].shape == (config["num_layers"] * D, 5)
         assert_same(got, want)
@@ -126,9 +132,10 @@ def test_rnn_unbatched_input(backend, index):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_non_contiguous_input_and_hx(backend):
+    device = backend_device(backend)
     ref, fused = torch_and_fused(backend, input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
-    x = rand(3, 6, 6, seed=1)[:, :, ::2].transpose(0, 1)  # [T, B, I], strided both ways
-    hx = rand(4, 3, 10, seed=2)[..., 1::2]
+    x = rand(3, 6, 6, seed=1, device=device)[:, :, ::2].transpose(0, 1)  # [T, B, I], strided both ways
+    hx = rand(4, 3, 10, seed=2, device=device)[..., 1::2]
     assert not x.is_contiguous() and not hx.is_contiguous()
     got = outputs_and_grads(fused, x, hx)
     assert_same(got, outputs_and_grads(ref, x, hx))
@@ -138,7 +145,7 @@ def test_rnn_non_contiguous_input_and_hx(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_empty_batch_gives_torch_empty_results(backend):
     ref, fused = torch_and_fused(backend, input_size=3, hidden_size=4, num_layers=2)
-    x = torch.zeros(5, 0, 3, dtype=f64)
+    x = torch.zeros(5, 0, 3, dtype=f64, device=backend_device(backend))
     for got, want in zip(fused(x), ref(x)):
         assert got.shape == want.shape and got.dtype == want.dtype
 
@@ -146,6 +153,7 @@ def test_rnn_empty_batch_gives_torch_empty_results(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_gradcheck(backend):
     """Finite differences through the module: 2 bidirectional layers on packed uneven sequences."""
+    device = backend_device(backend)
     _, fused = torch_and_fused(backend, input_size=2, hidden_size=3, num_layers=2, bidirectional=True)
     names = [n for n, _ in fused.named_parameters()]
     lengths = torch.tensor([2, 3, 1])
@@ -155,7 +163,7 @@ def test_rnn_gradcheck(backend):
         out, h_n = torch.func.functional_call(fused, dict(zip(names, params)), (packed, hx))
         return out.data, h_n
 
-    inputs = (rand(3, 3, 2, seed=1), rand(4, 3, 3, seed=2),
+    inputs = (rand(3, 3, 2, seed=1, device=device), rand(4, 3, 3, seed=2, device=device),
               *(p.detach().clone().requires_grad_() for p in fused.parameters()))
     assert torch.autograd.gradcheck(run, inputs)
 
@@ -164,17 +172,22 @@ def test_rnn_gradcheck(backend):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_cell_matches_torch(backend, bias, nonlinearity):
+    device = backend_device(backend)
     torch.manual_seed(0)
-    ref = nn.RNNCell(4, 6, bias=bias, nonlinearity=nonlinearity, dtype=f64)
-    fused = RNNCell(4, 6, bias=bias, nonlinearity=nonlinearity, dtype=f64, backend=backend)
+    ref = nn.RNNCell(4, 6, bias=bias, nonlinearity=nonlinearity, dtype=f64, device=device)
+    fused = RNNCell(4, 6, bias=bias, nonlinearity=nonlinearity, dtype=f64, device=device, backend=backend)
     fused.load_state_dict(ref.state_dict())
-    for x, hx in [(rand(3, 4, seed=1), rand(3, 6, seed=2)), (rand(3, 4, seed=3), None),
-                  (rand(4, seed=4), rand(6, seed=5)), (rand(4, seed=6), None),
-                  (rand(5, 8, seed=7)[:, ::2], rand(6, 5, seed=8).t())]:  # non-contiguous
+
+    def r(*shape, seed):
+        return rand(*shape, seed=seed, device=device)
+
+    for x, hx in [(r(3, 4, seed=1), r(3, 6, seed=2)), (r(3, 4, seed=3), None),
+                  (r(4, seed=4), r(6, seed=5)), (r(4, seed=6), None),
+                  (r(5, 8, seed=7)[:, ::2], r(6, 5, seed=8).t())]:  # non-contiguous
         got, want = fused(x, hx), ref(x, hx)
         assert got.shape == want.shape
         assert rel_err(got, want) < TOL
-        g = torch.randn(got.shape, dtype=f64)
+        g = torch.randn(got.shape, dtype=f64, device=device)
         inputs = [x] + ([hx] if hx is not None else []) + list(ref.parameters())
         fused_inputs = [x] + ([hx] if hx is not None else []) + list(fused.parameters())
         for a, b in zip(torch.autograd.grad((got * g).sum(), fused_inputs),
@@ -184,28 +197,32 @@ def test_rnn_cell_matches_torch(backend, bias, nonlinearity):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_cell_gradcheck(backend):
-    cell = RNNCell(3, 4, dtype=f64, backend=backend)
+    device = backend_device(backend)
+    cell = RNNCell(3, 4, dtype=f64, device=device, backend=backend)
     names = [n for n, _ in cell.named_parameters()]
 
     def run(x, hx, *params):
         return torch.func.functional_call(cell, dict(zip(names, params)), (x, hx))
 
-    inputs = (rand(2, 3, seed=1), rand(2, 4, seed=2),
+    inputs = (rand(2, 3, seed=1, device=device), rand(2, 4, seed=2, device=device),
               *(p.detach().clone().requires_grad_() for p in cell.parameters()))
     assert torch.autograd.gradcheck(run, inputs)
 
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tf", "bf"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dropout_in_training_draws_torch_masks_on_cpu(backend, batch_first):
-    """Same seed, same masks as nn.RNN's (unpacked input, CPU): outputs and gradients equal."""
+def test_dropout_in_training_draws_torch_masks(backend, batch_first):
+    """Same seed, same masks as nn.RNN's (unpacked input; on CUDA torch's own loop, not cuDNN,
+    which draws its masks inside the library): outputs and gradients equal."""
+    device = backend_device(backend)
     ref, fused = torch_and_fused(backend, input_size=3, hidden_size=5, num_layers=3, bidirectional=True,
                                  dropout=0.5, batch_first=batch_first)
-    x, hx = rand(4, 6, 3, seed=1), rand(6, 4 if batch_first else 6, 5, seed=2)
+    x, hx = rand(4, 6, 3, seed=1, device=device), rand(6, 4 if batch_first else 6, 5, seed=2, device=device)
     results = []
     for m in (fused.train(), ref.train()):
         torch.manual_seed(7)
-        results.append(outputs_and_grads(m, x, hx))
+        with torch.backends.cudnn.flags(enabled=False):
+            results.append(outputs_and_grads(m, x, hx))
     assert_same(*results)
     torch.manual_seed(8)
     assert not torch.equal(fused(x, hx)[0], results[0]["output"])  # a fresh mask each call
@@ -217,14 +234,15 @@ def test_dropout_in_training_on_packed_input_has_torch_distribution(backend):
     with layer 1 an identity (relu(I x)), its output is layer 0's output times mask / (1 - p), for
     both modules; zeros at rate p; nothing dropped after the last layer or in layer 0's h_n."""
     p, B, T, H = 0.4, 40, 6, 8
+    device = backend_device(backend)
     ref, fused = torch_and_fused(backend, input_size=3, hidden_size=H, num_layers=2,
                                  nonlinearity="relu", dropout=p)
     with torch.no_grad():
         for m in (ref, fused):
             m.weight_hh_l0.zero_(), m.bias_ih_l0.fill_(1.0)  # layer 0: relu(x W^T + 1) > 0
-            m.weight_ih_l1.copy_(torch.eye(H)), m.weight_hh_l1.zero_(), m.bias_ih_l1.zero_(), m.bias_hh_l1.zero_()
+            m.weight_ih_l1.copy_(torch.eye(H, device=device)), m.weight_hh_l1.zero_(), m.bias_ih_l1.zero_(), m.bias_hh_l1.zero_()
     lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(0))
-    x = pack_padded_sequence(0.1 * torch.randn(T, B, 3, dtype=f64), lengths, enforce_sorted=False)
+    x = pack_padded_sequence(0.1 * torch.randn(T, B, 3, dtype=f64, device=device), lengths, enforce_sorted=False)
     want_eval, h_eval = ref.eval()(x)
     assert (want_eval.data > 0).all()
     rates = []
@@ -422,8 +440,9 @@ class Tagger(nn.Module):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_convert_swaps_every_torch_rnn_keeping_parameters_and_optimizer(backend):
+    device = backend_device(backend)
     torch.manual_seed(0)
-    model = Tagger().double()
+    model = Tagger().double().to(device)
     original = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)  # made before convert, kept after
     original_opt = torch.optim.SGD(original.parameters(), lr=0.5)
@@ -435,7 +454,7 @@ def test_convert_swaps_every_torch_rnn_keeping_parameters_and_optimizer(backend)
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     assert model.state_dict().keys() == original.state_dict().keys()
 
-    x = rand(3, 5, 4, seed=1)
+    x = rand(3, 5, 4, seed=1, device=device)
     losses = []
     for m, o in ((model, opt), (original, original_opt)):
         o.zero_grad()
@@ -495,9 +514,10 @@ def test_convert_leaves_a_parametrized_rnn_alone():
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
+    device = backend_device(backend)
     _, fused = torch_and_fused(backend, input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
     compiled = torch.compile(fused, fullgraph=True)  # a graph break would raise
-    x, hx = rand(3, 2, 3, seed=1), rand(4, 2, 4, seed=2)
+    x, hx = rand(3, 2, 3, seed=1, device=device), rand(4, 2, 4, seed=2, device=device)
     assert_same(outputs_and_grads(compiled, x, hx), outputs_and_grads(fused, x, hx))
 
 
@@ -521,6 +541,7 @@ EXAMPLES = {"reference": 25, "cpu": 25, "triton": 6}
 @pytest.mark.parametrize("backend", list(EXAMPLES))
 def test_property_random_configs_match_torch(backend):
     """Random options, sizes (T = 1 included), hx or not, padded or packed (sorted or not)."""
+    device = backend_device(backend)
 
     @settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow])
@@ -533,8 +554,8 @@ def test_property_random_configs_match_torch(backend):
                                      nonlinearity=nonlinearity, bidirectional=bidirectional,
                                      batch_first=batch_first, bias=bias)
         D = 2 if bidirectional else 1
-        x = rand(*((B, T, I) if batch_first else (T, B, I)), seed=seed)
-        h = rand(num_layers * D, B, H, seed=seed + 1) if hx else None
+        x = rand(*((B, T, I) if batch_first else (T, B, I)), seed=seed, device=device)
+        h = rand(num_layers * D, B, H, seed=seed + 1, device=device) if hx else None
         to_input = lambda x: x  # noqa: E731
         if packing is not None:
             lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(seed))
