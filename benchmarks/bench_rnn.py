@@ -157,6 +157,15 @@ def elman_cell(q_t, h, w_hh):
     return torch.tanh(torch.addmm(q_t, h, w_hh.t()))
 
 
+def compiled_loop(loop, cell, params, T):
+    """torch.compile of ``loop``: the whole unrolled loop up to COMPILE_WHOLE_LOOP_MAX_T steps,
+    else only its ``cell`` (compiling a long unrolled loop takes many minutes on a small CPU)."""
+    if T <= COMPILE_WHOLE_LOOP_MAX_T:
+        return torch.compile(lambda x: loop(x, params))
+    compiled_cell = torch.compile(cell)
+    return lambda x: loop(x, params, compiled_cell)
+
+
 def elman_loop(x, p, cell=elman_cell):
     """The careful user's loop: the input projected once, one addmm and tanh per step."""
     q = F.linear(x, p["w_ih"], p["b_ih"] + p["b_hh"])
@@ -199,11 +208,7 @@ def make_elman_providers(names, params, x):
         if name == "loop":
             out[name] = (lambda x: elman_loop(x, params), weights)
         elif name == "compiled":
-            if T <= COMPILE_WHOLE_LOOP_MAX_T:
-                out[name] = (torch.compile(lambda x: elman_loop(x, params)), weights)
-            else:
-                cell = torch.compile(elman_cell)
-                out[name] = (lambda x: elman_loop(x, params, cell), weights)
+            out[name] = (compiled_loop(elman_loop, elman_cell, params, T), weights)
         elif name == "nnrnn":
             peer = ElmanRNN(params)
             out[name] = (peer, [x] + list(peer.parameters()))
@@ -249,11 +254,7 @@ def make_providers(names, params, x):
             out[name] = (lambda x: rnn_reference(x, params["w_in"], params["b_in"], params["w_h"],
                                                  params["b_h"], embedding=params["embedding"]), weights)
         elif name == "compiled":
-            if T <= COMPILE_WHOLE_LOOP_MAX_T:
-                out[name] = (torch.compile(lambda x: course_loop(x, params)), weights)
-            else:
-                cell = torch.compile(course_cell)
-                out[name] = (lambda x: course_loop(x, params, cell), weights)
+            out[name] = (compiled_loop(course_loop, course_cell, params, T), weights)
         elif name == "nnrnn":
             peer = TiedRNN(params)
             out[name] = (peer, list(peer.parameters()))
