@@ -63,11 +63,11 @@ def run_with_grads(fn, args, seed=1):
     return {"output": output, "h_n": h_n, **{f"grad_{k}": v for k, v in zip(inputs, grads)}}
 
 
-def check_parity(args, dtype, backend):
-    """``backend``'s outputs and every gradient against the float64 reference loop, within
-    ``TOLERANCE[dtype]``."""
-    got = run_with_grads(lambda **a: fused_rnn(**a, backend=backend), args)
-    want = run_with_grads(rnn_reference, cast(args, torch.float64))
+def check_parity(args, dtype, backend, function=fused_rnn, reference=rnn_reference):
+    """``function``'s outputs and every gradient on ``backend`` against its float64 reference
+    loop, within ``TOLERANCE[dtype]`` (the course's cell by default)."""
+    got = run_with_grads(lambda **a: function(**a, backend=backend), args)
+    want = run_with_grads(reference, cast(args, torch.float64))
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].dtype == dtype, name

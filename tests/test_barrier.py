@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fused_rnn import elman_reference, elman_rnn, fused_rnn, rnn_reference
-from helpers import TOLERANCE, cast, count_persistent_launches, make_problem, rel_err, run_with_grads
+from helpers import cast, check_parity, count_persistent_launches, make_problem, rel_err
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
 from concurrent_interpreter import concurrent_programs  # noqa: E402
@@ -79,12 +79,7 @@ def grid_of(B, H, dtype):
 
 def check_against_reference(args, dtype, cell="course"):
     function, reference, _ = CELLS[cell]
-    got = run_with_grads(lambda **a: function(**a, backend="triton"), args)
-    want = run_with_grads(reference, cast(args, torch.float64))
-    for name in want:
-        assert got[name].dtype == dtype, name
-        err = rel_err(got[name], want[name])
-        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+    check_parity(args, dtype, "triton", function, reference)
 
 
 # (B, T, H, tokens, h0, bias): the grid is ceil(B/16) x ceil(H/16) programs

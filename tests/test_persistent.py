@@ -12,10 +12,11 @@ import warnings
 import pytest
 import torch
 
-from fused_rnn import fused_rnn, rnn_reference
+from fused_rnn import fused_rnn
 from fused_rnn.ops import planner
 from conftest import TRITON_DEVICE as DEVICE, requires_cuda, requires_triton
-from helpers import TOLERANCE, cast, count_persistent_launches, make_problem, rel_err, run_with_grads
+import helpers
+from helpers import count_persistent_launches, make_problem, rel_err, run_with_grads
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
 from fused_rnn.ops import triton_persistent  # noqa: E402
@@ -33,12 +34,7 @@ def persistent(monkeypatch):
 
 
 def check_parity(args, dtype):
-    got = run_with_grads(lambda **a: fused_rnn(**a, backend="triton"), args)
-    want = run_with_grads(rnn_reference, cast(args, torch.float64))
-    for name in want:
-        assert got[name].dtype == dtype, name
-        err = rel_err(got[name], want[name])
-        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+    helpers.check_parity(args, dtype, "triton")
 
 
 # ----------------------------------------------------------------------------------------------
