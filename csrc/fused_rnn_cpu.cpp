@@ -30,16 +30,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <c10/core/CPUAllocator.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -59,32 +53,6 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& w_h, at
   TORCH_CHECK_TYPE(t.scalar_type() == w_h.scalar_type(), name, " must be ", w_h.scalar_type(), ", got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-// A fresh tensor for the big per-call buffers (the states, dz, the course's dense grad_proj).
-// glibc maps every allocation from 32 MB up fresh from the kernel, and a fresh buffer is first
-// touched 4 KB at a time: 8192 page faults for the 32 MB states at B=256, T=64, H=512, measured
-// at 4% of that shape's forward+backward. Such buffers are 2 MB-aligned and marked for
-// transparent huge pages, which cuts the faults 512-fold where the kernel allows them (a hint:
-// elsewhere they are ordinary memory). Smaller ones come from at::empty, whose freed memory glibc
-// reuses without faults (huge pages there were measured slower: each call zeroes them afresh).
-at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHugePage = size_t(2) << 20, kFreshFrom = size_t(32) << 20;
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (bytes >= kFreshFrom) {
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    if (void* data = std::aligned_alloc(kHugePage, rounded)) {
-      madvise(data, rounded, MADV_HUGEPAGE);
-      // resizable like at::empty's storage: growing it moves it to the CPU allocator's memory
-      c10::Storage storage(c10::Storage::use_byte_size_t(), bytes,
-                           c10::DataPtr(data, data, [](void* ptr) { std::free(ptr); }, at::Device(at::kCPU)),
-                           c10::GetCPUAllocator(), /*resizable=*/true);
-      return at::empty({0}, options).set_(storage, 0, sizes);
-    }
-  }
-#endif
-  return at::empty(sizes, options);
 }
 
 // Which recurrence runs: the course's cell, or nn.RNN's own with either activation.
@@ -316,7 +284,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
   // The bias is added in the tanh pass: addmm would first copy it into every output row.
   const at::Tensor b_h = b_h_in ? b_h_in->contiguous() : at::zeros({H}, w_h_in.options());
   const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::zeros({B, H}, w_h_in.options());
-  at::Tensor out = empty_buffer({T, B, H}, w_h_in.options());
+  at::Tensor out = at::empty({T, B, H}, w_h_in.options());
 
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_fwd", [&] {
     const scalar_t* proj_p = proj.data_ptr<scalar_t>();
@@ -440,12 +408,12 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   // h_{t-1} are one contiguous block of out. The elman cells return all of dz as grad_q, so
   // their dz holds every step (slot = t).
   const int64_t chunk = std::min(T, std::max<int64_t>(1, (kGemmRows + B - 1) / B));
-  at::Tensor dz = empty_buffer({elman ? T : chunk, B, H}, out.options());  // dz_t = g_t * act'(h_t)
+  at::Tensor dz = at::empty({elman ? T : chunk, B, H}, out.options());  // dz_t = g_t * act'(h_t)
   at::Tensor a = states_partner ? at::Tensor() : at::empty({chunk, B, H}, out.options());
   at::Tensor grad_w_h = at::zeros({H, H}, out.options());
   at::Tensor sums = elman      ? at::Tensor()
                     : by_token ? at::zeros({nblocks, V, H}, out.options())  // per-block sums of dz by token
-                               : empty_buffer({B, T, H}, out.options());     // dL/dp_t = c_t * (p_t > 0)
+                               : at::empty({B, T, H}, out.options());       // dL/dp_t = c_t * (p_t > 0)
   at::Tensor db_parts = at::zeros({nblocks, H}, out.options());  // per-block sums of dz
   const at::Tensor h0 = has_h0 ? h0_in->contiguous() : at::zeros({B, H}, out.options());
   const at::Tensor states = out.view({T * B, H});
