@@ -151,7 +151,7 @@ void bias_act_row(Cell cell, T* h, const T* b, int64_t H) {
 }
 
 // dz = (grad_out + carry) * (1 - h^2); db += dz (this block's share of the bias gradient; db
-// null: no bias to differentiate, as for the elman cells, whose biases are in q)
+// null: no bias to differentiate)
 template <typename T>
 ROW_KERNEL void tanh_grad_row(const T* __restrict__ grad_out, const T* __restrict__ carry, const T* __restrict__ h,
                               T* __restrict__ dz, T* __restrict__ db, int64_t H) {
@@ -414,7 +414,9 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
   at::Tensor sums = elman      ? at::Tensor()
                     : by_token ? at::zeros({nblocks, V, H}, out.options())  // per-block sums of dz by token
                                : at::empty({B, T, H}, out.options());       // dL/dp_t = c_t * (p_t > 0)
-  at::Tensor db_parts = at::zeros({nblocks, H}, out.options());  // per-block sums of dz
+  // per-block sums of dz, only where there is a bias to differentiate (never for the elman cells,
+  // whose biases are in q)
+  at::Tensor db_parts = has_bias ? at::zeros({nblocks, H}, out.options()) : at::Tensor();
   const at::Tensor h0 = has_h0 ? h0_in->contiguous() : at::zeros({B, H}, out.options());
   const at::Tensor states = out.view({T * B, H});
   at::Tensor grad_h0, grad_proj, grad_b_h;
@@ -428,7 +430,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     scalar_t* dz_p = dz.data_ptr<scalar_t>();
     scalar_t* a_p = states_partner ? nullptr : a.data_ptr<scalar_t>();
     scalar_t* sums_p = elman ? nullptr : sums.data_ptr<scalar_t>();
-    scalar_t* db_p = db_parts.data_ptr<scalar_t>();
+    scalar_t* db_p = has_bias ? db_parts.data_ptr<scalar_t>() : nullptr;
     auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
     // c_{t+1} (the carry) and c_t: only two steps are ever live.
     at::Tensor c_next = grad_h_n.clone(at::MemoryFormat::Contiguous);
@@ -440,7 +442,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
       scalar_t* dz_t = dz_p + dz_slot * B * H;
       for_each_row_by_block(B, [&](int64_t b, int64_t k) {
         const scalar_t* g_out = go_p + b * go_sb + t * go_st;
-        scalar_t* db_k = elman ? nullptr : db_p + k * H;  // the elman cells' biases are in q
+        scalar_t* db_k = has_bias ? db_p + k * H : nullptr;
         if (cell == Cell::elman_relu) {
           relu_state_grad_row(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
         } else {
@@ -478,8 +480,10 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
       }
     }
     grad_h0 = need_c0 ? c_next : at::zeros({B, H}, out.options());
-    grad_b_h = at::empty({H}, out.options());
-    sum_blocks(db_p, nblocks, H, grad_b_h.data_ptr<scalar_t>());
+    if (has_bias) {
+      grad_b_h = at::empty({H}, out.options());
+      sum_blocks(db_p, nblocks, H, grad_b_h.data_ptr<scalar_t>());
+    }
     if (by_token) {
       at::Tensor dz_by_token = at::empty({V, H}, out.options());
       sum_blocks(sums_p, nblocks, V * H, dz_by_token.data_ptr<scalar_t>());
