@@ -36,9 +36,11 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",
+    # The range the test suite has run on: torch 2.11 (with triton 3.6, on a GPU), 2.13 with
+    # triton 3.6 and 2.15 with triton 3.9 (both tiers, on the CPU); see the README.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.2; platform_system == 'Linux'",
+        "torch>=2.11,<2.16",
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
         "ninja",
         "tqdm",
         # torch warns at import without numpy; < 2.3: the Triton interpreter (used by the tests

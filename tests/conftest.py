@@ -58,3 +58,37 @@ def kernel(request):
 
 
 requires_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason=TRITON_MISSING)
+
+
+# --- the two tiers -------------------------------------------------------------------------------
+# `pytest` runs the fast tier: for every backend, cell, kernel family, module, command and the
+# notebook, the cheapest tests that fail when that path breaks (a few minutes on 2 cores).
+# Tests marked `exhaustive` (sweeps over shapes, dtypes and grids, full-mode gradchecks, every
+# command-line edge, builds and compiles) run with `--tier exhaustive`; `--tier all` runs both.
+exhaustive = pytest.mark.exhaustive
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tier", choices=("fast", "exhaustive", "all"), default="fast",
+                     help="which tests run: the fast tier (default), the exhaustive tier "
+                          "(tests marked 'exhaustive'), or all of them")
+
+
+def pytest_collection_modifyitems(config, items):
+    tier = config.getoption("--tier")
+    if tier == "all":
+        return
+    want_exhaustive = tier == "exhaustive"
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("exhaustive") is not None) == want_exhaustive else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def tiered(values, fast, ids=None, *, several_names=False):
+    """``values`` for ``pytest.mark.parametrize``, those not in ``fast`` marked ``exhaustive``
+    (``several_names``: each value is a tuple of the values of several argument names)."""
+    return [pytest.param(*(v if several_names else (v,)), marks=() if v in fast else exhaustive,
+                         id=ids(v) if callable(ids) else None) for v in values]

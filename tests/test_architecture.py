@@ -123,3 +123,13 @@ def test_each_module_says_its_concern_and_stays_small(path):
     if str(path.relative_to(PACKAGE)) not in KERNEL_FILES:
         lines = len(path.read_text(encoding="utf-8").splitlines())
         assert lines <= 360, f"{path.name}: {lines} lines"
+
+
+def test_nothing_calls_torchscript():
+    """pytest.ini silences torch's own `torch.jit.script` deprecation (its forward-mode AD loads
+    jvp decompositions with it); that is sound only while no code or test here calls torch.jit."""
+    root = PACKAGE.parent
+    files = python_files() + sorted((root / "tests").rglob("*.py")) + sorted((root / "benchmarks").rglob("*.py"))
+    users = [str(p.relative_to(root)) for p in files
+             if "torch.jit" in p.read_text(encoding="utf-8") and p.name != "test_architecture.py"]
+    assert not users, users

@@ -20,14 +20,15 @@ import pytest
 import torch
 
 from fused_rnn import elman_reference, elman_rnn, fused_rnn, rnn_reference
+from conftest import tiered
 from helpers import cast, check_parity, count_persistent_launches, make_problem, rel_err
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
-from concurrent_interpreter import concurrent_programs  # noqa: E402
+from concurrent_interpreter import UNTESTED, concurrent_programs  # noqa: E402
 from fused_rnn.ops import planner, triton_persistent  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not triton_rnn.INTERPRET,
-                                reason="runs the barrier through the Triton interpreter")
+pytestmark = [pytest.mark.skipif(not triton_rnn.INTERPRET, reason="runs the barrier through the Triton interpreter"),
+              pytest.mark.skipif(UNTESTED is not None, reason=UNTESTED or "")]
 
 # Seconds a test may take before a launch still running counts as a hang (each takes 1-4 s).
 DEADLINE = 90.0
@@ -92,12 +93,20 @@ CASES = {
     "2x4-B17-T5-H64-dense-no-bias": (17, 5, 64, False, True, False),
 }
 BF16_CASES = ["3x4-B40-T4-H50-tokens", "2x2-B20-T3-H20-dense-zero-h0"]
+# The fast tier: the largest grid (token input) for the course cell in fp32 and bf16, and one
+# several-program grid per elman cell.
+FAST_BARRIER_CASES = {("course", torch.float32, "3x4-B40-T4-H50-tokens"),
+                      ("course", torch.bfloat16, "2x2-B20-T3-H20-dense-zero-h0"),
+                      ("elman_tanh", torch.float32, "3x4-B40-T4-H50-dense-zero-h0"),
+                      ("elman_relu", torch.float32, "2x4-B17-T5-H64-dense-no-bias")}
 
 
 @pytest.mark.parametrize("cell,dtype,case",
-                         [("course", torch.float32, c) for c in CASES]
-                         + [("course", torch.bfloat16, c) for c in BF16_CASES]
-                         + [(cell, torch.float32, c) for cell in ("elman_tanh", "elman_relu") for c in ELMAN_CASES],
+                         tiered([("course", torch.float32, c) for c in CASES]
+                                + [("course", torch.bfloat16, c) for c in BF16_CASES]
+                                + [(cell, torch.float32, c) for cell in ("elman_tanh", "elman_relu")
+                                   for c in ELMAN_CASES],
+                                fast=FAST_BARRIER_CASES, several_names=True),
                          ids=lambda v: {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(v, v))
 def test_barrier_matches_reference(case, dtype, cell, persistent_gpu_mode):
     B, T, H, tokens, h0, bias = CASES[case]
@@ -110,7 +119,7 @@ def test_barrier_matches_reference(case, dtype, cell, persistent_gpu_mode):
     assert persistent_gpu_mode == {"fwd": 1, "bwd": 1}
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", tiered([1, 2, 3], fast={1}))
 def test_barrier_under_shaken_interleavings(seed, persistent_gpu_mode):
     """The largest grid again, with other seeds for the random sleeps and yields around every
     atomic: a missing acquire/release or a wrong counter shows as a wrong state or a hang."""

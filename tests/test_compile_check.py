@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 from fused_rnn import compile_check  # noqa: E402
+from conftest import tiered  # noqa: E402
 
 
 def run_cli(*args):
@@ -20,16 +21,22 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=900)
 
 
-# A spread that costs ~35 compiles: H = 1 (a constant), unaligned H, a 512 tiling, H = 1024 at a
-# batch it fits, half types, sm_80's smaller shared memory, and nn.RNN's own cells.
-@pytest.mark.parametrize("args", [
+FAST_COMPILES = ("--arch", "sm_90", "--hidden-sizes", "100", "--dtypes", "fp32", "--batch-sizes", "64",
+                 "--cells", "course,elman_tanh")
+
+
+# The fast tier compiles each cell's persistent kernels once at an unaligned H (5 compiles); the
+# exhaustive spread costs ~35 more: H = 1 (a constant), a 512 tiling, H = 1024 at a batch it fits,
+# half types, sm_80's smaller shared memory, and nn.RNN's own cells.
+@pytest.mark.parametrize("args", tiered([
+    FAST_COMPILES,
     ("--arch", "sm_90", "--hidden-sizes", "1,512", "--dtypes", "fp32", "--batch-sizes", "256", "--cells", "course"),
     ("--arch", "sm_90", "--hidden-sizes", "100,1024", "--dtypes", "bf16", "--batch-sizes", "64", "--cells", "course"),
     ("--arch", "sm_80", "--hidden-sizes", "256", "--dtypes", "fp16", "--batch-sizes", "256", "--cells", "course"),
     ("--arch", "sm_90", "--hidden-sizes", "100,512", "--dtypes", "fp32", "--batch-sizes", "256",
      "--cells", "elman_tanh,elman_relu"),
     ("--arch", "sm_80", "--hidden-sizes", "256", "--dtypes", "bf16", "--batch-sizes", "64", "--cells", "elman_relu"),
-], ids=["sm90-fp32", "sm90-bf16", "sm80-fp16", "sm90-fp32-elman", "sm80-bf16-elman-relu"])
+], fast={FAST_COMPILES}), ids=["sm90-fp32-H100", "sm90-fp32", "sm90-bf16", "sm80-fp16", "sm90-fp32-elman", "sm80-bf16-elman-relu"])
 def test_planned_kernels_compile(args):
     run = run_cli(*args)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -43,6 +50,7 @@ def test_planned_kernels_compile(args):
         assert int(cells[6]) == 0, row  # spill bytes
 
 
+@pytest.mark.exhaustive
 def test_cli_refuses_the_interpreter_and_bad_arguments():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "fused_rnn.compile_check"], env=env,

@@ -305,6 +305,7 @@ class Tree(nn.Module):
         return torch.cat(outs, dim=-1)
 
 
+@pytest.mark.exhaustive
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kinds=st.lists(st.sampled_from(sorted(LEAVES)), min_size=1, max_size=4),
        places=st.lists(st.integers(0, 3), min_size=1, max_size=6), training=st.booleans(),

@@ -33,6 +33,7 @@ def test_installed_build_is_used():
     assert fused_rnn.backends()["cpu"].available
 
 
+@pytest.mark.exhaustive
 def test_just_in_time_build_when_not_built_at_install(tmp_path):
     """The one-line "building" message appears when it really builds, and not when it loads the
     cached build (the second run)."""

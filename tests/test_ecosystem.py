@@ -4,13 +4,14 @@ import torch
 import torch.multiprocessing as mp
 
 from fused_rnn import fused_rnn as rnn
-from conftest import backend_device, requires_cuda
+from conftest import backend_device, exhaustive, requires_cuda
 from helpers import cast, make_problem, rel_err, run_with_grads
 import ddp_worker
 
 
 @pytest.mark.parametrize("backend,tokens,padded", [
-    ("cpu", True, False), ("cpu", False, False), ("triton", True, False), ("triton", False, True)],
+    ("cpu", True, False), pytest.param("cpu", False, False, marks=exhaustive),
+    pytest.param("triton", True, False, marks=exhaustive), ("triton", False, True)],
     ids=["cpu-tokens", "cpu-dense", "triton-tokens", "triton-dense-lengths"])
 def test_torch_compile_fullgraph(backend, tokens, padded):
     """fullgraph=True: backend resolution (which imports the Triton module on first use) must not
@@ -60,7 +61,8 @@ def test_autocast_on_cuda_runs_the_triton_kernels(dtype, monkeypatch):
     assert args["w_h"].grad is not None and args["w_h"].grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend,cell", [("cpu", "course"), ("reference", "course"), ("cpu", "elman")])
+@pytest.mark.parametrize("backend,cell", [("cpu", "course"), pytest.param("reference", "course", marks=exhaustive),
+                                          pytest.param("cpu", "elman", marks=exhaustive)])
 def test_distributed_data_parallel_two_processes(backend, cell, tmp_path):
     out_file = tmp_path / "grads.pt"
     mp.spawn(ddp_worker.worker, args=(2, str(tmp_path / "init"), str(out_file), backend, cell), nprocs=2)

@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fused_rnn import elman_reference, elman_rnn
 from fused_rnn.ops import cpu_ext
-from conftest import backend_device
+from conftest import backend_device, tiered
 from helpers import TOLERANCE, rel_err
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
@@ -141,9 +141,10 @@ def test_fp32_matches_the_reference(shape, nonlinearity, backend):
     assert_close(ours, want, TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("fast_mode", tiered([True, False], fast={True}), ids=["fast", "full"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("kernel", ["cpu", "triton-blocked", "triton-persistent"])
-def test_gradcheck_fp64(kernel, nonlinearity, request, monkeypatch):
+def test_gradcheck_fp64(kernel, nonlinearity, fast_mode, request, monkeypatch):
     name, family = BACKENDS[kernel]
     device = backend_device(name)
     if family == "persistent":
@@ -162,10 +163,10 @@ def test_gradcheck_fp64(kernel, nonlinearity, request, monkeypatch):
     def fn(x, w_ih, w_hh, b_ih, b_hh, h0):
         return elman_rnn(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity, backend=name)
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=fast_mode)
 
 
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("nonlinearity", tiered(["tanh", "relu"], fast={"tanh"}))
 def test_torch_compile_fullgraph_cpu(nonlinearity):
     rnn = make_rnn(6, 16, nonlinearity, True, torch.float32, "cpu", seed=0)
     x = torch.randn(4, 5, 6)

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn.rnn
 from fused_rnn import RNN, RNNCell, convert
-from conftest import backend_device
+from conftest import backend_device, tiered
 from helpers import rel_err
 
 BACKENDS = ["reference", "cpu", "triton"]  # each on its backend_device: CUDA or CPU
@@ -150,8 +150,9 @@ def test_rnn_empty_batch_gives_torch_empty_results(backend):
         assert got.shape == want.shape and got.dtype == want.dtype
 
 
+@pytest.mark.parametrize("fast_mode", tiered([True, False], fast={True}), ids=["fast", "full"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_rnn_gradcheck(backend):
+def test_rnn_gradcheck(backend, fast_mode):
     """Finite differences through the module: 2 bidirectional layers on packed uneven sequences."""
     device = backend_device(backend)
     _, fused = torch_and_fused(backend, input_size=2, hidden_size=3, num_layers=2, bidirectional=True)
@@ -165,7 +166,7 @@ def test_rnn_gradcheck(backend):
 
     inputs = (rand(3, 3, 2, seed=1, device=device), rand(4, 3, 3, seed=2, device=device),
               *(p.detach().clone().requires_grad_() for p in fused.parameters()))
-    assert torch.autograd.gradcheck(run, inputs)
+    assert torch.autograd.gradcheck(run, inputs, fast_mode=fast_mode)
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
@@ -511,7 +512,7 @@ def test_convert_leaves_a_parametrized_rnn_alone():
 # --- the ecosystem -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", tiered(["reference", "cpu"], fast={"cpu"}))
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     device = backend_device(backend)
@@ -538,6 +539,7 @@ def test_autocast_runs_in_the_autocast_dtype_as_torch_does():
 EXAMPLES = {"reference": 25, "cpu": 25, "triton": 6}
 
 
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("backend", list(EXAMPLES))
 def test_property_random_configs_match_torch(backend):
     """Random options, sizes (T = 1 included), hx or not, padded or packed (sorted or not)."""

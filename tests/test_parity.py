@@ -4,7 +4,7 @@ import torch
 
 from fused_rnn import fused_rnn, rnn_reference
 from helpers import TOLERANCE, cast, check_parity, make_problem, rel_err, run_with_grads
-from conftest import backend_device, requires_cuda, requires_triton
+from conftest import backend_device, requires_cuda, requires_triton, tiered
 
 # Odd sizes beside round ones; H=130/200 take more than one column block in every mode, B=70
 # more than one batch block.
@@ -19,7 +19,7 @@ def shape_id(shape):
 
 @pytest.mark.parametrize("h0", [True, False], ids=["h0", "zero-h0"])
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", tiered(SHAPES, fast={(1, 1, 1), (70, 7, 130)}, ids=shape_id))
 def test_fp32_matches_reference(shape, tokens, h0, kernel):
     B, T, H = shape
     args = make_problem(B, T, H, tokens=tokens, h0=h0, device=kernel.device, seed=B * 1000 + T * 10 + H)
@@ -37,15 +37,16 @@ def test_fp64_matches_reference(kernel):
     check_parity(args, torch.float64, kernel.backend)
 
 
+@pytest.mark.parametrize("fast_mode", tiered([True, False], fast={True}), ids=["fast", "full"])
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
-def test_gradcheck_fp64(tokens, kernel):
+def test_gradcheck_fp64(tokens, fast_mode, kernel):
     args = make_problem(3, 4, 5, E=3, V=4, tokens=tokens, dtype=torch.float64, device=kernel.device)
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def fn(*tensors):
         return fused_rnn(**{**args, **dict(zip(names, tensors))}, backend=kernel.backend)
 
-    assert torch.autograd.gradcheck(fn, [args[k] for k in names])
+    assert torch.autograd.gradcheck(fn, [args[k] for k in names], fast_mode=fast_mode)
 
 
 def test_non_contiguous_inputs(kernel):
@@ -125,7 +126,8 @@ def test_allow_tf32_reaches_the_kernels(monkeypatch):
 
 
 @requires_triton
-@pytest.mark.parametrize("shape", [(33, 5, 100), (5, 3, 130), (17, 2, 64), (2, 3, 7)], ids=shape_id)
+@pytest.mark.parametrize("shape", tiered([(33, 5, 100), (5, 3, 130), (17, 2, 64), (2, 3, 7)],
+                                          fast={(33, 5, 100)}, ids=shape_id))
 def test_blocked_kernels_with_the_gpu_tiling(shape, monkeypatch):
     """The interpreter picks its own (larger) blocks for speed; here the blocked kernels run the
     exact tiles a GPU runs (16 rows x 64 columns x 64 K: several row, column and K blocks, ragged

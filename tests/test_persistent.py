@@ -14,7 +14,7 @@ import torch
 
 from fused_rnn import fused_rnn
 from fused_rnn.ops import planner
-from conftest import TRITON_DEVICE as DEVICE, requires_cuda, requires_triton
+from conftest import TRITON_DEVICE as DEVICE, exhaustive, requires_cuda, requires_triton, tiered
 import helpers
 from helpers import count_persistent_launches, make_problem, rel_err, run_with_grads
 
@@ -105,7 +105,8 @@ SPLIT_SHAPES = [(33, 3, 40), (5, 1, 17), (1, 2, 1), (20, 4, 33)]
 
 @pytest.mark.skipif(not INTERPRET, reason="stepwise mode is the interpreter's")
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
-@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "B{}-T{}-H{}".format(*s))
+@pytest.mark.parametrize("shape", tiered(SPLIT_SHAPES, fast={(33, 3, 40), (1, 2, 1)}),
+                         ids=lambda s: "B{}-T{}-H{}".format(*s))
 def test_stepwise_fp32_matches_reference(shape, tokens, persistent):
     B, T, H = shape
     args = make_problem(B, T, H, tokens=tokens, device=DEVICE, seed=B + T + H)
@@ -123,7 +124,7 @@ def test_stepwise_fp64_matches_reference(bias, persistent):
 
 @pytest.mark.skipif(not INTERPRET, reason="stepwise mode is the interpreter's")
 @pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
-@pytest.mark.parametrize("shape,fast", [((2, 2, 3), False), ((17, 2, 20), True)],
+@pytest.mark.parametrize("shape,fast", [pytest.param((2, 2, 3), False, marks=exhaustive), ((17, 2, 20), True)],
                          ids=["B2-T2-H3", "B17-T2-H20-fast"])
 def test_stepwise_gradcheck_fp64(shape, fast, tokens, persistent):
     """Full gradcheck on one tile; on 2 groups x 2 column blocks gradcheck's fast mode (random
@@ -230,6 +231,9 @@ def test_barrier_timeout_sets_flag_and_nan():
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the barrier kernel through the interpreter")
+# The interpreter runs the programs one after another, so the barrier times out by design and the
+# poisoned (NaN / huge) states overflow in numpy before the blocked kernels rerun the call.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_timeout_warns_and_reruns_on_blocked_kernels(monkeypatch, persistent):
     monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", False)
     monkeypatch.setattr(triton_rnn, "_gpu", lambda device: (132, 90))

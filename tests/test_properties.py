@@ -58,6 +58,7 @@ def reference(args, lengths):
     return torch.cat(outs), torch.cat(finals)
 
 
+@pytest.mark.exhaustive
 @pytest.mark.parametrize("backend", list(EXAMPLES))
 def test_random_problems_match_the_reference(backend):
     """Random B, T, H, E, V; tokens or dense; with/without biases and h0; padded lengths; fp32 or
@@ -211,6 +212,7 @@ print("ok")
 """
 
 
+@pytest.mark.exhaustive
 @pytest.mark.large_memory
 @pytest.mark.skipif(mem_available_gib() < 12, reason=f"needs 12 GiB of free memory, {mem_available_gib():.1f} available")
 def test_offsets_past_2_to_the_31_elements_cpu():

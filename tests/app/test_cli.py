@@ -75,6 +75,7 @@ def test_train_under_torchrun_with_two_processes(corpus, tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 5
 
 
+@pytest.mark.exhaustive
 def test_sigterm_under_torchrun_saves_once(corpus, tmp_path):
     """torchrun passes SIGTERM to every process; they stop at the same step and rank 0 alone saves."""
     import signal

@@ -1,5 +1,8 @@
 """The command line at its edges, in a real process: each mistake ends in one line on stderr
-(exit 1, or 2 for a bad option), never a traceback, and before any training work is lost."""
+(exit 1, or 2 for a bad option), never a traceback, and before any training work is lost.
+
+Each case starts a Python process (~4 s on 2 cores): the fast tier keeps one case per kind of
+mistake, the exhaustive tier runs the others."""
 import os
 import stat
 import subprocess
@@ -69,8 +72,8 @@ def saved_run(path, *, step=0, steps=4, corpus=None, finite=True, damage=None):
 
 
 @pytest.mark.parametrize("where, message", [
-    ("DIR", "is a directory"),
-    ("", "--checkpoint is empty"),
+    pytest.param("DIR", "is a directory", marks=pytest.mark.exhaustive),
+    pytest.param("", "--checkpoint is empty", marks=pytest.mark.exhaustive),
     ("FILE/model.pt", "cannot write the checkpoint"),
 ], ids=["directory", "empty", "unwritable"])
 def test_bad_checkpoint_path_fails_before_training(where, message, corpus, tmp_path):
@@ -88,11 +91,11 @@ def test_bad_checkpoint_path_fails_before_training(where, message, corpus, tmp_p
 
 @pytest.mark.parametrize("device, message", [
     ("meta", "the fused kernels run on CPU or CUDA devices"),
-    ("mps", "the fused kernels run on CPU or CUDA devices"),
-    ("cuda:1", "--device cuda:1 asked for, but"),
-    ("banana", "unknown device 'banana'"),
+    pytest.param("mps", "the fused kernels run on CPU or CUDA devices", marks=pytest.mark.exhaustive),
+    pytest.param("cuda:1", "--device cuda:1 asked for, but", marks=pytest.mark.exhaustive),
+    pytest.param("banana", "unknown device 'banana'", marks=pytest.mark.exhaustive),
 ])
-@pytest.mark.parametrize("command", ["train", "sample"])
+@pytest.mark.parametrize("command", ["train", pytest.param("sample", marks=pytest.mark.exhaustive)])
 def test_unusable_device_is_one_line(command, device, message, corpus, tmp_path):
     if device == "cuda:1" and torch.cuda.device_count() > 1:
         pytest.skip("this machine has a second CUDA device")
@@ -110,17 +113,20 @@ def test_triton_backend_without_a_gpu_is_one_line(corpus, tmp_path):
     one_line(proc, 1, "--backend triton cannot run here: no CUDA device")
 
 
+@pytest.mark.exhaustive
 def test_unallocatable_model_is_one_line(corpus, tmp_path):
     proc = cli("train", "--corpus", corpus, "--checkpoint", tmp_path / "m.pt", *TINY, "--hidden-size", 10**10)
     one_line(proc, 1, "cannot make a model with hidden size 10000000000")
 
 
-@pytest.mark.parametrize("option, value", [("--seed", 2**64), ("--seed", -1), ("--hidden-size", "1e10"),
-                                           ("--lr", "inf")])
+@pytest.mark.parametrize("option, value", [("--seed", 2**64)] + [
+    pytest.param(option, value, marks=pytest.mark.exhaustive)
+    for option, value in [("--seed", -1), ("--hidden-size", "1e10"), ("--lr", "inf")]])
 def test_out_of_range_option_exits_2(option, value, corpus, tmp_path):
     one_line(cli("train", "--corpus", corpus, "--checkpoint", tmp_path / "m.pt", option, value), 2, "expected")
 
 
+@pytest.mark.exhaustive
 def test_seed_up_to_64_bits_trains(corpus, tmp_path):
     proc = cli("train", "--corpus", corpus, "--checkpoint", tmp_path / "m.pt", *TINY, "--seed", 2**64 - 1,
                "--steps", "1", "--epochs", "1")
@@ -131,16 +137,16 @@ def test_seed_up_to_64_bits_trains(corpus, tmp_path):
 # --resume
 
 
-@pytest.mark.parametrize("damage", [
-    {"config": "junk"}, {"config.vocab": 5}, {"config.hidden_size": -3}, {"config.colour": "red"},
-    {"run.lr": "fast"}, {"run": [1, 2]}, {"step": "three"}, {"config": None},
-], ids=["config-not-a-dict", "vocab-not-a-str", "negative-size", "unknown-key", "bad-lr", "run-not-a-dict",
+@pytest.mark.parametrize("damage", [{"config": "junk"}] + [pytest.param(damage, marks=pytest.mark.exhaustive) for damage in [
+    {"config.vocab": 5}, {"config.hidden_size": -3}, {"config.colour": "red"},
+    {"run.lr": "fast"}, {"run": [1, 2]}, {"step": "three"}, {"config": None}]], ids=["config-not-a-dict", "vocab-not-a-str", "negative-size", "unknown-key", "bad-lr", "run-not-a-dict",
         "bad-step", "no-config"])
 def test_resume_from_a_damaged_checkpoint_is_one_line(damage, corpus, tmp_path):
     path = saved_run(tmp_path / "m.pt", corpus=corpus, damage=damage)
     one_line(cli("train", "--resume", "--checkpoint", path, "--device", "cpu"), 1, "is not a fused_rnn char model")
 
 
+@pytest.mark.exhaustive
 def test_resume_with_the_epochs_already_reached_says_so(corpus, tmp_path):
     path = saved_run(tmp_path / "m.pt", step=8, steps=4, corpus=corpus)
     one_line(cli("train", "--resume", "--checkpoint", path, "--epochs", "2", "--device", "cpu"), 1,
@@ -151,6 +157,7 @@ def test_resume_with_the_epochs_already_reached_says_so(corpus, tmp_path):
 # the corpus
 
 
+@pytest.mark.exhaustive
 def test_one_character_corpus_is_too_short_not_empty(tmp_path):
     (tmp_path / "one.txt").write_text("a")
     proc = cli("train", "--corpus", tmp_path / "one.txt", "--checkpoint", tmp_path / "m.pt", *TINY)
@@ -200,6 +207,7 @@ def test_sample_says_which_prime_chars_it_dropped(bom_run):
 # a diverged run, and a non-finite model
 
 
+@pytest.mark.exhaustive
 def test_diverged_run_stops_at_the_first_non_finite_loss(corpus, tmp_path):
     ckpt = tmp_path / "m.pt"
     proc = cli("train", "--corpus", corpus, "--checkpoint", ckpt, *TINY, "--lr", "1e30", "--save-every", "1",
@@ -215,7 +223,7 @@ def test_diverged_run_stops_at_the_first_non_finite_loss(corpus, tmp_path):
         assert "no checkpoint was saved" in line and not ckpt.exists()
 
 
-@pytest.mark.parametrize("command", ["sample", "inspect"])
+@pytest.mark.parametrize("command", ["sample", pytest.param("inspect", marks=pytest.mark.exhaustive)])
 def test_non_finite_model_is_refused_in_one_line(command, tmp_path):
     path = saved_run(tmp_path / "m.pt", finite=False)
     args = [command, "--checkpoint", path] + (["--out", tmp_path / "out"] if command == "inspect" else [])

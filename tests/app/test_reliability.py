@@ -166,7 +166,8 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+@pytest.mark.parametrize("signum, status", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.exhaustive),
+                                            (signal.SIGTERM, 143)],
                          ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_the_current_step_and_exits(signum, status, corpus, tmp_path):
     ckpt = tmp_path / "model.pt"
@@ -182,6 +183,7 @@ def test_signal_saves_the_current_step_and_exits(signum, status, corpus, tmp_pat
     assert "Traceback" not in err, err
 
 
+@pytest.mark.exhaustive
 def test_sigkill_while_training_leaves_a_loadable_checkpoint(corpus, tmp_path):
     """kill -9 at arbitrary moments of a run that saves every step (so some kills land inside a
     save): the checkpoint always loads, sample runs on it, and --resume continues it."""
