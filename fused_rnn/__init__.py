@@ -5,10 +5,10 @@ The course's char-RNN cell ``h_t = tanh(W_h (h_{t-1} + relu(W_in e(x_t) + b_in))
 ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)`` (:func:`elman_rnn`, :class:`RNN`,
 :class:`RNNCell`); :func:`convert` swaps either into existing code.
 """
+from .convert import convert
 from .dispatch import BackendInfo, backends
 from .function import elman_rnn, fused_rnn
 from .modules import FusedCharLoopModel, FusedRNN
-from .convert import convert  # noqa: E402 (after .modules, which it imports)
 from .reference import CharLoopModel, elman_reference, rnn_reference
 from .rnn import RNN, RNNCell
 

@@ -6,7 +6,7 @@ Adding a kind is one call, next to the function that builds its twin::
     register(Converter(
         name="nn.RNN",
         matches=lambda m: isinstance(m, nn.RNN),           # claimed by convert(model) by default
-        build=lambda m, backend: FusedElman.from_torch(m, backend=backend),  # ValueError: cannot
+        build=_torch_rnn_twin,  # fused_rnn.RNN.from_torch(m, backend); ValueError when it cannot
         probe_args=lambda m, g: (torch.randn(2, 3, m.input_size, generator=g).to(m.weight_ih_l0),),
     ))
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from .dispatch import check_backend
 from .function import fused_rnn
-from .reference import CharLoopModel
 
 
 class FusedRNNLayer(nn.Module):

@@ -1,7 +1,9 @@
 """The C++ extension: its build paths (setup.py, or just in time on first use), thread-count
 independence, and both token-gradient paths (fp32 accuracy where tanh saturates: test_parity.py)."""
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -86,3 +88,87 @@ def test_weight_gradient_over_chunks_of_steps(tokens, h0):
     (step t multiplies h_t: h0, or nothing without it, for t = 0)."""
     args = make_problem(1000, 10, 16, tokens=tokens, h0=h0, seed=7)
     check_parity(args, torch.float32, "cpu")
+
+
+BUILT = object()  # what the stand-in builder returns
+
+
+@pytest.fixture
+def jit_build(tmp_path, monkeypatch):
+    """``cpu_ext._load`` as if setup.py had not built the extension, with its build folder in
+    ``tmp_path`` and a builder that records its calls instead of compiling."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.delattr(fused_rnn, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "fused_rnn._C", None)
+    monkeypatch.setattr(cpu_ext, "_build_directory", lambda: tmp_path)
+    monkeypatch.setattr(cpu_ext, "_ext", None)
+    calls = []
+
+    def build(**kwargs):
+        assert not (tmp_path / "lock").exists()  # else torch would wait on it
+        calls.append(kwargs)
+        return BUILT
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", build)
+    return tmp_path, calls
+
+
+def test_a_lock_left_by_a_stopped_build_is_removed(jit_build, capsys):
+    folder, calls = jit_build
+    (folder / "lock").touch()  # torch's, left by a build killed midway: no builder holds the flock
+    assert cpu_ext.load() is BUILT
+    assert [c["build_directory"] for c in calls] == [str(folder)]
+    assert "removed" in capsys.readouterr().err
+
+
+def test_a_running_build_is_waited_for(jit_build, capsys):
+    import fcntl
+    import threading
+
+    folder, calls = jit_build
+    (folder / "lock").touch()
+    with open(folder / "fused_rnn_build.flock", "a") as other:  # another process's build, running
+        fcntl.flock(other, fcntl.LOCK_EX)
+
+        def finish():
+            (folder / "lock").unlink()
+            fcntl.flock(other, fcntl.LOCK_UN)
+
+        timer = threading.Timer(0.3, finish)
+        timer.start()
+        assert cpu_ext.load() is BUILT
+        timer.join()
+    assert len(calls) == 1
+    err = capsys.readouterr().err
+    assert "waiting for another process" in err and "removed" not in err
+
+
+def test_a_stale_lock_that_cannot_be_removed_is_one_line(jit_build, monkeypatch):
+    folder, calls = jit_build
+    (folder / "lock").touch()
+
+    def unlink(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(folder), "unlink", unlink)
+    with pytest.raises(RuntimeError, match="blocked by .*lock.*delete that file") as info:
+        cpu_ext.load()
+    assert "\n" not in str(info.value) and str(folder / "lock") in str(info.value) and not calls
+
+
+def test_without_flock_an_old_lock_is_one_line_and_a_young_one_waited_for(jit_build, monkeypatch):
+    folder, calls = jit_build
+    monkeypatch.setattr(cpu_ext, "fcntl", None)
+    lock = folder / "lock"
+    lock.touch()
+    old = time.time() - cpu_ext.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(RuntimeError, match="blocked by .*delete that file") as info:
+        cpu_ext.load()
+    assert "\n" not in str(info.value) and str(lock) in str(info.value) and not calls
+
+    os.utime(lock)  # young: a build may be running; here it ends
+    monkeypatch.setattr(cpu_ext, "_ext", None)
+    monkeypatch.setattr(cpu_ext.time, "sleep", lambda s: lock.unlink())
+    assert cpu_ext.load() is BUILT and len(calls) == 1

@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 
+from ..dispatch import BACKENDS
 from .devices import DEVICE_HELP as DEVICES
 from .training import RUN_DEFAULTS as D, SEED_RANGE
 
@@ -86,7 +87,7 @@ def add_train_arguments(t):
                    help="epochs in total: --resume of a finished 2-epoch run with --epochs 4 trains two more "
                         "(default: 3)")
     t.add_argument("--device", default="auto", help=DEVICE_HELP)
-    t.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
+    t.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="the recurrence's backend: auto = the fused kernels for the device; "
                         "reference = the plain PyTorch loop, to compare")
     t.add_argument("--checkpoint", default="checkpoints/char_rnn.pt",

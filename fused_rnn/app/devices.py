@@ -29,7 +29,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_backend(backend: str, device: torch.device):
+def check_backend_runs_on(backend: str, device: torch.device):
     """UserError when ``--backend`` cannot run on ``device`` (the reason comes from
     :func:`fused_rnn.backends`)."""
     if backend in ("auto", "reference"):

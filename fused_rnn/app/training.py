@@ -19,7 +19,7 @@ from . import distributed
 from .checkpoint import (check_finite, check_writable, checkpoint_config, not_a_model, read_checkpoint,
                          save_checkpoint)
 from .corpus import encode, load_corpus, random_windows
-from .devices import check_backend
+from .devices import check_backend_runs_on
 from .errors import Interrupted, UserError
 from .model import CharLanguageModel, ModelConfig, non_finite_parameters
 from .progress import Progress
@@ -68,10 +68,25 @@ def run_options(opts, ckpt=None) -> dict:
     return run
 
 
+_MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64's finalizer: a bijection on 64-bit ints that scatters nearby inputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def step_seed(seed, rank, step) -> int:
     """The random state of one step, a function of (seed, rank, step) only: a resumed run draws
-    the same windows and dropout masks as one that never stopped."""
-    return hash((seed, rank, step)) & (2**63 - 1)
+    the same windows and dropout masks as one that never stopped. Explicit integer mixing, in
+    [0, 2**63), not hash(): the same on every interpreter and version."""
+    h = 0
+    for v in (seed, rank, step):
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h >> 1
 
 
 @torch.no_grad()
@@ -111,7 +126,7 @@ def train(opts) -> CharLanguageModel:
     check_writable(opts.checkpoint)
     rank, world, device = distributed.setup(opts.device)
     try:
-        check_backend(opts.backend, device)
+        check_backend_runs_on(opts.backend, device)
         return _train(opts, rank, world, device)
     except torch.OutOfMemoryError:
         raise UserError(f"out of memory on {device}: lower --batch-size, --seq-len or --hidden-size") from None

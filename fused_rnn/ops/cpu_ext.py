@@ -5,17 +5,27 @@ are time-major, ``[T, B, H]`` (see ``fused_rnn.ops.states_shape``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 # The C++ source: inside the installed package, or in the source checkout (editable installs).
 _CANDIDATES = [Path(__file__).resolve().parents[1] / "csrc", Path(__file__).resolve().parents[2] / "csrc"]
 SOURCES = [next((d for d in _CANDIDATES if (d / "fused_rnn_cpu.cpp").exists()), _CANDIDATES[-1])
            / "fused_rnn_cpu.cpp"]
 CPU_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast"]  # as in setup.py
+NAME = "fused_rnn_cpu"
+STALE_LOCK_S = 900  # where flock is unavailable: no build of this one file takes this long
 _ext = None  # the loaded module, or the reason it could not be loaded (a str)
 
 
@@ -48,29 +58,110 @@ def _load():
     if not all(p.exists() for p in SOURCES):
         return ("the fused_rnn CPU extension was not built and its source (csrc/) is missing; "
                 "reinstall from a source checkout: pip install --no-build-isolation .")
+    folder = _build_directory()
     try:
         from torch.utils.cpp_extension import load as build
 
-        if not _cached_build_is_current():
-            print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
-        return build(name="fused_rnn_cpu", sources=[str(p) for p in SOURCES],
-                     extra_cflags=CPU_FLAGS,
-                     verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
+        with _sole_builder(folder) as problem:
+            if problem is not None:
+                return problem
+            if not _cached_build_is_current(folder):
+                print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
+            return build(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=CPU_FLAGS,
+                         build_directory=str(folder) if folder is not None else None,
+                         verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
     except Exception as exc:  # no compiler, no ninja, compile error
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return (f"the fused_rnn CPU extension could not be built ({first}); it needs a C++ compiler "
                 f"and ninja (pip install ninja). Set FUSED_RNN_VERBOSE_BUILD=1 to see the build log.")
 
 
-def _cached_build_is_current() -> bool:
+def _build_directory() -> Optional[Path]:
+    """torch's build cache folder for the extension (created if missing), or None if torch's
+    private helper moved (then torch picks it, and stale locks are not looked for)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(NAME, verbose=False))
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _sole_builder(folder: Optional[Path]):
+    """Held around the build; yields None, or the one line to stop with instead of building.
+
+    torch guards the build folder with a file ``lock`` that names no owner: a build killed
+    midway leaves it behind, and torch then waits on it forever. So every build from here holds
+    an flock on a side file, which the kernel drops when its holder dies: a ``lock`` found while
+    holding the flock has no live owner, and is removed. Without flock, a ``lock`` older than
+    any build of this one file is reported instead of waited on.
+    """
+    if folder is None:
+        yield None
+        return
+    with contextlib.ExitStack() as held:
+        if _hold_flock(folder / "fused_rnn_build.flock", held):
+            yield _remove_stale_lock(folder / "lock")
+        else:
+            yield _wait_for_lock(folder / "lock")
+
+
+def _hold_flock(path: Path, held: contextlib.ExitStack) -> bool:
+    """Takes the builders' flock (after any running build), kept until ``held`` closes; False
+    where flock is unavailable."""
+    if fcntl is None:
+        return False
+    try:
+        side = held.enter_context(open(path, "a"))
+        try:
+            fcntl.flock(side, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("fused_rnn: waiting for another process to build the CPU extension...", file=sys.stderr)
+            fcntl.flock(side, fcntl.LOCK_EX)
+        return True
+    except OSError:  # a read-only cache, or a file system without flock
+        return False
+
+
+def _remove_stale_lock(lock: Path) -> Optional[str]:
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return (f"the fused_rnn CPU extension's build is blocked by {lock}, left by a build that was "
+                f"stopped, and it cannot be removed ({exc.strerror}): delete that file")
+    print(f"fused_rnn: removed {lock}, left by a build that was stopped", file=sys.stderr)
+    return None
+
+
+def _wait_for_lock(lock: Path) -> Optional[str]:
+    """Waits while ``lock`` is young enough to belong to a running build: None once it is gone,
+    else the line saying to delete it."""
+    waited = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if age > STALE_LOCK_S:
+            return (f"the fused_rnn CPU extension's build is blocked by {lock}, {age / 60:.0f} minutes "
+                    f"old: a build that was stopped left it; if no build is running, delete that file")
+        if not waited:
+            print(f"fused_rnn: waiting for {lock} (another build's; if none is running, delete it)",
+                  file=sys.stderr)
+            waited = True
+        time.sleep(1.0)
+
+
+def _cached_build_is_current(folder: Optional[Path] = None) -> bool:
     """Whether torch's build cache holds a build newer than the source, so that loading it
     compiles nothing (and the "building" line would be wrong): built from this checkout's source
     (the cache is shared by every checkout), after its last change."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        folder = Path(_get_build_directory("fused_rnn_cpu", verbose=False))
-        built = (folder / "fused_rnn_cpu.so").stat().st_mtime
+        folder = folder or _build_directory()
+        built = (folder / f"{NAME}.so").stat().st_mtime
         same_source = all(str(p) in (folder / "build.ninja").read_text() for p in SOURCES)
         return same_source and built >= max(p.stat().st_mtime for p in SOURCES)
     except Exception:  # no build yet, or torch's private helper moved: say it builds
