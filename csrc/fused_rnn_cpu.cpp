@@ -1,5 +1,7 @@
-// The recurrence on the CPU: the same two entry points as the Triton backend, for two cells
-// (`cell`: "course", or nn.RNN's own "elman_tanh" / "elman_relu").
+// The recurrence on the CPU: the same two entry points as the Triton backend, for each cell of
+// fused_rnn/cells.py (`cell`: "course", or nn.RNN's own "elman_tanh" / "elman_relu"). A cell is a
+// struct with its pointwise step forward and backward (below the row kernels); one time loop
+// forward and one backward take it as a template parameter.
 //
 //   rnn_fwd(proj, ids, w_h, b_h, h0, cell) -> out [T, B, H]: out[t] = h_{t+1} (time-major; h0 None: zeros)
 //       course: h_t = tanh((h_{t-1} + relu(p_t)) @ W_h^T + b_h), p_t = proj[ids[:, t]] (token input)
@@ -53,16 +55,6 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& w_h, at
   TORCH_CHECK_TYPE(t.scalar_type() == w_h.scalar_type(), name, " must be ", w_h.scalar_type(), ", got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-// Which recurrence runs: the course's cell, or nn.RNN's own with either activation.
-enum class Cell { course, elman_tanh, elman_relu };
-
-Cell parse_cell(const std::string& name) {
-  if (name == "course") return Cell::course;
-  if (name == "elman_tanh") return Cell::elman_tanh;
-  if (name == "elman_relu") return Cell::elman_relu;
-  TORCH_CHECK_VALUE(false, "cell must be 'course', 'elman_tanh' or 'elman_relu', got '", name, "'");
 }
 
 // Batch rows per task of the elementwise passes.
@@ -140,15 +132,6 @@ ROW_KERNEL void bias_relu_row(T* __restrict__ h, const T* __restrict__ b, int64_
   }
 }
 
-// h = act(h + b) in place for an elman cell
-template <typename T>
-void bias_act_row(Cell cell, T* h, const T* b, int64_t H) {
-  if (cell == Cell::elman_relu) {
-    bias_relu_row(h, b, H);
-  } else {
-    bias_tanh_row(h, b, H);
-  }
-}
 
 // dz = (grad_out + carry) * (1 - h^2); db += dz (this block's share of the bias gradient; db
 // null: no bias to differentiate)
@@ -193,6 +176,49 @@ ROW_KERNEL void relu_grad_row(const T* __restrict__ c, const T* __restrict__ p, 
   relu_add_row(h_prev, p, a, H);
 }
 
+// The cells (fused_rnn/cells.py). kInputBeforeProduct: h_t = act((h_{t-1} + relu(p_t)) W^T + b)
+// (the course's) or act(h_{t-1} W^T + q_t) (nn.RNN's, both biases in q). activate: h = act(h + x)
+// in place on the product's output row, x = b or q_t. gradient: dz = (grad_out + carry) * act'
+// from the state h (db += dz where db is not null).
+struct Course {
+  static constexpr bool kInputBeforeProduct = true;
+  template <typename T>
+  static void activate(T* h, const T* x, int64_t H) { bias_tanh_row(h, x, H); }
+  template <typename T>
+  static void gradient(const T* grad_out, const T* carry, const T* h, T* dz, T* db, int64_t H) {
+    tanh_grad_row(grad_out, carry, h, dz, db, H);
+  }
+};
+
+struct ElmanTanh {
+  static constexpr bool kInputBeforeProduct = false;
+  template <typename T>
+  static void activate(T* h, const T* x, int64_t H) { bias_tanh_row(h, x, H); }
+  template <typename T>
+  static void gradient(const T* grad_out, const T* carry, const T* h, T* dz, T* db, int64_t H) {
+    tanh_grad_row(grad_out, carry, h, dz, db, H);
+  }
+};
+
+struct ElmanRelu {
+  static constexpr bool kInputBeforeProduct = false;
+  template <typename T>
+  static void activate(T* h, const T* x, int64_t H) { bias_relu_row(h, x, H); }
+  template <typename T>
+  static void gradient(const T* grad_out, const T* carry, const T* h, T* dz, T* db, int64_t H) {
+    relu_state_grad_row(grad_out, carry, h, dz, db, H);
+  }
+};
+
+// Calls fn(Cell{}) with the struct of the cell named `name`.
+template <typename F>
+auto with_cell(const std::string& name, const F& fn) {
+  if (name == "course") return fn(Course{});
+  if (name == "elman_tanh") return fn(ElmanTanh{});
+  if (name == "elman_relu") return fn(ElmanRelu{});
+  TORCH_CHECK_VALUE(false, "cell must be 'course', 'elman_tanh' or 'elman_relu', got '", name, "'");
+}
+
 // Runs fn(b, block) for every batch row b, rows split into fixed blocks of `rows` (a block's
 // rows in order), blocks spread over the threads. Per-block partial sums, reduced in block order,
 // then give the same bits for any thread count.
@@ -235,12 +261,11 @@ bool token_tables(bool tokens, int64_t V, int64_t B, int64_t T) {
 
 }  // namespace
 
-at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in, const at::Tensor& w_h_in,
-                   const c10::optional<at::Tensor>& b_h_in, const c10::optional<at::Tensor>& h0_in,
-                   const std::string& cell_name) {
+template <typename Cell>
+at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in, const at::Tensor& w_h_in,
+                        const c10::optional<at::Tensor>& b_h_in, const c10::optional<at::Tensor>& h0_in) {
   check_weights(w_h_in);
-  const Cell cell = parse_cell(cell_name);
-  const bool elman = cell != Cell::course;
+  constexpr bool elman = !Cell::kInputBeforeProduct;
   const int64_t H = w_h_in.size(0);
   const bool tokens = ids_in.has_value();
   int64_t B, T;
@@ -303,7 +328,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
       const at::Tensor q = at::mm(at::relu(proj), w_h_t);
       at::Tensor h1 = q.clone();
       scalar_t* h1_p = h1.data_ptr<scalar_t>();
-      for (int64_t v = 0; v < V; ++v) bias_tanh_row(h1_p + v * H, b_p, H);
+      for (int64_t v = 0; v < V; ++v) Cell::activate(h1_p + v * H, b_p, H);
       const at::Tensor g = T >= 2 ? at::mm(h1, w_h_t) : at::Tensor();
       // h_2's sum is reassociated (G[x_0] + Q[x_1], not (h_1 + relu(U[x_1])) W^T): equal up to
       // rounding while both are finite, but an Inf in either (Inf in W_h, an overflow) can meet
@@ -316,7 +341,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
           std::copy(h1_p + x0 * H, h1_p + (x0 + 1) * H, h_row(1, b));
           if (T >= 2) {
             add_rows(g_p + x0 * H, q_p + ids_p[b * T + 1] * H, h_row(2, b), H);
-            bias_tanh_row(h_row(2, b), b_p, H);
+            Cell::activate(h_row(2, b), b_p, H);
           }
         });
         t0 = std::min<int64_t>(T, 2);
@@ -326,7 +351,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
       // h_0 = 0: h_1 = act(q_1), no product
       for_each_row_by_block(B, [&](int64_t b, int64_t) {
         std::fill(h_row(1, b), h_row(1, b) + H, scalar_t(0));
-        bias_act_row(cell, h_row(1, b), proj_p + b * H, H);
+        Cell::activate(h_row(1, b), proj_p + b * H, H);
       });
       t0 = 1;
     }
@@ -347,9 +372,9 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
       at::mm_out(h_next, elman ? (t == 0 ? h0 : out[t - 1]) : a, w_h_t);
       for_each_row_by_block(B, [&](int64_t b, int64_t) {
         if (elman) {
-          bias_act_row(cell, h_row(t + 1, b), p_row(b, t), H);  // h_t = act(h_{t-1} W^T + q_t)
+          Cell::activate(h_row(t + 1, b), p_row(b, t), H);  // h_t = act(h_{t-1} W^T + q_t)
         } else {
-          bias_tanh_row(h_row(t + 1, b), b_p, H);
+          Cell::activate(h_row(t + 1, b), b_p, H);
           if (t + 1 < T) relu_add_row(h_row(t + 1, b), p_row(b, t + 1), a_p + b * H, H);
         }
       });
@@ -358,13 +383,13 @@ at::Tensor rnn_fwd(const at::Tensor& proj_in, const c10::optional<at::Tensor>& i
   return out;
 }
 
-std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, const at::Tensor& grad_h_n,
-                                               const at::Tensor& out, const c10::optional<at::Tensor>& h0_in,
-                                               const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in,
-                                               const at::Tensor& w_h, bool has_bias, const std::string& cell_name) {
+template <typename Cell>
+std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_in, const at::Tensor& grad_h_n,
+                                                    const at::Tensor& out, const c10::optional<at::Tensor>& h0_in,
+                                                    const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in,
+                                                    const at::Tensor& w_h, bool has_bias) {
   check_weights(w_h);
-  const Cell cell = parse_cell(cell_name);
-  const bool elman = cell != Cell::course;
+  constexpr bool elman = !Cell::kInputBeforeProduct;
   TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) >= 1 && out.size(2) == w_h.size(0) && out.is_contiguous(),
                     "out must be the contiguous [T, B, H] states from rnn_fwd, got ", out.sizes());
   const int64_t T = out.size(0), B = out.size(1), H = out.size(2);
@@ -443,11 +468,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
       for_each_row_by_block(B, [&](int64_t b, int64_t k) {
         const scalar_t* g_out = go_p + b * go_sb + t * go_st;
         scalar_t* db_k = has_bias ? db_p + k * H : nullptr;
-        if (cell == Cell::elman_relu) {
-          relu_state_grad_row(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
-        } else {
-          tanh_grad_row(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
-        }
+        Cell::gradient(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
         if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
       }, block_rows);
       if (t > 0 || need_c0) {
@@ -504,6 +525,21 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out_in, co
     }
   }
   return {grad_proj, grad_w_h, has_bias ? c10::optional<at::Tensor>(grad_b_h) : c10::nullopt, grad_h0};
+}
+
+at::Tensor rnn_fwd(const at::Tensor& proj, const c10::optional<at::Tensor>& ids, const at::Tensor& w_h,
+                   const c10::optional<at::Tensor>& b_h, const c10::optional<at::Tensor>& h0,
+                   const std::string& cell) {
+  return with_cell(cell, [&](auto c) { return rnn_fwd_cell<decltype(c)>(proj, ids, w_h, b_h, h0); });
+}
+
+std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+                                               const at::Tensor& out, const c10::optional<at::Tensor>& h0,
+                                               const at::Tensor& proj, const c10::optional<at::Tensor>& ids,
+                                               const at::Tensor& w_h, bool has_bias, const std::string& cell) {
+  return with_cell(cell, [&](auto c) {
+    return rnn_bwd_cell<decltype(c)>(grad_out, grad_h_n, out, h0, proj, ids, w_h, has_bias);
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import CELLS
+from . import cells as cell_specs
 
+# The dtypes the GPU kernels run, by the name that is also Triton's pointer type ("*fp32").
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SM_COUNT = {80: 108, 90: 132}  # A100, H100/H200
 
 
@@ -80,26 +81,31 @@ def _signature(fn, types: dict, H: int, constexprs: dict):
 
 
 def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int = 90,
-                   token_grad: bool = False, cell: str = "course") -> tuple[list, list]:
-    """(configs, notes): the kernels the launchers would run for this problem and cell
-    (``ops.CELLS``), and a note for each persistent kernel the planner says does not fit.
-    ``token_grad``: also the deterministic token-table gradient kernel (it runs in the fp32
+                   token_grad: bool = False, cell=cell_specs.COURSE) -> tuple[list, list]:
+    """(configs, notes): the kernels the launchers would run for this problem and cell (a
+    `cells.Cell` or its name): each input kind (token ids, dense) and, for a cell with a bias of
+    its own, with and without it; and a note for each persistent kernel the planner says does not
+    fit. ``token_grad``: also the deterministic token-table gradient kernel (it runs in the fp32
     workspace dtype whatever the inputs')."""
     from .ops import planner, triton_persistent, triton_rnn
+    from .ops.triton_cells import tanh_small
 
-    course = cell == "course"
-    tag = "" if course else f"[{cell}]"
-    t = TRITON_TYPES[dtype]
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    cell = cell_specs.get(cell)
+    tag = "" if cell == cell_specs.COURSE else f"[{cell.name}]"
+    t = name = DTYPE_NAMES[dtype]
+    inputs = (True, False) if cell.token_input else (False,)  # token ids, dense
+    biases = (True, False) if cell.hidden_bias else (False,)
+    small = tanh_small(torch.float32)  # the fp32 state of every GPU dtype
     configs, notes = [], []
     plan = planner.plan_persistent(B, H, dtype, sm_count, arch=arch)
     if plan.fits:
         tiling = dict(BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-                      DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell)
+                      DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell.name)
         # The course: token input gathers rows of U, dense input reads P. The elman cells read
         # dense q with the biases in it.
-        for tokens in ((True, False) if course else (False,)):
-            fwd = dict(tiling, TOKENS=tokens, HAS_BIAS=course, TANH_SMALL=0.0625)
+        for tokens in inputs:
+            fwd = dict(tiling, TOKENS=tokens, HAS_BIAS=cell.hidden_bias, TANH_SMALL=small,
+                       INPUT_BEFORE_PRODUCT=cell.input_before_product)
             configs.append(KernelConfig(
                 "persistent_fwd" + ("" if tokens else "_dense") + tag, name, B, H, plan.describe(),
                 triton_persistent.rnn_persistent_fwd_kernel,
@@ -113,15 +119,19 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
     else:
         notes.append(f"{name} B={B} H={H}{tag}: persistent {plan.describe()}")
     block_b, block_n, block_k = triton_rnn.blocked_block_sizes(B, H, interpret=False)
-    blocked = dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee", CELL=cell)
+    blocked = dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="ieee", CELL=cell.name)
     config = f"{block_b}x{block_n}x{block_k}, 4 warps"
-    configs.append(KernelConfig(
-        "blocked_fwd" + tag, name, B, H, config, triton_rnn.rnn_fwd_kernel,
-        {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}"},
-        dict(blocked, TOKENS=course, HAS_BIAS=course, TANH_SMALL=0.0625)))
+    for tokens in inputs:
+        for bias in biases:
+            kind = ("" if tokens else "_dense") + ("" if bias or not cell.hidden_bias else "_nobias")
+            configs.append(KernelConfig(
+                "blocked_fwd" + kind + tag, name, B, H, config, triton_rnn.rnn_fwd_kernel,
+                {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}"},
+                dict(blocked, TOKENS=tokens, HAS_BIAS=bias, TANH_SMALL=small,
+                     INPUT_BEFORE_PRODUCT=cell.input_before_product)))
     configs.append(KernelConfig(
         "blocked_bwd" + tag, name, B, H, config, triton_rnn.rnn_bwd_kernel, {"w_h_ptr": f"*{t}"}, blocked))
-    if token_grad and course:
+    if token_grad and cell.token_input:
         block_n = triton_rnn.token_grad_block_n(H)
         configs.append(KernelConfig(
             "token_table_grad", "fp32", B, H, f"16 rows x {block_n}, 4 warps",
@@ -164,7 +174,7 @@ def check(configs_by_problem, arch: int, out=sys.stdout) -> list:
     """Compiles every distinct kernel, prints the table; returns a list of failure messages."""
     from .ops import planner
 
-    shared_limit = planner.SHARED_PER_BLOCK.get(arch, planner.SHARED_PER_BLOCK[80])
+    shared_limit = planner.shared_per_block(arch)
     print("| kernel | dtype | B | H | config | registers | spill_bytes | shared_bytes | programs_per_sm |",
           file=out)
     print("|---|---|---|---|---|---|---|---|---|", file=out)
@@ -209,8 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-sizes", default="1,100,256,300,384,512,1000,1024", type=_ints)
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--batch-sizes", default="64,256", type=_ints)
-    parser.add_argument("--cells", default="course,elman_tanh,elman_relu",
-                        help="the recurrence cells to compile (fused_rnn.ops.CELLS)")
+    parser.add_argument("--cells", default=",".join(cell_specs.CELLS),
+                        help="the recurrence cells to compile (fused_rnn.cells)")
     parser.add_argument("--sm-count", type=int, default=None,
                         help="SMs the planner plans for (default: 132 for sm_90, 108 for sm_80)")
     args = parser.parse_args(argv)
@@ -227,8 +237,8 @@ def main(argv=None) -> int:
             parser.error(f"--dtypes: {d!r} is not one of {sorted(DTYPES)}")
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     for c in cells:
-        if c not in CELLS:
-            parser.error(f"--cells: {c!r} is not one of {CELLS}")
+        if c not in cell_specs.CELLS:
+            parser.error(f"--cells: {c!r} is not one of {tuple(cell_specs.CELLS)}")
     configs, notes = [], []
     for cell in cells:
         for d in dtypes:

@@ -29,20 +29,24 @@ class BackendInfo(NamedTuple):
     note: str  # why it is (not) available
 
 
-def _triton_module():
-    """The Triton op module, or the exception that stops it from importing."""
+class TritonImport(NamedTuple):
+    """The Triton op module, or why it does not import (exactly one is set)."""
+    module: Optional[object]
+    error: Optional[str]
+
+
+def _triton_import() -> TritonImport:
     try:
-        return importlib.import_module("fused_rnn.ops.triton_rnn")
+        return TritonImport(importlib.import_module("fused_rnn.ops.triton_rnn"), None)
     except Exception as exc:  # ImportError, or a broken triton install
-        return exc
+        return TritonImport(None, f"{type(exc).__name__}: {exc}")
 
 
 @torch.compiler.assume_constant_result
 def _triton_import_error() -> Optional[str]:
     """Why the Triton op module does not import, or None. A constant to torch.compile: backend
     resolution runs inside a traced fused_rnn, where importlib cannot be traced."""
-    mod = _triton_module()
-    return f"{type(mod).__name__}: {mod}" if isinstance(mod, Exception) else None
+    return _triton_import().error
 
 
 def backends() -> dict:
@@ -54,10 +58,11 @@ def backends() -> dict:
     reason = cpu_ext.unavailable_reason()
     info["cpu"] = BackendInfo(reason is None, ("cpu",),
                               reason or "C++ extension loaded; float32 and float64")
-    mod = _triton_module()
-    if isinstance(mod, Exception):
-        info["triton"] = BackendInfo(False, (), f"triton does not import: {mod}")
+    triton_import = _triton_import()
+    if triton_import.module is None:
+        info["triton"] = BackendInfo(False, (), f"triton does not import: {triton_import.error}")
     else:
+        mod = triton_import.module
         devices = ("cuda",) + (("cpu",) if mod.INTERPRET else ())
         cuda = torch.cuda.is_available()
         note = "CUDA is available" if cuda else "no CUDA device"
@@ -69,24 +74,31 @@ def backends() -> dict:
     return info
 
 
-_warned_cpu_fallback = False
+_warned_fallback = set()
+
+
+def _warn_fallback_once(device_type: str, reason: str) -> None:
+    """One warning per device type when ``"auto"`` runs the reference loop for want of a kernel."""
+    if device_type not in _warned_fallback:
+        _warned_fallback.add(device_type)
+        warnings.warn(f"fused_rnn: falling back to the reference loop: {reason}", stacklevel=4)
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that will run: "triton", "cpu" or "reference"; raises for an impossible ask."""
-    global _warned_cpu_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            return "reference" if _triton_import_error() is not None else "triton"
-        if device.type == "cpu" and dtype in CPU_DTYPES:
+            error = _triton_import_error()
+            if error is None:
+                return "triton"
+            _warn_fallback_once("cuda", f"triton does not import ({error})")
+        elif device.type == "cpu" and dtype in CPU_DTYPES:
             reason = cpu_ext.unavailable_reason()
             if reason is None:
                 return "cpu"
-            if not _warned_cpu_fallback:
-                warnings.warn(f"fused_rnn: falling back to the reference loop: {reason}", stacklevel=3)
-                _warned_cpu_fallback = True
+            _warn_fallback_once("cpu", reason)
         return "reference"
     if backend == "cpu":
         if device.type != "cpu":
@@ -103,7 +115,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 
 def kernels(backend: str):
     """The module with ``rnn_fwd`` and ``rnn_bwd`` for a fused backend."""
-    return cpu_ext if backend == "cpu" else _triton_module()
+    return cpu_ext if backend == "cpu" else _triton_import().module
 
 
 def fused_limit(inputs) -> Optional[str]:

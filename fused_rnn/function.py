@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import cells
 from .checks import FLOAT_DTYPES, as_index, check_elman_inputs, check_inputs
 from .dispatch import backend_for
 from .ops import elman_q_time_major, output_view
@@ -107,7 +108,7 @@ def fused_rnn(
             proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
         states, h_n = recurrence(
             proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
-            h0.contiguous() if h0 is not None else None, backend, allow_tf32, "course")
+            h0.contiguous() if h0 is not None else None, backend, allow_tf32, cells.COURSE.name)
         output = output_view(states, backend).to(w_h.dtype)
     if lengths is not None:
         output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
@@ -151,7 +152,7 @@ def elman_rnn(
     else:
         # q_t = x_t W_ih^T + b_ih + b_hh for all steps: one GEMM over B*T rows before the
         # recurrence (autograd differentiates it), in the layout the backend reads.
-        cell = f"elman_{nonlinearity}"
+        cell = cells.elman(nonlinearity).name
         bias = b_ih + b_hh if b_ih is not None and b_hh is not None else b_ih if b_ih is not None else b_hh
         q = F.linear(x.transpose(0, 1) if elman_q_time_major(backend, cell) else x, w_ih, bias)
         states, h_n = recurrence(q.contiguous(), None, w_hh.contiguous(), None,

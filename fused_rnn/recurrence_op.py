@@ -16,8 +16,8 @@ from .ops import elman_q_time_major, output_view, states_shape, workspace_dtype
 # fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell) -> (states, h_n)
 #   states (fp32; fp64 for fp64 inputs) in the backend's layout (ops.states_shape); the public
 #   function returns ops.output_view(states) as the [B, T, H] output; h_n [B, H] in the inputs'
-#   dtype. cell (ops.CELLS): "course", or nn.RNN's own "elman_tanh" / "elman_relu", whose proj
-#   is q with both biases in it (no ids, no b_h), in the layout of ops.elman_q_time_major.
+#   dtype. cell: a cells.Cell's name; where its input enters after the product (nn.RNN's cells)
+#   proj is q with both biases in it (no ids, no b_h), in the layout of ops.elman_q_time_major.
 
 
 def _batch_and_steps(proj, ids, backend, cell):

@@ -1,12 +1,37 @@
-"""Plain PyTorch ground truth: the course's CharLoopModel and the recurrence as a loop.
+"""Plain PyTorch ground truth: each cell's pointwise maths and step, the recurrences as loops, and
+the course's CharLoopModel.
 
-Every fused kernel in this package is tested against `rnn_reference`.
+Every fused kernel in this package is tested against these loops; the first-use self-check and
+the loop at the bottom of the Triton fallback chain (`ops/loop.py`) call them too.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cells
+from .cells import Cell
+
+
+def activation(cell: Cell, z: torch.Tensor) -> torch.Tensor:
+    """The cell's state nonlinearity."""
+    return torch.relu(z) if cell.activation == "relu" else torch.tanh(z)
+
+
+def activation_grad(cell: Cell, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``dz = g * act'(z)`` from the activation's output ``h``: as torch.relu's backward (0 where
+    ``h <= 0``, ``g`` elsewhere, NaN ``h`` included), or tanh's ``1 - h^2``."""
+    return torch.where(h <= 0, 0.0, g) if cell.activation == "relu" else g * (1.0 - h * h)
+
+
+def cell_step(cell: Cell, h_prev, p_t, w_h, b_h=None):
+    """One step ``h_t`` of ``cell`` from ``h_{t-1}`` and the step's projected input ``p_t``:
+    ``act((h + relu(p_t)) W^T + b)`` where the input enters before the product, else
+    ``act(p_t + h W^T + b)``."""
+    if cell.input_before_product:
+        return activation(cell, F.linear(h_prev + torch.relu(p_t), w_h, b_h))
+    return activation(cell, p_t + F.linear(h_prev, w_h, b_h))
 
 
 def rnn_reference(x, w_in, b_in, w_h, b_h, h0=None, *, embedding=None):
@@ -16,11 +41,11 @@ def rnn_reference(x, w_in, b_in, w_h, b_h, h0=None, *, embedding=None):
     ``embedding [V, E]``, or dense ``[B, T, E]``; returns ``(output [B, T, H], h_n [B, H])``.
     """
     inputs = F.embedding(x, embedding) if embedding is not None else x
-    r = F.relu(F.linear(inputs, w_in, b_in))  # [B, T, H]
-    h = r.new_zeros(r.shape[0], r.shape[2]) if h0 is None else h0
+    p = F.linear(inputs, w_in, b_in)  # [B, T, H]
+    h = p.new_zeros(p.shape[0], p.shape[2]) if h0 is None else h0
     states = []
-    for t in range(r.shape[1]):
-        h = torch.tanh(F.linear(h + r[:, t], w_h, b_h))
+    for t in range(p.shape[1]):
+        h = cell_step(cells.COURSE, h, p[:, t], w_h, b_h)
         states.append(h)
     return torch.stack(states, dim=1), h
 
@@ -56,11 +81,11 @@ def elman_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearit
     ``x [B, T, I]``, ``w_ih [H, I]``, ``w_hh [H, H]``, ``b_ih``/``b_hh [H]`` or None, ``h0 [B, H]``
     or None (zeros); returns ``(output [B, T, H], h_n [B, H])``.
     """
-    act = {"tanh": torch.tanh, "relu": torch.relu}[nonlinearity]
+    cell = cells.elman(nonlinearity)
     q = F.linear(x, w_ih, b_ih)  # [B, T, H]
     h = q.new_zeros(q.shape[0], q.shape[2]) if h0 is None else h0
     states = []
     for t in range(q.shape[1]):
-        h = act(q[:, t] + F.linear(h, w_hh, b_hh))
+        h = cell_step(cell, h, q[:, t], w_hh, b_hh)
         states.append(h)
     return torch.stack(states, dim=1), h

@@ -133,3 +133,36 @@ def test_nothing_calls_torchscript():
     users = [str(p.relative_to(root)) for p in files
              if "torch.jit" in p.read_text(encoding="utf-8") and p.name != "test_architecture.py"]
     assert not users, users
+
+
+# Where a cell's name may be spelled out: its spec, the kernels switched on it, and the oracle.
+CELL_NAME_FILES = {"cells.py", "reference.py", "ops/triton_rnn.py", "ops/triton_persistent.py",
+                   "ops/triton_cells.py"}
+
+
+def cell_name_literals(path: Path) -> list:
+    """Lines of ``path`` where a string literal names a cell (docstrings aside)."""
+    from fused_rnn.cells import CELLS
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and node.value in CELLS]
+
+
+def test_only_the_cell_spec_kernels_and_reference_name_cells():
+    """Everything above the kernels takes a `cells.Cell`: adding a cell touches its spec, its
+    pointwise maths per backend, its reference and its tests."""
+    offenders = {str(p.relative_to(PACKAGE)): lines for p in python_files()
+                 if str(p.relative_to(PACKAGE)) not in CELL_NAME_FILES and (lines := cell_name_literals(p))}
+    assert not offenders, offenders
+
+
+def test_the_cell_name_finder_itself(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('"""course"""\ndef f(cell):\n    """elman_relu"""\n    return cell == "course"\n')
+    assert cell_name_literals(path) == [4]

@@ -98,7 +98,11 @@ def test_blocked_kernel_spills_are_reported_not_failed(monkeypatch):
 
 def test_configs_follow_the_planner():
     configs, notes = compile_check.kernel_configs(256, 1024, torch.float32, 132)
-    assert [c.kernel for c in configs] == ["blocked_fwd", "blocked_bwd"] and "does not fit" in notes[0]
+    # the course's blocked forward for token and dense input, each with and without its bias
+    assert [c.kernel for c in configs] == ["blocked_fwd", "blocked_fwd_nobias", "blocked_fwd_dense",
+                                           "blocked_fwd_dense_nobias", "blocked_bwd"] and "does not fit" in notes[0]
+    assert [(c.constexprs["TOKENS"], c.constexprs["HAS_BIAS"]) for c in configs[:4]] == [
+        (True, True), (True, False), (False, True), (False, False)]
     configs, notes = compile_check.kernel_configs(64, 1024, torch.bfloat16, 132)
     assert [c.kernel for c in configs][:3] == ["persistent_fwd", "persistent_fwd_dense", "persistent_bwd"]
     assert configs[0].planned_programs_per_sm == 1 and not notes
@@ -107,7 +111,7 @@ def test_configs_follow_the_planner():
 def test_elman_configs_read_dense_q_without_bias():
     configs, _ = compile_check.kernel_configs(256, 256, torch.float32, 132, cell="elman_relu")
     assert [c.kernel for c in configs] == ["persistent_fwd_dense[elman_relu]", "persistent_bwd[elman_relu]",
-                                           "blocked_fwd[elman_relu]", "blocked_bwd[elman_relu]"]
+                                           "blocked_fwd_dense[elman_relu]", "blocked_bwd[elman_relu]"]
     for c in configs:
         assert c.constexprs["CELL"] == "elman_relu" and not c.constexprs.get("TOKENS")
         assert not c.constexprs.get("HAS_BIAS")

@@ -84,7 +84,7 @@ def test_cpu_backend_refuses_what_it_cannot_run():
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_ext", "the extension could not be built (test)")
-    monkeypatch.setattr(dispatch, "_warned_cpu_fallback", False)
+    monkeypatch.setattr(dispatch, "_warned_fallback", set())
     args = problem()
     with pytest.warns(UserWarning, match="falling back to the reference"):
         got = rnn(**args)
@@ -96,6 +96,19 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         rnn(**args, backend="cpu")
     info = fused_rnn.backends()["cpu"]
     assert not info.available and "could not be built" in info.note
+
+
+def test_auto_on_cuda_without_triton_falls_back_with_one_warning(monkeypatch):
+    """No silent fallback on CUDA either: a broken triton install is named once."""
+    monkeypatch.setattr(dispatch, "_warned_fallback", set())
+    monkeypatch.setattr(dispatch, "_triton_import_error", lambda: "ImportError: no triton (test)")
+    with pytest.warns(UserWarning, match="falling back to the reference loop: triton does not import"):
+        assert dispatch.resolve_backend("auto", torch.device("cuda"), torch.float32) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve_backend("auto", torch.device("cuda"), torch.float32) == "reference"
+    with pytest.raises(RuntimeError, match="needs triton"):
+        dispatch.resolve_backend("triton", torch.device("cuda"), torch.float32)
 
 
 EXT_ERRORS = {

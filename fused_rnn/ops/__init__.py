@@ -1,33 +1,33 @@
 """Kernels, one module per backend, each with the same two entry points:
 
-``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell="course") -> states`` in
+``rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell) -> states`` in
 :func:`workspace_dtype`, in the backend's layout (:func:`output_view` gives the ``[B, T, H]`` view
 of ``h_1..h_T``);
 ``rnn_bwd(grad_out [B, T, H], grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32,
-cell="course") -> (grad_proj, grad_w_h, grad_b_h, grad_h0)``; ``h0`` None means zeros (a backend
+cell) -> (grad_proj, grad_w_h, grad_b_h, grad_h0)``; ``h0`` None means zeros (a backend
 may then skip work whose only use is ``grad_h0``, returning zeros).
 
-``cell`` (one of :data:`CELLS`) switches the step inside the same kernels:
+``cell`` (a cell's name, `fused_rnn.cells`) switches the step inside the same kernels:
 
     course       h_t = tanh((h_{t-1} + relu(p_t)) W_h^T + b_h)     p = proj (rows by ids, or dense)
     elman_tanh   h_t = tanh(h_{t-1} W_h^T + q_t)                   q = proj, dense, biases folded in
     elman_relu   h_t = relu(h_{t-1} W_h^T + q_t)                   (no ids, no b_h)
 
-For the elman cells the backward's ``grad_proj`` is ``dz`` (``dL/dq``), ``grad_w_h`` is
+For the cells whose input enters after the product (elman) the backward's ``grad_proj`` is ``dz`` (``dL/dq``), ``grad_w_h`` is
 ``sum_t dz_t^T h_{t-1}`` and ``grad_b_h`` None; ``q`` is laid out as :func:`elman_q_time_major` says.
 
 Called by the custom ops in fused_rnn/recurrence_op.py.
 """
 import torch
 
+from .. import cells
 
-CELLS = ("course", "elman_tanh", "elman_relu")
 
-
-def elman_q_time_major(backend: str, cell: str) -> bool:
-    """Whether ``proj`` is time-major ``[T, B, H]`` (the cpu backend's elman cells: each step's
-    ``q_t`` one contiguous block, like its states, and so is ``dL/dq``) rather than ``[B, T, H]``."""
-    return backend == "cpu" and cell != "course"
+def elman_q_time_major(backend: str, cell) -> bool:
+    """Whether ``proj`` is time-major ``[T, B, H]`` (the cpu backend's cells whose input enters
+    after the product: each step's ``q_t`` one contiguous block, like its states, and so is
+    ``dL/dq``) rather than ``[B, T, H]``."""
+    return backend == "cpu" and not cells.get(cell).input_before_product
 
 
 def workspace_dtype(dtype: torch.dtype) -> torch.dtype:

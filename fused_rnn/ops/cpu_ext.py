@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .. import cells
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -168,9 +170,9 @@ def _cached_build_is_current(folder: Optional[Path] = None) -> bool:
         return False
 
 
-def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name):
     return load().rnn_fwd(proj, ids, w_h, b_h, h0, cell)
 
 
-def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell="course"):
+def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell=cells.COURSE.name):
     return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell))

@@ -23,6 +23,16 @@ SHARED_PER_SM = {80: 167936, 86: 102400, 89: 102400, 90: 233472, 100: 233472, 12
 SHARED_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 SHARED_RESERVED_PER_BLOCK = 1024  # the driver keeps 1 KB of shared memory per resident block
 
+
+def shared_per_sm(arch: int) -> int:
+    """Shared memory per SM of compute capability ``arch``; an unknown one gets the smallest."""
+    return SHARED_PER_SM.get(arch, min(SHARED_PER_SM.values()))
+
+
+def shared_per_block(arch: int) -> int:
+    """The most shared memory one block may use on ``arch``; an unknown one gets the smallest."""
+    return SHARED_PER_BLOCK.get(arch, min(SHARED_PER_BLOCK.values()))
+
 # Tilings in order of preference, per padded H: (rows per group, columns per program, warps,
 # programs per SM the grid counts on). Smaller column blocks spread a step over more SMs; a
 # larger one is the fallback when the grid would not be resident. The kernels multiply in fp32
@@ -51,8 +61,7 @@ def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int = 90)
     regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256  # allocated in units of 256 per warp
     by_registers = REGISTERS_PER_SM // (regs_per_warp * num_warps)
     by_warps = MAX_WARPS_PER_SM // num_warps
-    smem_per_sm = SHARED_PER_SM.get(arch, SHARED_PER_SM[80])
-    by_shared = smem_per_sm // (shared + SHARED_RESERVED_PER_BLOCK)
+    by_shared = shared_per_sm(arch) // (shared + SHARED_RESERVED_PER_BLOCK)
     return max(0, min(by_registers, by_warps, by_shared, MAX_BLOCKS_PER_SM))
 
 
@@ -114,8 +123,7 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
         return Plan(False, f"H={H} (padded {h_pad}) has no tiling that keeps W_h on chip")
     if sm_count is None or sm_count < 1:
         raise ValueError(f"sm_count must be a positive int for a persistent plan, got {sm_count}")
-    smem_per_sm = SHARED_PER_SM.get(arch, min(SHARED_PER_SM.values()))
-    smem_per_block = SHARED_PER_BLOCK.get(arch, min(SHARED_PER_BLOCK.values()))
+    smem_per_sm, smem_per_block = shared_per_sm(arch), shared_per_block(arch)
     for block_b, block_n, warps, per_sm in tilings:
         shared = shared_bytes(block_b, block_n, h_pad)
         if block_n > h_pad or shared > smem_per_block:

@@ -1,11 +1,12 @@
-"""The Triton kernels' first-use self-check, and the plain loop that answers when no kernel passes.
+"""The Triton kernels' first-use self-check: each kernel path answers only after it matched the reference.
 
 A Triton kernel path (cell x kernel family x dtype x padded H, with the tiling and the compile-time
 switches it runs with) answers its first real call in a process only after it has run once on a
 small problem of the same tiling and matched the float64 reference loop (`rnn_reference`),
 forward and every gradient. A mismatch beyond the dtype's tolerance, NaN (a barrier timeout
 writes NaN), or an exception disables that path for the process with a `SelfCheckWarning` naming
-it; the launcher then tries the next family down: persistent -> blocked -> the loop here.
+it; the launcher then tries the next family down: persistent -> blocked -> the plain loop
+(`loop.py`).
 `fused_rnn.backends()` reports every path checked and its result.
 
 Cost: one small forward+backward (T = 4 steps, at most 33 batch rows) and one host sync per path
@@ -22,8 +23,8 @@ import threading
 import warnings
 
 import torch
-import torch.nn.functional as F
 
+from ..cells import Cell
 from ..reference import elman_reference, rnn_reference
 
 ENV = "FUSED_RNN_SELF_CHECK"
@@ -102,10 +103,11 @@ def passes(path: tuple, device: torch.device, run_check) -> bool:
 
 
 def check(choice, precision: str, fwd, bwd, *, B, H, dtype, device, tokens, has_bias,
-          allow_tf32, cell="course", broken=lambda: None):
+          allow_tf32, cell: Cell, broken=lambda: None):
     """Runs the launchers ``fwd``/``bwd`` (`rnn_fwd`/`rnn_bwd`) with ``choice`` forced on a small
-    problem against the float64 reference loop of ``cell`` (`rnn_reference`, or
-    `elman_reference` for the elman cells, whose ``proj`` is q, dense, without ``b_h``); None if every output and gradient is within
+    problem against the float64 reference loop of ``cell`` (`rnn_reference`, or `elman_reference`
+    where the input enters after the product: ``proj`` is q, dense, without ``b_h``); None if every
+    output and gradient is within
     ``TOLERANCE[precision]``, else why not. ``broken()`` may report a failure the launchers
     absorbed (a persistent barrier timeout they reran on the blocked kernels)."""
     B, T, V = min(B, CHECK_MAX_ROWS), CHECK_STEPS, 7
@@ -130,8 +132,8 @@ def check(choice, precision: str, fwd, bwd, *, B, H, dtype, device, tokens, has_
 
     def reference(proj, w_h, *rest):
         b_h, h0 = rest if has_bias else (None, rest[0])
-        if cell != "course":  # h_t = act(q_t + h_{t-1} W^T): q through an identity input layer
-            return elman_reference(proj, eye, w_h, None, None, h0, nonlinearity=cell[len("elman_"):])
+        if not cell.input_before_product:  # h_t = act(q_t + h_{t-1} W^T): q through an identity input layer
+            return elman_reference(proj, eye, w_h, None, None, h0, nonlinearity=cell.activation)
         if tokens:
             return rnn_reference(ids, eye, None, w_h, b_h, h0, embedding=proj)
         return rnn_reference(proj, eye, None, w_h, b_h, h0)
@@ -144,9 +146,9 @@ def check(choice, precision: str, fwd, bwd, *, B, H, dtype, device, tokens, has_
         return None if t is None else t.to(dtype).contiguous()
 
     with _forcing(choice):
-        ws = fwd(low(proj), ids, low(w_h), low(b_h) if has_bias else None, low(h0), allow_tf32, cell)
+        ws = fwd(low(proj), ids, low(w_h), low(b_h) if has_bias else None, low(h0), allow_tf32, cell.name)
         grads = bwd(grad_out.to(ws.dtype), low(grad_h_n), ws,
-                    low(h0), low(proj), ids, low(w_h), has_bias, allow_tf32, cell)
+                    low(h0), low(proj), ids, low(w_h), has_bias, allow_tf32, cell.name)
     grad_proj, grad_w_h, grad_b_h, grad_h0 = grads
     got = [ws[:, 1:], grad_proj, grad_w_h] + ([grad_b_h] if has_bias else []) + [grad_h0]
     names = ["output", "grad_proj", "grad_w_h"] + (["grad_b_h"] if has_bias else []) + ["grad_h0"]
@@ -158,30 +160,3 @@ def check(choice, precision: str, fwd, bwd, *, B, H, dtype, device, tokens, has_
     tolerance = TOLERANCE[precision]
     bad = [f"{n} relative error {e:.1e}" for n, e in zip(names, errors) if not e <= tolerance]
     return f"{', '.join(bad)} (tolerance {tolerance:.0e})" if bad else None
-
-
-# ----------------------------------------------------------------------------------------------
-# The bottom of the fallback chain: the recurrence as a plain PyTorch loop over the launchers'
-# workspaces (the same steps as `rnn_reference`, at the kernels' interface).
-
-
-def loop_fwd(proj, ids, w_h, b_h, ws, cell="course") -> None:
-    """Fills ``ws[:, 1:]`` with ``h_1..h_T`` (``ws[:, 0]`` holds ``h0``)."""
-    p = (proj[ids] if ids is not None else proj).to(ws.dtype)
-    w, b = w_h.to(ws.dtype), None if b_h is None else b_h.to(ws.dtype)
-    for t in range(ws.shape[1] - 1):
-        if cell == "course":
-            ws[:, t + 1] = torch.tanh(F.linear(ws[:, t] + torch.relu(p[:, t]), w, b))
-        else:  # the elman cells: q (in p) enters after the product
-            z = p[:, t] + F.linear(ws[:, t], w)
-            ws[:, t + 1] = torch.relu(z) if cell == "elman_relu" else torch.tanh(z)
-
-
-def loop_bwd(grad_out, ws, w_h, c, cell="course") -> None:
-    """Fills ``c[:, :T]`` with ``c_t = dz_t @ W_h``, ``dz_t = (g_t + c_{t+1}) * act'(h_t)``
-    (``c[:, T]`` holds ``dL/dh_n``)."""
-    w = w_h.to(c.dtype)
-    for t in reversed(range(ws.shape[1] - 1)):
-        g, h = grad_out[:, t] + c[:, t + 1], ws[:, t + 1]
-        dz = torch.where(h <= 0, 0.0, g) if cell == "elman_relu" else g * (1.0 - h * h)
-        c[:, t] = dz @ w

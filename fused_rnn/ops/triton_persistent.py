@@ -10,7 +10,7 @@ counter per step, so nothing is ever reset; no whole-grid barrier).
     forward   h_t[g, j] = tanh((h_{t-1}[g, :] + relu(p_t[g, :])) @ W_h[j, :]^T + b_h[j])
     backward  c_t[g, j] = ((g_t + c_{t+1})[g, :] * (1 - h_t[g, :]^2)) @ W_h[:, j]
 
-or, with the ``CELL`` constexpr set to one of nn.RNN's own cells (``ops.CELLS``), q = proj with
+or, with the ``CELL`` constexpr set to one of nn.RNN's own cells (`cells.py`), q = proj with
 both biases in it:
 
     forward   h_t[g, j] = act(h_{t-1}[g, :] @ W_h[j, :]^T + q_t[g, j]),  act = tanh or relu
@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .planner import Plan
-from .triton_common import _activation, _activation_grad
+from .. import cells
+from .triton_cells import _activation, _activation_grad, _input_before_product, tanh_small
 
 # Spin iterations before a barrier wait gives up. One acquire load round trip is ~1 us, so this
 # is seconds: far past any real step (~us), short enough that a broken barrier fails the call.
@@ -94,7 +95,8 @@ def rnn_persistent_fwd_kernel(
     TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
-    CELL: tl.constexpr,  # ops.CELLS
+    CELL: tl.constexpr,  # cells.Cell.name
+    INPUT_BEFORE_PRODUCT: tl.constexpr,  # cells.Cell.input_before_product
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
@@ -116,12 +118,12 @@ def rnn_persistent_fwd_kernel(
         h_prev = h_rows + t64 * H
         # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
         a = tl.load(h_prev[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
-        if CELL == "course":  # the input enters before the product
+        if INPUT_BEFORE_PRODUCT:
             p = tl.load(proj_ptr + (src * H)[:, None] + ks[None, :], mask=in_mask, other=0.0)
             p = p.to(a.dtype)
-            a += tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
+            a = _input_before_product(a, p)
         acc = tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=a.dtype)
-        if CELL != "course":  # the input enters after the product: only this program's columns
+        if not INPUT_BEFORE_PRODUCT:  # the input enters after the product: only this program's columns
             # (the select keeps the compiler from folding q into the product as its accumulator,
             # which spills at fp32 H=256 on sm_90: 9 KB; a failed program's states are NaN anyway)
             acc = tl.where(ok != 0, acc, float("nan"))
@@ -155,7 +157,7 @@ def rnn_persistent_bwd_kernel(
     H_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
-    CELL: tl.constexpr,  # ops.CELLS: which activation's gradient
+    CELL: tl.constexpr,  # cells.Cell.name: which activation's gradient
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
@@ -205,7 +207,7 @@ def _launch(kernel, plan: Plan, args: tuple, T: int, stepwise: bool, spin_limit,
 
 
 def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool,
-                   spin_limit: int | None = None, cell: str = "course") -> None:
+                   spin_limit: int | None = None, cell=cells.COURSE) -> None:
     """Fills ``ws [B, T+1, H]`` (``ws[:, 0]`` set by the caller) with ``h_1..h_T``."""
     B, T1, H = ws.shape
     T = T1 - 1
@@ -215,11 +217,12 @@ def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool
     _launch(rnn_persistent_fwd_kernel, plan, args, T, stepwise, spin_limit, dict(
         TOKENS=ids is not None, HAS_BIAS=b_h is not None, BLOCK_B=plan.block_b,
         BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-        TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625, DOT_PRECISION=plan.precision, CELL=cell))
+        TANH_SMALL=tanh_small(ws.dtype), DOT_PRECISION=plan.precision, CELL=cells.get(cell).name,
+        INPUT_BEFORE_PRODUCT=cells.get(cell).input_before_product))
 
 
 def persistent_bwd(grad_out, ws, w_h, c, plan: Plan, error, *, stepwise: bool,
-                   spin_limit: int | None = None, cell: str = "course") -> None:
+                   spin_limit: int | None = None, cell=cells.COURSE) -> None:
     """Fills ``c [B, T+1, H]`` (``c[:, T]`` set by the caller) with ``c_0..c_{T-1}``."""
     B, T1, H = ws.shape
     T = T1 - 1
@@ -227,4 +230,4 @@ def persistent_bwd(grad_out, ws, w_h, c, plan: Plan, error, *, stepwise: bool,
     args = (grad_out, ws, w_h, c, arrivals, error, B, T, H)
     _launch(rnn_persistent_bwd_kernel, plan, args, T, stepwise, spin_limit, dict(
         BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-        DOT_PRECISION=plan.precision, CELL=cell))
+        DOT_PRECISION=plan.precision, CELL=cells.get(cell).name))

@@ -13,7 +13,8 @@ autograd differentiates it. This file owns only the sequential part:
     backward  g_t = dL/dh_t (output grad + carry);  dz_t = g_t * (1 - h_t^2);  c_t = dz_t @ W_h
               c_t is both the carry into step t-1 and dL/dr_t.
 
-The ``CELL`` constexpr switches the same kernels to nn.RNN's own cell (``ops.CELLS``):
+The ``CELL`` constexpr (a `cells.Cell`'s name; each cell's pointwise maths in `triton_cells.py`)
+switches the same kernels to nn.RNN's own cell:
 
     forward   h_t = act(h_{t-1} @ W_h^T + q_t), act = tanh ("elman_tanh") or relu ("elman_relu"),
               q = proj [B, T, H] with both biases in it (no ids, no b_h)
@@ -47,7 +48,11 @@ import triton
 import triton.language as tl
 
 from . import planner, self_check, workspace_dtype
-from .triton_common import INTERPRET, _activation, _activation_grad
+from .. import cells
+from ..reference import activation_grad
+from . import loop
+from .triton_cells import _activation, _activation_grad, _input_before_product, tanh_small
+from .triton_common import INTERPRET
 
 
 @triton.jit(do_not_specialize=["B", "T"])
@@ -67,7 +72,8 @@ def rnn_fwd_kernel(
     BLOCK_K: tl.constexpr,
     TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CELL: tl.constexpr,  # ops.CELLS
+    CELL: tl.constexpr,  # cells.Cell.name
+    INPUT_BEFORE_PRODUCT: tl.constexpr,  # cells.Cell.input_before_product
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -89,16 +95,15 @@ def rnn_fwd_kernel(
                 k_ok = ks < H
                 mask = row_ok[:, None] & k_ok[None, :]
                 a = tl.load(h_prev[:, None] + ks[None, :], mask=mask, other=0.0)
-                if CELL == "course":  # the input enters before the product
+                if INPUT_BEFORE_PRODUCT:
                     p = tl.load(proj_ptr + p_row[:, None] + ks[None, :], mask=mask, other=0.0)
-                    p = p.to(a.dtype)
-                    a += tl.where(p < 0.0, 0.0, p)  # relu that lets NaN through, as torch.relu
+                    a = _input_before_product(a, p.to(a.dtype))
                 # w[k, n] = W_h[n, k]
                 w = tl.load(w_h_ptr + cols[None, :] * H + ks[:, None],
                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
             out_mask = row_ok[:, None] & col_ok[None, :]
-            if CELL != "course":  # the input enters after the product
+            if not INPUT_BEFORE_PRODUCT:
                 acc += tl.load(proj_ptr + p_row[:, None] + cols[None, :], mask=out_mask, other=0.0).to(acc.dtype)
             if HAS_BIAS:
                 acc += tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
@@ -119,7 +124,7 @@ def rnn_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    CELL: tl.constexpr,  # ops.CELLS: which activation's gradient
+    CELL: tl.constexpr,  # cells.Cell.name: which activation's gradient
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -318,7 +323,7 @@ def _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell):
     for family, p in candidates:
         tiles = (f"tiles={p.block_b}x{p.block_n}", f"warps={p.num_warps}") if p is not None else \
             ("tiles={}x{}x{}".format(*blocked_block_sizes(B, H)),)
-        path = (family, f"{cell}-cell") + shape + tiles
+        path = (family, f"{cell.name}-cell") + shape + tiles
         if self_check.passes(path, w_h.device, lambda: self_check.check(
                 (family, p), precision, rnn_fwd, rnn_bwd, B=B, H=H, dtype=w_h.dtype, device=w_h.device,
                 tokens=tokens, has_bias=has_bias, allow_tf32=allow_tf32, cell=cell,
@@ -374,7 +379,7 @@ def _run_persistent(launch, ws) -> bool:
     return True
 
 
-def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name):
     """Runs the forward recurrence. Returns the state workspace ``[B, T+1, H]`` (fp32/fp64):
     ``ws[:, 0] = h0`` and ``ws[:, t+1] = h_t``.
 
@@ -382,6 +387,7 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
     elman cells q ``[B, T, H]`` with ``ids`` and ``b_h`` None.
     """
     _check_runnable(w_h)
+    cell = cells.get(cell)
     B, T = (ids.shape if ids is not None else proj.shape[:2])
     H = w_h.shape[0]
     ws = torch.empty(B, T + 1, H, device=w_h.device, dtype=workspace_dtype(w_h.dtype))
@@ -392,7 +398,7 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
     family, plan = _choose_path(B, H, w_h, allow_tf32, ids is not None, b_h is not None, cell)
     with _on_device(ws):
         if family == "loop":
-            self_check.loop_fwd(proj, ids, w_h, b_h, ws, cell)
+            loop.loop_fwd(proj, ids, w_h, b_h, ws, cell)
             return ws
         if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_fwd(
                 proj, ids, w_h, b_h, ws, plan, error, stepwise=PERSISTENT_STEPWISE, cell=cell), ws):
@@ -403,16 +409,18 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell="course"):
             B, T, H,
             TOKENS=ids is not None, HAS_BIAS=b_h is not None,
             BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            TANH_SMALL=1e-3 if ws.dtype == torch.float64 else 0.0625,
-            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32), CELL=cell,
+            TANH_SMALL=tanh_small(ws.dtype),
+            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32), CELL=cell.name,
+            INPUT_BEFORE_PRODUCT=cell.input_before_product,
         )
     return ws
 
 
-def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell="course"):
+def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell=cells.COURSE.name):
     """Backward through all steps: ``(grad_proj, grad_w_h, grad_b_h, grad_h0)`` (``grad_b_h``
     None without a bias), in the dtypes of ``proj`` and ``w_h``. ``h0`` is not read (``ws[:, 0]``
     holds it)."""
+    cell = cells.get(cell)
     c = _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, ids is not None, has_bias)
     # Everything else is parallel over (B, T): large GEMMs and reductions, in the workspace
     # dtype, cast to the inputs' dtype at the end.
@@ -420,12 +428,12 @@ def rnn_bwd(grad_out, grad_h_n, ws, h0, proj, ids, w_h, has_bias, allow_tf32=Fal
     h = ws[:, 1:]
     g = grad_out.to(ws.dtype) + c[:, 1:]
     grad_h0 = c[:, 0].to(w_h.dtype).contiguous()  # not a view of c: the fake op is contiguous
-    if cell != "course":  # dL/dq = dz; the product's partner is h_{t-1}
-        dz = torch.where(h <= 0, 0.0, g) if cell == "elman_relu" else g * (1.0 - h * h)
+    if not cell.input_before_product:  # dL/dq = dz; the product's partner is h_{t-1}
+        dz = activation_grad(cell, g, h)
         grad_w_h = (dz.reshape(-1, H).t() @ ws[:, :-1].reshape(-1, H)).to(w_h.dtype)
         return dz.to(proj.dtype), grad_w_h, None, grad_h0
     p = (proj[ids] if ids is not None else proj).to(ws.dtype)
-    dz = (g * (1.0 - h * h)).reshape(-1, H)
+    dz = activation_grad(cell, g, h).reshape(-1, H)
     a = (ws[:, :-1] + torch.relu(p)).reshape(-1, H)
     grad_w_h = (dz.t() @ a).to(w_h.dtype)
     grad_b_h = dz.sum(0).to(w_h.dtype) if has_bias else None
@@ -473,7 +481,7 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, tokens, has_bias):
     family, plan = _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell)
     with _on_device(ws):
         if family == "loop":
-            self_check.loop_bwd(grad_out, ws, w_h, c, cell)
+            loop.loop_bwd(grad_out, ws, w_h, c, cell)
             return c
         if plan is not None and _run_persistent(lambda error: _persistent_ops().persistent_bwd(
                 grad_out, ws, w_h, c, plan, error, stepwise=PERSISTENT_STEPWISE, cell=cell), ws):
@@ -482,7 +490,7 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, tokens, has_bias):
         rnn_bwd_kernel[(triton.cdiv(B, BLOCK_B),)](
             grad_out, ws, w_h, c, B, T, H,
             BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32), CELL=cell,
+            DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32), CELL=cell.name,
         )
     return c
 
