@@ -190,14 +190,8 @@ struct Course {
   }
 };
 
-struct ElmanTanh {
+struct ElmanTanh : Course {  // the course's pointwise maths, the input after the product
   static constexpr bool kInputBeforeProduct = false;
-  template <typename T>
-  static void activate(T* h, const T* x, int64_t H) { bias_tanh_row(h, x, H); }
-  template <typename T>
-  static void gradient(const T* grad_out, const T* carry, const T* h, T* dz, T* db, int64_t H) {
-    tanh_grad_row(grad_out, carry, h, dz, db, H);
-  }
 };
 
 struct ElmanRelu {
