@@ -89,7 +89,8 @@ def fused_rnn(
     Not supported by the fused backends: forward-mode AD (``torch.func.jvp``/``jacfwd``,
     ``torch.autograd.forward_ad``) and ``torch.func``'s reverse-mode transforms (``grad``,
     ``vjp``, ``jacrev``), where ``backend="auto"`` runs the reference loop and an explicit fused
-    backend raises; double backward (raises at the second backward). ``torch.vmap`` over ``x``'s
+    backend raises. Double backward works (with ``create_graph=True`` the backward is the
+    reference loop's, recorded). ``torch.vmap`` over ``x``'s
     token ids or ``lengths`` raises on every backend.
     """
     t = _autocast_inputs(dict(x=x, w_in=w_in, b_in=b_in, w_h=w_h, b_h=b_h, h0=h0, embedding=embedding))

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from .dispatch import kernels
-from .ops import elman_q_time_major, output_view, states_shape, workspace_dtype
+from .ops import elman_q_time_major, loop, output_view, states_shape, workspace_dtype
 
 
 # The fused recurrence as PyTorch custom ops, so that torch.compile(fullgraph=True) can trace
@@ -62,12 +62,46 @@ def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allo
 
 def _recurrence_setup_context(ctx, inputs, output):
     proj, ids, w_h, b_h, h0, backend, allow_tf32, cell = inputs
-    ctx.save_for_backward(proj, ids, w_h, output[0], h0)
+    ctx.save_for_backward(proj, ids, w_h, b_h, output[0], h0)
     ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell = b_h is not None, backend, allow_tf32, cell
 
 
+def _recomputed(proj, ids, w_h, b_h, h0, backend, cell, dtype):
+    """``(states, h_n)`` as the op returns them, recomputed by the differentiable reference loop."""
+    if ids is not None:
+        p = proj[ids]
+    else:
+        p = proj.transpose(0, 1) if elman_q_time_major(backend, cell) else proj
+    hs = loop.states(p, w_h, b_h, h0, cell, dtype)  # [B, T, H]
+    if backend == "cpu":  # time-major h_1..h_T
+        states = hs.transpose(0, 1)
+    else:  # the [B, T+1, H] workspace with h0 first
+        first = hs.new_zeros(hs.shape[0], 1, hs.shape[2]) if h0 is None else h0.to(dtype).unsqueeze(1)
+        states = torch.cat([first, hs], dim=1)
+    return states, hs[:, -1].to(w_h.dtype)
+
+
+def _double_backward_grads(ctx, grad_states, grad_h_n):
+    """The backward as a recorded graph (``create_graph=True``: a gradient of this gradient will
+    follow): the reference loop recomputes the forward under autograd and is differentiated, so
+    second derivatives are exact on every backend; a plain backward never comes here."""
+    proj, ids, w_h, b_h, states, h0 = ctx.saved_tensors
+    wanted = [(i, t) for i, t in ((0, proj), (2, w_h), (3, b_h), (4, h0))
+              if t is not None and ctx.needs_input_grad[i]]
+    outs = _recomputed(proj, ids, w_h, b_h, h0, ctx.backend, ctx.cell, states.dtype)
+    grad_outs = [torch.zeros_like(outs[0]) if grad_states is None else grad_states,
+                 torch.zeros_like(outs[1]) if grad_h_n is None else grad_h_n]
+    found = torch.autograd.grad(outs, [t for _, t in wanted], grad_outs, create_graph=True, allow_unused=True)
+    grads = [None] * 8
+    for (i, t), g in zip(wanted, found):
+        grads[i] = torch.zeros_like(t) if g is None else g
+    return tuple(grads)
+
+
 def _recurrence_autograd(ctx, grad_states, grad_h_n):
-    proj, ids, w_h, states, h0 = ctx.saved_tensors
+    if torch.is_grad_enabled():  # backward(create_graph=True): record a differentiable backward
+        return _double_backward_grads(ctx, grad_states, grad_h_n)
+    proj, ids, w_h, _, states, h0 = ctx.saved_tensors
     if grad_states is None:
         grad_states = torch.zeros_like(states)
     if grad_h_n is None:
@@ -80,13 +114,3 @@ def _recurrence_autograd(ctx, grad_states, grad_h_n):
 
 
 recurrence.register_autograd(_recurrence_autograd, setup_context=_recurrence_setup_context)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("fused_rnn: the fused backends ('cpu', 'triton') have no double backward (a "
-                       "gradient of a gradient: create_graph=True then backward again, hessian, "
-                       "gradient penalties); use backend='reference'")
-
-
-# Registered so that a second backward names the limit instead of PyTorch's generic message.
-_recurrence_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)

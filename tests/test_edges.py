@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch.func import functional_call, jacfwd, jacrev, jvp, vmap
 
 from fused_rnn import FusedCharLoopModel, FusedRNN, fused_rnn, rnn_reference
-from conftest import backend_device
+from conftest import backend_device, tiered
 from helpers import cast, make_problem, run_with_grads
 
 FUSED = ["cpu", "triton"]
@@ -84,13 +84,27 @@ def test_jacrev_with_auto_or_reference_is_right_and_fused_refuses(backend):
     torch.testing.assert_close(jacrev(fn)(args["w_h"]), jacfwd(last_state(args, "reference"))(args["w_h"]))
 
 
+@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_double_backward_on_a_fused_backend_names_the_limit(backend):
-    args = problem(device=backend_device(backend))
+def test_double_backward_on_a_fused_backend_is_exact(backend, tokens):
+    """gradgradcheck through the function: the backward, when recorded, is the reference loop's."""
+    args = make_problem(2, 3, 3, E=2, V=4, tokens=tokens, dtype=torch.float64, device=backend_device(backend))
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def fn(*tensors):
+        return fused_rnn(**{**args, **dict(zip(names, tensors))}, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, [args[k] for k in names])
+
+
+def test_plain_backward_runs_the_fused_backward(monkeypatch):
+    """Only backward(create_graph=True) recomputes through the loop; a plain backward does not."""
+    from fused_rnn import recurrence_op
+    monkeypatch.setattr(recurrence_op, "_double_backward_grads", lambda *a: pytest.fail("recomputed"))
+    args = problem()
     w_h = args["w_h"].clone().requires_grad_()
-    grad, = torch.autograd.grad(last_state(args, backend)(w_h).sum(), w_h, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"no double backward.*backend='reference'"):
-        grad.sum().backward()
+    last_state(args, "cpu")(w_h).sum().backward()
+    assert w_h.grad is not None
 
 
 def test_double_backward_on_the_reference_works():
@@ -237,3 +251,36 @@ def test_dropout_with_one_layer_warns_as_nn_rnn_does():
         warnings.simplefilter("error")
         FusedRNN(4, 8, num_layers=2, dropout=0.5)
         FusedRNN(4, 8, dropout=0.0)
+
+
+@pytest.mark.parametrize("fast_mode", tiered([True, False], fast={True}), ids=["fast", "full"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_double_backward_through_the_twins(backend, fast_mode):
+    """gradgradcheck through fused_rnn.RNN (2 layers, bidirectional, packed uneven sequences)
+    and fused_rnn.RNNCell, every input and parameter, as nn.RNN supports it."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from fused_rnn import RNN, RNNCell
+
+    device = backend_device(backend)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    for module, make_args in [
+            (RNN(2, 2, num_layers=2, bidirectional=True, dtype=torch.float64, device=device, backend=backend),
+             lambda: (rand(3, 2, 2), rand(4, 2, 2))),
+            (RNNCell(2, 3, nonlinearity="relu", dtype=torch.float64, device=device, backend=backend),
+             lambda: (rand(2, 2) + 0.5, rand(2, 3)))]:
+        names = [n for n, _ in module.named_parameters()]
+        lengths = torch.tensor([3, 1])
+
+        def run(x, hx, *params, module=module):
+            if isinstance(module, RNN):
+                x = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            out = functional_call(module, dict(zip(names, params)), (x, hx))
+            return (out[0].data, out[1]) if isinstance(module, RNN) else out
+
+        inputs = (*make_args(), *(p.detach().clone().requires_grad_() for p in module.parameters()))
+        assert torch.autograd.gradgradcheck(run, inputs, fast_mode=fast_mode), type(module).__name__
