@@ -49,7 +49,8 @@ setup(
     ],
     extras_require={
         # nbclient, ipykernel, nbformat: the test that runs examples/*.ipynb headless
-        "test": ["pytest", "hypothesis", "nbclient", "ipykernel", "nbformat"],
+        # expecttest: torch.testing._internal (PyTorch's own module test inputs) imports it
+        "test": ["pytest", "hypothesis", "nbclient", "ipykernel", "nbformat", "expecttest"],
         "viz": ["matplotlib"],  # the loss curve of `train`, `inspect`
         "bench": ["matplotlib"],
     },

@@ -27,9 +27,10 @@ def _autocasting(device: torch.device) -> bool:
 
 
 def _elman(x, weights, h0, nonlinearity, lengths, backend):
-    """One layer, one direction: :func:`elman_rnn` on ``x [B, T, I]``. An empty batch has nothing
-    to fuse (elman_rnn refuses it): the reference loop gives torch's empty results."""
-    if x.shape[0] == 0:
+    """One layer, one direction: :func:`elman_rnn` on ``x [B, T, I]``. An empty result (an empty
+    batch, or hidden size 0, which ``nn.RNNCell`` allows) has nothing to fuse and elman_rnn
+    refuses it: the reference loop gives torch's empty results, on every backend."""
+    if x.shape[0] == 0 or weights[1].shape[0] == 0:
         return elman_reference(x, *weights, h0, nonlinearity=nonlinearity)
     return elman_rnn(x, *weights, h0, nonlinearity=nonlinearity, lengths=lengths, backend=backend)
 
@@ -51,6 +52,10 @@ def _reverse_in_time(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Te
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[2]))
 
 
+# proj_size left out: torch.nn.RNN refuses the keyword whatever its value (even 0).
+_NOT_GIVEN = object()
+
+
 class RNN(nn.RNNBase):
     """``torch.nn.RNN`` (the Elman cell, tanh or relu) on the fused kernels: a drop-in twin.
 
@@ -61,7 +66,8 @@ class RNN(nn.RNNBase):
     as ``torch.nn.RNN``; see its documentation. Outputs and gradients equal torch's to rounding.
 
     Extra keyword ``backend``: see :func:`fused_rnn.elman_rnn`. ``RNN.from_torch(module)`` wraps
-    an existing ``nn.RNN``'s own parameters.
+    an existing ``nn.RNN``'s own parameters. The keyword ``proj_size`` raises torch's ValueError,
+    whatever its value, as ``nn.RNN`` does.
 
     It shares ``nn.RNNBase`` with ``nn.RNN`` but is not an ``nn.RNN`` instance: ``torch.compile``
     refuses to trace those, and traces this one. ``flatten_parameters()`` is a no-op (there is no
@@ -73,7 +79,9 @@ class RNN(nn.RNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 backend: str = "auto"):
+                 proj_size=_NOT_GIVEN, backend: str = "auto"):
+        if proj_size is not _NOT_GIVEN:  # torch checks it first, before the nonlinearity
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
         if nonlinearity not in modes:
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
@@ -224,22 +232,23 @@ class RNNCell(nn.RNNCell):
         return h if batched else h.squeeze(0)
 
     def _check_forward_args(self, x: torch.Tensor, hx: Optional[torch.Tensor]) -> None:
-        """torch.nn.RNNCell's checks, with its exception types, on ``x [B, I]``."""
+        """torch.nn.RNNCell's checks, with its exception types, on ``x [B, I]``: sizes first, then
+        dtypes, in torch's order (its sizes are checked before its GEMM refuses the dtypes)."""
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         if x.shape[1] != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
+        if hx is not None:
+            if hx.shape[0] != x.shape[0]:
+                raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden0 batch size {hx.shape[0]}")
+            if hx.shape[1] != self.hidden_size:
+                raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, "
+                                   f"expected {self.hidden_size}")
         casting = _autocasting(x.device)
         if x.dtype != self.weight_ih.dtype and not casting:
             raise RuntimeError(f"RNNCell input dtype ({x.dtype}) does not match weight dtype "
                                f"({self.weight_ih.dtype})")
-        if hx is None:
-            return
-        if hx.shape[0] != x.shape[0]:
-            raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden0 batch size {hx.shape[0]}")
-        if hx.shape[1] != self.hidden_size:
-            raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.shape[1]}, expected {self.hidden_size}")
-        if hx.dtype != x.dtype and not casting:
+        if hx is not None and hx.dtype != x.dtype and not casting:
             raise RuntimeError(f"hx dtype ({hx.dtype}) does not match input dtype ({x.dtype})")
 
 

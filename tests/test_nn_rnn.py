@@ -150,6 +150,56 @@ def test_rnn_empty_batch_gives_torch_empty_results(backend):
         assert got.shape == want.shape and got.dtype == want.dtype
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tf", "bf"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rnn_empty_batch_with_hx_matches_torch(backend, batch_first):
+    device = backend_device(backend)
+    ref, fused = torch_and_fused(backend, input_size=3, hidden_size=4, num_layers=2, bidirectional=True,
+                                 batch_first=batch_first)
+    x = rand(*((0, 5, 3) if batch_first else (5, 0, 3)), device=device)
+    hx = rand(4, 0, 4, seed=1, device=device)
+    assert_same(outputs_and_grads(fused, x, hx), outputs_and_grads(ref, x, hx))
+
+
+# (input_size, hidden_size, batch or None for unbatched input, with hx): torch.nn.RNNCell takes
+# every zero size, and gives an empty result where hidden size or batch is 0.
+CELL_ZERO_SIZES = [(i, h, b, hx) for i, h, b in [(10, 0, 3), (10, 0, None), (0, 10, 3), (0, 10, None), (0, 0, 3),
+                                                 (4, 5, 0), (0, 5, 0), (4, 0, 0)] for hx in (True, False)]
+
+
+def zero_sizes_id(case):
+    i, h, b, hx = case
+    return f"I{i}-H{h}-" + ("unbatched" if b is None else f"B{b}") + ("-hx" if hx else "")
+
+
+@pytest.mark.parametrize("case", tiered(CELL_ZERO_SIZES, fast={(10, 0, 3, True), (10, 0, None, False),
+                                                              (0, 10, 3, False), (0, 10, None, True),
+                                                              (0, 0, 3, True), (4, 5, 0, True)},
+                                        ids=zero_sizes_id))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rnn_cell_zero_sizes_match_torch(backend, case):
+    I, H, B, with_hx = case
+    device = backend_device(backend)
+    torch.manual_seed(0)
+    ref = nn.RNNCell(I, H, dtype=f64, device=device)
+    fused = RNNCell(I, H, dtype=f64, device=device, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    batch = () if B is None else (B,)
+    x, hx = rand(*batch, I, seed=1, device=device), rand(*batch, H, seed=2, device=device) if with_hx else None
+    results = []
+    for module in (fused, ref):
+        out = module(x, hx)
+        inputs = [x] + ([hx] if with_hx else []) + list(module.parameters())
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=f64).to(device)
+        results.append((out, torch.autograd.grad((out * g).sum(), inputs, allow_unused=True)))
+    (got, got_grads), (want, want_grads) = results
+    assert got.shape == want.shape == (*batch, H) and got.dtype == want.dtype
+    for a, b in zip((got, *got_grads), (want, *want_grads), strict=True):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert a.shape == b.shape and (b.numel() == 0 or rel_err(a, b) < TOL)
+
+
 @pytest.mark.parametrize("fast_mode", tiered([True, False], fast={True}), ids=["fast", "full"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rnn_gradcheck(backend, fast_mode):
@@ -333,6 +383,8 @@ RNN_BAD_CALLS = {
     "input dtype": lambda m: m(torch.randn(5, 2, 3, dtype=f64)),
     "integer input": lambda m: m(torch.ones(5, 2, 3, dtype=torch.long)),
     "empty sequence": lambda m: m(torch.randn(0, 2, 3)),
+    "empty sequence and batch": lambda m: m(torch.randn(0, 0, 3)),
+    "empty unbatched sequence": lambda m: m(torch.randn(0, 3), torch.randn(2, 4)),
     "2-D hx for 3-D input": lambda m: m(torch.randn(5, 2, 3), torch.randn(2, 4)),
     "3-D hx for 2-D input": lambda m: m(torch.randn(5, 3), torch.randn(2, 1, 4)),
     "hx layers": lambda m: m(torch.randn(5, 2, 3), torch.randn(3, 2, 4)),
@@ -396,12 +448,32 @@ def test_cell_unknown_nonlinearity_fails_at_forward_like_torch(no_kernel):
 
 @pytest.mark.parametrize("kwargs", [dict(nonlinearity="gelu"), dict(dropout=1.5), dict(dropout=-0.1),
                                     dict(dropout=True), dict(hidden_size=0), dict(hidden_size=4.0),
-                                    dict(num_layers=0), dict(bias=1)], ids=repr)
+                                    dict(input_size=0), dict(num_layers=0), dict(bias=1),
+                                    # torch refuses proj_size whatever its value, before the nonlinearity
+                                    dict(proj_size=0), dict(proj_size=2), dict(proj_size=2, nonlinearity="gelu")],
+                         ids=repr)
 def test_rnn_bad_constructor_raises_what_torch_raises(kwargs):
     args = {**dict(input_size=3, hidden_size=4, num_layers=2), **kwargs}
     want = raised_by(lambda: nn.RNN(**args))
     got = raised_by(lambda: RNN(**args))
     assert type(got) is type(want) and str(got) == str(want)
+
+
+def test_every_constructor_argument_torch_takes_is_taken():
+    """Each argument nn.RNN and nn.RNNCell take, by keyword and by position, builds the same
+    module (proj_size: see test_rnn_bad_constructor_raises_what_torch_raises). nn.RNNCell takes
+    device and dtype by position too; nn.RNN's 9th positional argument is proj_size at run time,
+    so code passes them by keyword."""
+    rnn = dict(input_size=3, hidden_size=4, num_layers=2, nonlinearity="relu", bias=False, batch_first=True,
+               dropout=0.5, bidirectional=True, device="cpu", dtype=f64)
+    cell = dict(input_size=3, hidden_size=4, bias=False, nonlinearity="relu", device="cpu", dtype=f64)
+    pairs = [(nn.RNN(**rnn), RNN(**rnn)), (nn.RNN(*list(rnn.values())[:8], device="cpu", dtype=f64),
+                                            RNN(*list(rnn.values())[:8], device="cpu", dtype=f64)),
+             (nn.RNNCell(**cell), RNNCell(**cell)), (nn.RNNCell(*cell.values()), RNNCell(*cell.values()))]
+    for want, got in pairs:
+        assert repr(got) == repr(want)
+        assert [(n, p.shape, p.dtype) for n, p in got.named_parameters()] == \
+            [(n, p.shape, p.dtype) for n, p in want.named_parameters()]
 
 
 def test_rnn_dropout_with_one_layer_warns_like_torch():
