@@ -89,3 +89,49 @@ def elman_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearit
         h = cell_step(cell, h, q[:, t], w_hh, b_hh)
         states.append(h)
     return torch.stack(states, dim=1), h
+
+
+def lstm_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, w_hr=None):
+    """``torch.nn.LSTM``'s cell, step by step, one layer, one direction, batch first. Gate rows
+    in torch's order i, f, g, o of ``w_ih [4H, I]`` and ``w_hh [4H, P]``:
+    ``z = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``; ``i, f, o = sigmoid``, ``g = tanh``;
+    ``c_t = f c_{t-1} + i g``; ``h_t = o tanh(c_t)``, projected by ``w_hr [P, H]`` when given
+    (``proj_size``; else ``P = H``).
+
+    ``h0 [B, P]`` / ``c0 [B, H]`` or None (zeros); returns ``(output [B, T, P], (h_n, c_n))``.
+    """
+    q = F.linear(x, w_ih, b_ih)  # [B, T, 4H]
+    H = w_hh.shape[0] // 4
+    P = H if w_hr is None else w_hr.shape[0]
+    h = q.new_zeros(q.shape[0], P) if h0 is None else h0
+    c = q.new_zeros(q.shape[0], H) if c0 is None else c0
+    states = []
+    for t in range(q.shape[1]):
+        i, f, g, o = (q[:, t] + F.linear(h, w_hh, b_hh)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        if w_hr is not None:
+            h = F.linear(h, w_hr)
+        states.append(h)
+    return torch.stack(states, dim=1), (h, c)
+
+
+def gru_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None):
+    """``torch.nn.GRU``'s cell, step by step, one layer, one direction, batch first. Gate rows in
+    torch's order r, z, n of ``w_ih [3H, I]`` and ``w_hh [3H, H]``; ``b_hn`` stays inside the
+    reset gate's product: ``n = tanh(q_n + r (h_{t-1} W_hn^T + b_hn))``;
+    ``h_t = (1 - z) n + z h_{t-1}``.
+
+    ``h0 [B, H]`` or None (zeros); returns ``(output [B, T, H], h_n [B, H])``.
+    """
+    q = F.linear(x, w_ih, b_ih)  # [B, T, 3H]
+    h = q.new_zeros(q.shape[0], w_hh.shape[1]) if h0 is None else h0
+    states = []
+    for t in range(q.shape[1]):
+        qr, qz, qn = q[:, t].chunk(3, dim=1)
+        ar, az, an = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+        r, z = torch.sigmoid(qr + ar), torch.sigmoid(qz + az)
+        n = torch.tanh(qn + r * an)
+        h = (1 - z) * n + z * h
+        states.append(h)
+    return torch.stack(states, dim=1), h
