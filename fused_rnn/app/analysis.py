@@ -155,7 +155,14 @@ def gradient_norms(model: CharLanguageModel, text: str, max_distance: int = 100,
     state is a tensor of the autograd graph; each call's fused backward returns the carry
     ``dL/dh_{t-1}`` of its step, and autograd chains them.
 
-    Returns ``{"distance": [D+1], "ends": [E], "norms": [E, D+1]}`` (numpy).
+    The gradient is carried back one step at a time, renormalised to norm 1 per loss after each
+    step while the log of its norm accumulates: a vanishing gradient (a trained char model's falls
+    below float64's ~1e-308 within ~100 steps) stays exact in ``log_norms`` instead of
+    underflowing to zero.
+
+    Returns ``{"distance": [D+1], "ends": [E], "log_norms": [E, D+1], "norms": [E, D+1]}`` (numpy,
+    float64; ``log_norms`` natural logs, -inf where the gradient is exactly zero; ``norms`` their
+    exp, which may underflow to 0: draw ``log_norms``).
     """
     model.eval()
     ids = encode_text(model, text)
@@ -176,16 +183,26 @@ def gradient_norms(model: CharLanguageModel, text: str, max_distance: int = 100,
         _, h = layer(inp[starts + i][:, None], chain[-1], None, backend)
         chain.append(h)  # h_{e-D+i}
     loss = F.cross_entropy(model.l_out(chain[-1]), ids[ends + 1], reduction="sum")  # rows independent
-    grads = torch.autograd.grad(loss, chain)
-    # norms in float64: squaring fp32 gradients of ~1e-23 would underflow to zero
-    norms = torch.stack([g.double().norm(dim=-1) for g in reversed(grads)], dim=1)
-    return {"distance": np.arange(D + 1), "ends": ends.numpy(), "norms": norms.detach().numpy()}
+    grad = torch.autograd.grad(loss, chain[-1], retain_graph=True)[0]  # dL/dh_e
+    log_scale = torch.zeros(len(ends), dtype=torch.float64)  # log of what grad was divided by
+    log_norms = []
+    for i in range(D, -1, -1):  # grad = dL/dh_{e-D+i} / exp(log_scale), per loss (row)
+        norm = grad.double().norm(dim=-1)  # grad is of order 1: its squares cannot underflow
+        log_norms.append(log_scale + norm.log())
+        if i == 0:
+            break
+        scale = torch.where(norm > 0, norm, torch.ones_like(norm))
+        log_scale = log_scale + scale.log()
+        grad = torch.autograd.grad(chain[i], chain[i - 1], (grad / scale[:, None].to(grad.dtype)),
+                                   retain_graph=True)[0]
+    log_norms = torch.stack(log_norms, dim=1).numpy()
+    return {"distance": np.arange(D + 1), "ends": ends.numpy(), "log_norms": log_norms, "norms": np.exp(log_norms)}
 
 
 def step_factors(res: dict) -> np.ndarray:
     """``[E, D]``: by how much each step back multiplies the gradient's norm, ``||dL/dh_{e-k}|| /
-    ||dL/dh_{e-k+1}||``."""
-    n = np.maximum(res["norms"], 1e-300)
-    return n[:, 1:] / n[:, :-1]
+    ||dL/dh_{e-k+1}||``, from the log norms (no underflow; NaN past an exactly zero gradient)."""
+    with np.errstate(invalid="ignore"):
+        return np.exp(np.diff(res["log_norms"], axis=1))
 
 

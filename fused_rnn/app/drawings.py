@@ -6,6 +6,7 @@ draws the numbers of :mod:`fused_rnn.app.analysis` into a PNG and returns its pa
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -268,18 +269,23 @@ def draw_gradients(trained: dict, fresh: dict, path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=90)
     for res, name, color in [(trained, "trained model", "tab:blue"), (fresh, "freshly initialised", "tab:orange")]:
         d = res["distance"]
-        for ax, x, values in [(axes[0], d, np.maximum(res["norms"], 1e-300)), (axes[1], d[1:], step_factors(res))]:
+        # log10 of the norms as carried back (exact where float64's norms would underflow); an
+        # exactly zero gradient ends its curve (NaN) rather than plotting -inf
+        log10 = np.where(np.isfinite(res["log_norms"]), res["log_norms"] / np.log(10), np.nan)
+        for ax, x, values in [(axes[0], d, log10), (axes[1], d[1:], step_factors(res))]:
             if values.size == 0:
                 continue  # a 2-char text: no step back to show
-            lo, mid, hi = np.quantile(values, [0.25, 0.5, 0.75], axis=0)
+            with warnings.catch_warnings():  # a column of NaN only (every gradient zero there)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, mid, hi = np.nanquantile(values, [0.25, 0.5, 0.75], axis=0)
             ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
             ax.plot(x, mid, color=color, lw=2, label=f"{name} (median, 25-75% band)")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("||dL/dh_t||  (log scale)")
+    axes[0].set_ylabel("log10 ||dL/dh_t||")
     axes[0].set_title("Gradient of one prediction's loss reaching earlier states", fontsize=10.5)
     axes[1].axhline(1, color="0.4", lw=1, ls=":")
     factors = step_factors(trained)
-    axes[1].set_ylim(0, max(1.2, float(np.quantile(factors, 0.9)) * 1.1 if factors.size else 0))
+    finite = factors[np.isfinite(factors)]
+    axes[1].set_ylim(0, max(1.2, float(np.quantile(finite, 0.9)) * 1.1 if finite.size else 0))
     axes[1].set_ylabel("||dL/dh_t-1|| / ||dL/dh_t||")
     axes[1].set_title("What each step back multiplies it by (below 1: it shrinks)", fontsize=10.5)
     for ax in axes:

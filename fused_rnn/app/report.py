@@ -63,9 +63,9 @@ def _png_base64(path):
 
 def _decay(res, at):
     """(distance, median ||dL/dh|| there relative to the loss step, median factor per step)."""
-    rel = np.median(res["norms"] / np.maximum(res["norms"][:, :1], 1e-300), axis=0)
+    rel = np.exp(np.median(res["log_norms"] - res["log_norms"][:, :1], axis=0))  # no underflow
     at = min(at, len(rel) - 1)
-    factor = float(np.median(step_factors(res))) if len(rel) > 1 else float("nan")
+    factor = float(np.nanmedian(step_factors(res))) if len(rel) > 1 else float("nan")
     return at, rel[at], factor
 
 

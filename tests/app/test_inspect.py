@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import backend_device
 from fused_rnn import rnn_reference
-from fused_rnn.app.analysis import char_features, choose_units, gradient_norms, next_char_probs, unit_activations
+from fused_rnn.app.analysis import (char_features, choose_units, gradient_norms, next_char_probs, step_factors,
+                                   unit_activations)
 from fused_rnn.app.checkpoint import save_checkpoint
 from fused_rnn.app.cli import add_inspect_arguments, main
 from fused_rnn.app.corpus import encode
@@ -254,3 +255,22 @@ def test_from_course_model_predicts_what_the_course_model_predicts():
     torch.testing.assert_close(torch.log_softmax(logits[:, -1], -1), want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="the vocabulary has 2 chars"):
         CharLanguageModel.from_course_model(course, "ab")
+
+
+def test_gradient_norms_past_float64s_range_stay_exact_in_logs():
+    """A contracting recurrence whose gradient falls below float64's smallest number: the log norms
+    carried back step by step stay finite and keep falling (no underflow to 0, no factor of 1.0
+    read off an underflow), and equal the reference's logs where those are representable."""
+    model = make_model()
+    with torch.no_grad():
+        model.rnn.layers[0].l_hidden.weight /= 1000  # ~e^-6 a step
+    text, end, D = CODE[:150], 140, 130
+    res = gradient_norms(model, text, max_distance=D, ends=[end])
+    logs = res["log_norms"][0]
+    assert np.isfinite(logs).all() and logs[-1] < np.log(1e-320)  # past float64's range
+    factors = step_factors(res)[0]
+    assert (factors[-20:] < 0.5).all()  # still contracting at the far end, not 1.0
+    want = reference_gradient_norms(model, text, [end], D)[0]
+    shown = want > 1e-150  # where the reference's own norm (a sum of squares) cannot underflow
+    assert shown.sum() > 20
+    np.testing.assert_allclose(logs[shown], np.log(want[shown]), rtol=1e-9, atol=1e-9)
