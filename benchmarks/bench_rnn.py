@@ -33,6 +33,10 @@ for either cell (``--cell``).
   (forward); backward adds one product per step, the ``[H, B*T] x [B*T, H]`` and
   ``[H, B*T] x [B*T, I]`` weight gradients and ``dx = dq W_ih``.
 
+``--peak`` (CPU) first measures the machine's fp32 FMA peak (``benchmarks/fma_peak.py``) and the
+table then gives each provider's product rate (the fused path's product FLOPs over its time) as a
+share of it: the floor that ``torch.mm`` itself reaches only part of.
+
 Medians: ``triton.testing.do_bench`` on CUDA; on the CPU, interleaved rounds (A, B, C, A, B, C,
 ...) in one process so machine drift hits all providers alike. Rows are appended to a CSV (with
 the device name, versions and date); a markdown table is printed last, with fused's speedup over
@@ -313,6 +317,15 @@ def make_gemm_step(B, T, H, dtype, device, mode, I=0):
     return step
 
 
+def product_flops(B, T, H, I, mode) -> int:
+    """The FLOPs of ``make_gemm_step``'s products: what the fused path must multiply."""
+    step = 2 * B * H * H  # one [B, H] x [H, H] product
+    flops = T * step + 2 * B * T * I * H  # the recurrence and the dense input's projection
+    if mode != "fwd":
+        flops += T * step + 2 * B * T * H * H + 2 * (2 * B * T * H * I)  # chain, dW_hh, dx and dW_ih
+    return flops
+
+
 def median_ms(steps: dict, device, rounds=15, budget_s=60) -> dict:
     if device.type == "cuda":
         import triton.testing
@@ -375,6 +388,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15, help="CPU: interleaved rounds per shape and mode")
     ap.add_argument("--csv", default=os.path.join(HERE, "results.csv"), help="CSV to append rows to")
     ap.add_argument("--no-csv", action="store_true", help="do not write a CSV")
+    ap.add_argument("--peak", action="store_true",
+                    help="CPU: measure this machine's fp32 FMA peak first (benchmarks/fma_peak.py) and "
+                         "give each provider's product rate as a share of it")
     ap.add_argument("--plot", default=os.path.join(HERE, "speedup.png"),
                     help="PNG of fused's speedup over the strongest peer per shape ('' for none)")
     args = ap.parse_args(argv)
@@ -396,6 +412,11 @@ def main(argv=None):
     meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
                 triton=triton_version)
     print(f"# {meta['device']}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
+    peak = None
+    if args.peak and device.type == "cpu":
+        from fma_peak import fma_peak_gflops
+        peak = fma_peak_gflops(torch.get_num_threads())
+        print(f"# fp32 FMA peak on {torch.get_num_threads()} threads: {peak:.0f} GFLOP/s")
 
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -431,7 +452,7 @@ def main(argv=None):
             del providers, steps, outs
     if args.csv and not args.no_csv:
         append_csv(args.csv, rows)
-    print_table(rows)
+    print_table(rows, peak)
     if args.plot:
         plot_speedups(rows, args.plot, f"{meta['device']}, torch {torch.__version__}, triton {triton_version}")
 
@@ -501,14 +522,24 @@ def plot_speedups(rows, path, title):
     print(f"plot: {path}")
 
 
-def print_table(rows):
+def print_table(rows, peak=None):
+    """The markdown table; with the FMA ``peak`` (GFLOP/s), each provider's product rate (the
+    fused path's product FLOPs over its time) beside its time, and the share of the peak."""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    print("\n| cell | dtype | B | T | I | H | mode | " + " | ".join(f"{p} ms" for p in providers)
+    rate = " (GF/s" + (", % of peak)" if peak else ")")
+    print("\n| cell | dtype | B | T | I | H | mode | " + " | ".join(f"{p} ms{rate}" for p in providers)
           + " | fused vs strongest peer | GEMM floor share of fused |")
     print("|---" * (9 + len(providers)) + "|")
     for key, ms, best, speedup, share in summarize(rows):
-        cells = [f"{ms[p]:.3f}" if p in ms else "-" for p in providers]
-        print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells)
+        _, _, B, T, I, H, mode = key
+        flops = product_flops(B, T, H, I or 0, mode)
+
+        def cell(p):
+            if p not in ms:
+                return "-"
+            gflops = flops / (ms[p] * 1e6)
+            return f"{ms[p]:.3f} ({gflops:.0f}" + (f", {gflops / peak:.0%})" if peak else ")")
+        print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cell(p) for p in providers)
               + f" | {f'{speedup:.2f}x ({best})' if speedup else '-'} | {f'{share:.0%}' if share else '-'} |")
 
 
