@@ -212,3 +212,32 @@ def test_cpu_extension_refuses_an_unknown_cell():
     q, w_hh = torch.randn(3, 2, 4), torch.randn(4, 4)
     with pytest.raises(ValueError, match="cell must be"):
         cpu_ext.load().rnn_fwd(q, None, w_hh, None, None, "gru")
+
+
+# the kernels' inf - inf before their select, computed by the interpreter in numpy
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_relu_gradient_is_torchs_where_the_state_is_zero(backend):
+    """torch.relu's backward gives 0 where the state is <= 0 whatever arrives there, inf included:
+    an infinite output gradient at a dead unit must not turn the chain into NaN."""
+    name, device = backend
+    g = torch.Generator().manual_seed(3)
+    B, T, I, H = 3, 4, 2, 5
+    x, w_ih, w_hh, b = (torch.randn(*s, generator=g, dtype=torch.float64).to(device)
+                        for s in [(B, T, I), (H, I), (H, H), (H,)])
+    w_hh *= 0.5
+    leaves = [t.clone().requires_grad_() for t in (x, w_ih, w_hh)]
+    out = elman_reference(*leaves, b, None, nonlinearity="relu")[0].detach()
+    dead = out <= 0
+    assert dead.any() and (~dead).any()
+    grad_out = torch.where(dead, torch.inf, 1.0)
+
+    def grads(fn, **kw):
+        leaves = [t.clone().requires_grad_() for t in (x, w_ih, w_hh)]
+        output = fn(*leaves, b, None, nonlinearity="relu", **kw)[0]
+        return torch.autograd.grad(output, leaves, grad_out)
+
+    want = grads(elman_reference)
+    got = grads(elman_rnn, backend=name)
+    for a, w in zip(got, want):
+        assert torch.isfinite(w).all()
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-12)
