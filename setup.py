@@ -5,7 +5,7 @@ import re
 
 from setuptools import find_packages, setup
 
-CPU_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast"]  # also in fused_rnn/ops/cpu_ext.py
+CPU_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp"]  # also in fused_rnn/ops/cpu_ext.py
 
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -14,9 +14,11 @@ except ImportError:
 else:
     # Same flags as the just-in-time build in fused_rnn/ops/cpu_ext.py. -fno-trapping-math lets
     # gcc vectorize the clamps and selects of the elementwise passes; -ffp-contract=fast lets it
-    # use FMA (the ISO C++ mode that torch builds in turns contraction off).
+    # use FMA (the ISO C++ mode that torch builds in turns contraction off). -fopenmp: at::parallel_for
+    # runs its tasks on threads only where _OPENMP is defined (else one after another); the
+    # extension then shares the libgomp.so.1 that torch has loaded, so torch's thread pool.
     ext_modules = [CppExtension("fused_rnn._C", ["csrc/fused_rnn_cpu.cpp"],
-                                extra_compile_args=CPU_FLAGS)]
+                                extra_compile_args=CPU_FLAGS, extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension}
 
 # One version, in fused_rnn/__init__.py (read as text: the package needs torch to import).

@@ -1,5 +1,5 @@
 """A/B of the C++ CPU extension: this checkout's build against one built from another git revision's
-``csrc/``, both loaded in one process and timed in interleaved rounds (A, B, A, B, ...), so that a
+``csrc/`` with that revision's compiler flags, both loaded in one process and timed in interleaved rounds (A, B, A, B, ...), so that a
 change to the C++ source is measured without machine drift between two runs.
 
     python benchmarks/ab_cpu_ext.py --before HEAD~1 [--rounds 15] [--cells course,elman_tanh]
@@ -11,6 +11,8 @@ benchmark's shapes (``bench_rnn.py --shapes cpu``), the input projection exclude
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 import statistics
 import subprocess
 import tempfile
@@ -33,11 +35,15 @@ def build_revision(rev: str):
                             capture_output=True, text=True).stdout
     sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
+    # the revision's own flags (setup.py's CPU_FLAGS), so that a change of flags is measured too
+    setup = subprocess.run(["git", "show", f"{rev}:setup.py"], cwd=ROOT, check=True, capture_output=True,
+                           text=True).stdout
+    flags = ast.literal_eval(re.search(r"^CPU_FLAGS = (\[[^\]]*\])", setup, re.M).group(1))
     folder = Path(tempfile.mkdtemp(prefix="fused_rnn_ab_"))
     path = folder / "fused_rnn_cpu.cpp"
     path.write_text(source)
-    return load(name=f"fused_rnn_cpu_{sha}", sources=[str(path)], extra_cflags=cpu_ext.CPU_FLAGS,
-                build_directory=str(folder))
+    return load(name=f"fused_rnn_cpu_{sha}", sources=[str(path)], extra_cflags=flags,
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], build_directory=str(folder))
 
 
 def problem(cell: str, B: int, T: int, H: int, g: torch.Generator):

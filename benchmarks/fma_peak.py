@@ -5,7 +5,7 @@ are judged against (``torch.mm`` reaches only part of it).
     python benchmarks/fma_peak.py [--seconds 1.0]
 
 The loop is C++ compiled here (torch's ``load_inline``, cached after the first run) with the
-extension's flags; gcc builds AVX-512, AVX2+FMA and plain copies and picks one at load time.
+extension's flags (``-fopenmp`` included: without it ``at::parallel_for`` runs on one thread); gcc builds AVX-512, AVX2+FMA and plain copies and picks one at load time.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _ext():
     global _module
     if _module is None:
         _module = load_inline("fused_rnn_fma_peak", cpp_sources=[_SOURCE], functions=["fma_gflops"],
-                              extra_cflags=["-O3", "-ffp-contract=fast"])
+                              extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp"], extra_ldflags=["-fopenmp"])
     return _module
 
 

@@ -25,7 +25,7 @@ except ImportError:  # Windows
 _CANDIDATES = [Path(__file__).resolve().parents[1] / "csrc", Path(__file__).resolve().parents[2] / "csrc"]
 SOURCES = [next((d for d in _CANDIDATES if (d / "fused_rnn_cpu.cpp").exists()), _CANDIDATES[-1])
            / "fused_rnn_cpu.cpp"]
-CPU_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast"]  # as in setup.py
+CPU_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp"]  # as in setup.py (why: there)
 NAME = "fused_rnn_cpu"
 STALE_LOCK_S = 900  # where flock is unavailable: no build of this one file takes this long
 _ext = None  # the loaded module, or the reason it could not be loaded (a str)
@@ -70,6 +70,7 @@ def _load():
             if not _cached_build_is_current(folder):
                 print("fused_rnn: building the CPU extension (once; cached for later runs)...", file=sys.stderr)
             return build(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=CPU_FLAGS,
+                         extra_ldflags=["-fopenmp"],
                          build_directory=str(folder) if folder is not None else None,
                          verbose=os.environ.get("FUSED_RNN_VERBOSE_BUILD") == "1")
     except Exception as exc:  # no compiler, no ninja, compile error
