@@ -7,11 +7,11 @@ The course's char-RNN cell ``h_t = tanh(W_h (h_{t-1} + relu(W_in e(x_t) + b_in))
 """
 from .convert import convert
 from .dispatch import BackendInfo, backends
-from .function import elman_rnn, fused_rnn
+from .function import elman_rnn, fused_rnn, gru, lstm
 from .modules import FusedCharLoopModel, FusedRNN
 from .reference import CharLoopModel, elman_reference, rnn_reference
 from .rnn import RNN, RNNCell
 
-__all__ = ["fused_rnn", "elman_rnn", "rnn_reference", "elman_reference", "backends", "BackendInfo", "CharLoopModel",
+__all__ = ["fused_rnn", "elman_rnn", "lstm", "gru", "rnn_reference", "elman_reference", "backends", "BackendInfo", "CharLoopModel",
            "FusedCharLoopModel", "FusedRNN", "convert", "RNN", "RNNCell"]
 __version__ = "0.1.0"

@@ -22,9 +22,17 @@ class Cell:
     # False: h_t = act(h_{t-1} W^T + q_t), the input added after the product (nn.RNN's)
     activation: str  # the state's nonlinearity: "tanh" or "relu"
     state: tuple = ("h",)  # the state carried from step to step: ("h",) or ("h", "c")
-    saves: tuple = ("h",)  # what the forward keeps for the backward (the rest is recomputed)
+    saves: tuple = ("h",)  # what the forward keeps for the backward (the rest is recomputed);
+    # the gated cells also keep per step ``saved_width * H`` values of their gates
+    saved_width: int = 0
     token_input: bool = False  # may take token ids with a [V, H] projection table
     hidden_bias: bool = False  # takes b_h of its own (else every bias is folded into q)
+    projection: bool = False  # may project its output h_t = m_t W_hr^T (the LSTM's proj_size)
+
+    @property
+    def gated(self) -> bool:
+        """The LSTM and GRU: G > 1 gates, their own kernels (ops' ``gated_fwd``/``gated_bwd``)."""
+        return self.gates > 1
 
     def __str__(self) -> str:
         return self.name
@@ -35,7 +43,17 @@ COURSE = Cell("course", gates=1, input_before_product=True, activation="tanh",
 ELMAN_TANH = Cell("elman_tanh", gates=1, input_before_product=False, activation="tanh")
 ELMAN_RELU = Cell("elman_relu", gates=1, input_before_product=False, activation="relu")
 
-CELLS = {cell.name: cell for cell in (COURSE, ELMAN_TANH, ELMAN_RELU)}
+# nn.LSTM's cell: gate rows i, f, g, o; both biases folded into q; saves c_t and the activated gates.
+LSTM = Cell("lstm", gates=4, input_before_product=False, activation="tanh", state=("h", "c"),
+            saves=("h", "c", "gates"), saved_width=4, projection=True)
+# nn.GRU's cell: gate rows r, z, n; b_hh stays with the product (b_hn sits inside the reset gate);
+# saves r, z, n and the product's n rows a_n (h W_hn^T + b_hn).
+GRU = Cell("gru", gates=3, input_before_product=False, activation="tanh", saves=("h", "gates"),
+           saved_width=4, hidden_bias=True)
+
+VANILLA = (COURSE, ELMAN_TANH, ELMAN_RELU)  # one gate: the ops' rnn_fwd/rnn_bwd
+GATED = (LSTM, GRU)
+CELLS = {cell.name: cell for cell in VANILLA + GATED}
 
 
 def get(name) -> Cell:
@@ -50,7 +68,7 @@ def get(name) -> Cell:
 
 def elman(nonlinearity: str) -> Cell:
     """nn.RNN's own cell with ``nonlinearity`` ("tanh" or "relu")."""
-    for cell in CELLS.values():
+    for cell in VANILLA:
         if not cell.input_before_product and cell.activation == nonlinearity:
             return cell
     raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")

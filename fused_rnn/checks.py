@@ -132,12 +132,56 @@ def check_elman_inputs(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity, lengths):
         _check_tensor("h0", h0, 2, (B, H))
     floats = {k: v for k, v in dict(x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0).items()
               if v is not None}
+    _check_floats(floats, "w_hh", w_hh)
+    if lengths is not None:
+        _check_lengths(lengths, B, T)
+
+
+def check_gated_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths):
+    """Raises a ValueError/TypeError for any malformed input to :func:`fused_rnn.lstm` or
+    :func:`fused_rnn.gru` (``cell`` their `cells.Cell`; ``c0`` and ``w_hr`` the LSTM's)."""
+    G, name = cell.gates, cell.name.upper()
+    _check_tensor("w_hh", w_hh, 2)
+    if w_hh.shape[0] == 0 or w_hh.shape[0] % G:
+        raise ValueError(f"w_hh must be [{G}*H, P] with H >= 1 for the {name}, got {tuple(w_hh.shape)}")
+    H, P = w_hh.shape[0] // G, w_hh.shape[1]
+    if w_hr is not None:
+        _check_tensor("w_hr", w_hr, 2, (P, H))
+    elif P != H:
+        raise ValueError(f"w_hh must be [{G}*H, H] = [{G * H}, {H}] without w_hr, got {tuple(w_hh.shape)}")
+    _check_tensor("w_ih", w_ih, 2)
+    if w_ih.shape[0] != G * H:
+        raise ValueError(f"w_ih must be [{G}*H={G * H}, I], got {tuple(w_ih.shape)}")
+    I = w_ih.shape[1]
+    _check_tensor("x", x, 3)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a float tensor [B, T, I], got {x.dtype}")
+    if x.shape[2] != I:
+        raise ValueError(f"x must be [B, T, {I}] to match w_ih [G*H, I], got {tuple(x.shape)}")
+    B, T = x.shape[0], x.shape[1]
+    if B == 0 or T == 0:
+        raise ValueError(f"x must have a non-empty batch and sequence, got shape {tuple(x.shape)}")
+    for bias_name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _check_tensor(bias_name, b, 1, (G * H,))
+    if h0 is not None:
+        _check_tensor("h0", h0, 2, (B, P))
+    if c0 is not None:
+        _check_tensor("c0", c0, 2, (B, H))
+    floats = {k: v for k, v in dict(x=x, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, h0=h0, c0=c0,
+                                    w_hr=w_hr).items() if v is not None}
+    _check_floats(floats, "w_hh", w_hh)
+    if lengths is not None:
+        _check_lengths(lengths, B, T)
+
+
+def _check_floats(floats: dict, ref_name: str, ref: torch.Tensor) -> None:
+    """Every tensor of ``floats`` of a float dtype, ``ref``'s dtype and on ``ref``'s device."""
     for name, t in floats.items():
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.dtype != w_hh.dtype:
-            raise TypeError(f"all float inputs must share one dtype: w_hh is {w_hh.dtype}, {name} is {t.dtype}")
-        if t.device != w_hh.device:
-            raise ValueError(f"all inputs must be on one device: w_hh is on {w_hh.device}, {name} is on {t.device}")
-    if lengths is not None:
-        _check_lengths(lengths, B, T)
+        if t.dtype != ref.dtype:
+            raise TypeError(f"all float inputs must share one dtype: {ref_name} is {ref.dtype}, {name} is {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"all inputs must be on one device: {ref_name} is on {ref.device}, "
+                             f"{name} is on {t.device}")

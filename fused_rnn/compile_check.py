@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-sizes", default="1,100,256,300,384,512,1000,1024", type=_ints)
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--batch-sizes", default="64,256", type=_ints)
-    parser.add_argument("--cells", default=",".join(cell_specs.CELLS),
+    parser.add_argument("--cells", default=",".join(c.name for c in cell_specs.VANILLA),
                         help="the recurrence cells to compile (fused_rnn.cells)")
     parser.add_argument("--sm-count", type=int, default=None,
                         help="SMs the planner plans for (default: 132 for sm_90, 108 for sm_80)")

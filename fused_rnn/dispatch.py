@@ -10,7 +10,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
-from .ops import cpu_ext
+from .ops import cpu_ext, loop
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -116,6 +116,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 def kernels(backend: str):
     """The module with ``rnn_fwd`` and ``rnn_bwd`` for a fused backend."""
     return cpu_ext if backend == "cpu" else _triton_import().module
+
+
+def gated_kernels(backend: str):
+    """The module with ``gated_fwd`` and ``gated_bwd`` (the LSTM's and GRU's) for a fused backend.
+    The Triton backend runs them through the reference loop at the kernels' interface for now."""
+    return cpu_ext if backend == "cpu" else loop
 
 
 def fused_limit(inputs) -> Optional[str]:

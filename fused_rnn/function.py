@@ -1,5 +1,6 @@
-"""The public functions ``fused_rnn`` (the course's cell) and ``elman_rnn`` (torch.nn.RNN's):
-checks, autocast, the input projection as one PyTorch GEMM, then the fused recurrence op."""
+"""The public functions ``fused_rnn`` (the course's cell), ``elman_rnn`` (torch.nn.RNN's),
+``lstm`` and ``gru`` (torch.nn.LSTM's and GRU's): checks, autocast, the input projection as one
+PyTorch GEMM, then the fused recurrence op."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from . import cells
-from .checks import FLOAT_DTYPES, as_index, check_elman_inputs, check_inputs
+from .checks import FLOAT_DTYPES, as_index, check_elman_inputs, check_gated_inputs, check_inputs
 from .dispatch import backend_for
 from .ops import elman_q_time_major, output_view
+from .gated_op import gated_recurrence
 from .recurrence_op import recurrence
-from .reference import elman_reference, rnn_reference
+from .reference import elman_reference, gated_loop, rnn_reference
 
 
 def _autocast_inputs(tensors: dict, weight: str = "w_h") -> dict:
@@ -37,13 +39,17 @@ def _occurring_rows(embedding, ids):
     return torch.where(occurs[:, None], embedding, 0)
 
 
-def _apply_lengths(output, h_n, lengths, T):
+def _apply_lengths(output, lengths, T):
     """Zeros past each sequence's end; h_n at each sequence's last valid step. The recurrence is
     causal, so steps past the end never touch earlier ones and, masked out, get no gradient."""
     valid = torch.arange(T, device=output.device)[None, :] < lengths[:, None]  # [B, T]
     output = output * valid[..., None].to(output.dtype)
-    h_n = output[torch.arange(output.shape[0], device=output.device), lengths - 1]
-    return output, h_n
+    return output, _at_last_step(output, lengths)
+
+
+def _at_last_step(seq, lengths):
+    """``seq [B, T, F]`` at each sequence's last valid step, ``[B, F]``."""
+    return seq[torch.arange(seq.shape[0], device=seq.device), lengths - 1]
 
 
 def fused_rnn(
@@ -112,7 +118,7 @@ def fused_rnn(
             h0.contiguous() if h0 is not None else None, backend, allow_tf32, cells.COURSE.name)
         output = output_view(states, backend).to(w_h.dtype)
     if lengths is not None:
-        output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
+        output, h_n = _apply_lengths(output, lengths.to(device=output.device, dtype=torch.int64),
                                      x.shape[1])
     return output, h_n
 
@@ -160,6 +166,100 @@ def elman_rnn(
                                   h0.contiguous() if h0 is not None else None, backend, allow_tf32, cell)
         output = output_view(states, backend).to(w_hh.dtype)
     if lengths is not None:
-        output, h_n = _apply_lengths(output, h_n, lengths.to(device=output.device, dtype=torch.int64),
+        output, h_n = _apply_lengths(output, lengths.to(device=output.device, dtype=torch.int64),
                                      x.shape[1])
+    return output, h_n
+
+
+def _bias_sum(a, b):
+    return a + b if a is not None and b is not None else a if a is not None else b
+
+
+def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allow_tf32):
+    """``(output [B, T, P], h_n [B, P], c_n [B, H] or None)`` of the LSTM or GRU on ``x [B, T, I]``."""
+    names = ("x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0", "w_hr")
+    t = _autocast_inputs(dict(zip(names, (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))), "w_hh")
+    x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr = (t[k] for k in names)
+    lengths = as_index(lengths)
+    check_gated_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths)
+    backend = backend_for(backend, w_hh, (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
+    # q = x W_ih^T with the biases that fold into it, time-major: one GEMM over all B*T rows.
+    # The GRU's b_hh stays with the product (its n rows sit inside the reset gate).
+    hidden_bias = b_hh if cell.hidden_bias else None
+    q = F.linear(x.transpose(0, 1), w_ih, b_ih if cell.hidden_bias else _bias_sum(b_ih, b_hh))
+    if backend == "reference":
+        out, cs, _ = gated_loop(cell, q, w_hh, hidden_bias, h0, c0, w_hr)
+    else:
+        def contiguous(t):
+            return None if t is None else t.contiguous()
+
+        out, cs, _ = gated_recurrence(q.contiguous(), w_hh.contiguous(), contiguous(hidden_bias), contiguous(h0),
+                                      contiguous(c0), contiguous(w_hr), backend, allow_tf32, cell.name)
+        out = out.to(w_hh.dtype)
+        cs = cs.to(w_hh.dtype) if cs.numel() else None
+    output = out.transpose(0, 1)  # [B, T, P], a view of the time-major states
+    if lengths is None:
+        return output, out[-1], None if cs is None else cs[-1]
+    lengths = lengths.to(device=output.device, dtype=torch.int64)
+    output, h_n = _apply_lengths(output, lengths, x.shape[1])
+    return output, h_n, None if cs is None else _at_last_step(cs.transpose(0, 1), lengths)
+
+
+def lstm(
+    x: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: Optional[torch.Tensor] = None,
+    b_hh: Optional[torch.Tensor] = None,
+    h0: Optional[torch.Tensor] = None,
+    c0: Optional[torch.Tensor] = None,
+    w_hr: Optional[torch.Tensor] = None,
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+):
+    """All T steps of ``torch.nn.LSTM``'s cell, one layer, one direction, batch first: gate rows
+    i, f, g, o; ``z = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``, ``c_t = f c_{t-1} + i g``,
+    ``h_t = o tanh(c_t)`` (then ``h_t W_hr^T`` with ``w_hr``, torch's ``proj_size``).
+
+    Args:
+        x: ``[B, T, I]``.
+        w_ih: ``[4H, I]``; w_hh: ``[4H, P]`` (``P = H`` without ``w_hr``); b_ih, b_hh: ``[4H]`` or None.
+        h0: ``[B, P]``, c0: ``[B, H]``, or None (zeros).
+        w_hr: ``[P, H]`` or None.
+        lengths, backend, allow_tf32: as in :func:`fused_rnn.fused_rnn`.
+
+    Returns:
+        ``(output [B, T, P], (h_n [B, P], c_n [B, H]))``, differentiable with respect to every
+        float input; with ``lengths``, the states at each sequence's last valid step.
+    """
+    output, h_n, c_n = _gated(cells.LSTM, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allow_tf32)
+    return output, (h_n, c_n)
+
+
+def gru(
+    x: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: Optional[torch.Tensor] = None,
+    b_hh: Optional[torch.Tensor] = None,
+    h0: Optional[torch.Tensor] = None,
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+):
+    """All T steps of ``torch.nn.GRU``'s cell, one layer, one direction, batch first: gate rows
+    r, z, n; ``r = sigmoid(x_t W_ir^T + b_ir + h W_hr^T + b_hr)``, z alike,
+    ``n = tanh(x_t W_in^T + b_in + r (h W_hn^T + b_hn))``, ``h_t = (1 - z) n + z h_{t-1}``.
+
+    Args:
+        x: ``[B, T, I]``; w_ih: ``[3H, I]``; w_hh: ``[3H, H]``; b_ih, b_hh: ``[3H]`` or None;
+        h0: ``[B, H]`` or None (zeros); lengths, backend, allow_tf32: as in :func:`fused_rnn.fused_rnn`.
+
+    Returns:
+        ``(output [B, T, H], h_n [B, H])``, differentiable with respect to every float input.
+    """
+    output, h_n, _ = _gated(cells.GRU, x, w_ih, w_hh, b_ih, b_hh, h0, None, None, lengths, backend, allow_tf32)
     return output, h_n

@@ -91,6 +91,73 @@ def elman_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearit
     return torch.stack(states, dim=1), h
 
 
+def lstm_pointwise(z, c_prev):
+    """The LSTM's pointwise update from the pre-activations ``z [B, 4H]`` (gate rows i, f, g, o)
+    and ``c_{t-1}``: ``(m_t, c_t, gates)`` with ``m_t = o tanh(c_t)`` (``h_t`` before any
+    projection) and ``gates = [i, f, g, o]`` activated, ``[B, 4H]``."""
+    zi, zf, zg, zo = z.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(zi), torch.sigmoid(zf), torch.tanh(zg), torch.sigmoid(zo)
+    c = f * c_prev + i * g
+    return o * torch.tanh(c), c, torch.cat([i, f, g, o], dim=1)
+
+
+def gru_pointwise(q_t, a, h_prev):
+    """The GRU's pointwise update from the input's pre-activations ``q_t [B, 3H]`` (rows r, z, n,
+    ``b_ih`` in them) and the product's ``a = h_{t-1} W_hh^T + b_hh``: ``(h_t, saved)`` with
+    ``saved = [r, z, n, a_n]``, ``[B, 4H]``."""
+    qr, qz, qn = q_t.chunk(3, dim=1)
+    ar, az, an = a.chunk(3, dim=1)
+    r, z = torch.sigmoid(qr + ar), torch.sigmoid(qz + az)
+    n = torch.tanh(qn + r * an)
+    return (1 - z) * n + z * h_prev, torch.cat([r, z, n, an], dim=1)
+
+
+def lstm_pointwise_backward(gh, gc, gates, c_prev, c):
+    """The LSTM's pointwise backward (design notes, section 2b): from the gradients at ``m_t``
+    (``gh``) and ``c_t`` (``gc``), the saved ``gates``, ``c_{t-1}`` and ``c_t``, returns ``(dz [B, 4H],
+    the gradient carried to c_{t-1})``; ``dz`` is the gradient at the pre-activations."""
+    i, f, g, o = gates.chunk(4, dim=1)
+    tc = torch.tanh(c)
+    do = gh * tc
+    dc = gc + gh * o * (1 - tc * tc)
+    dz = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), do * o * (1 - o)], dim=1)
+    return dz, dc * f
+
+
+def gru_pointwise_backward(gh, saved, h_prev):
+    """The GRU's pointwise backward (design notes, section 2b): from the gradient at ``h_t``, the
+    saved ``[r, z, n, a_n]`` and ``h_{t-1}``, returns ``(dq [B, 3H], da [B, 3H], gh z)``: the
+    gradients at ``q_t`` and at the product ``a``, and the share carried straight to ``h_{t-1}``."""
+    r, z, n, an = saved.chunk(4, dim=1)
+    en = gh * (1 - z) * (1 - n * n)
+    ez = gh * (h_prev - n) * z * (1 - z)
+    er = en * an * r * (1 - r)
+    return torch.cat([er, ez, en], dim=1), torch.cat([er, ez, en * r], dim=1), gh * z
+
+
+def gated_loop(cell: Cell, q, w_hh, b_hh=None, h0=None, c0=None, w_hr=None):
+    """The LSTM or GRU over time-major ``q [T, B, G*H]`` (``x W_ih^T`` plus the biases that fold
+    into it: both for the LSTM, ``b_ih`` for the GRU, whose ``b_hh`` enters with the product).
+    Returns ``(out [T, B, P], cs [T, B, H] (the LSTM's c_1..c_T; None for the GRU), saved
+    [T, B, 4H])``; ``h0`` / ``c0`` None: zeros."""
+    T, B = q.shape[:2]
+    H = w_hh.shape[0] // cell.gates
+    h = q.new_zeros(B, w_hh.shape[1]) if h0 is None else h0
+    c = q.new_zeros(B, H) if c0 is None else c0
+    outs, cs, saved = [], [], []
+    for t in range(T):
+        a = F.linear(h, w_hh, b_hh)
+        if cell is cells.LSTM:
+            m, c, kept = lstm_pointwise(q[t] + a, c)
+            h = m if w_hr is None else F.linear(m, w_hr)
+            cs.append(c)
+        else:
+            h, kept = gru_pointwise(q[t], a, h)
+        outs.append(h)
+        saved.append(kept)
+    return torch.stack(outs), (torch.stack(cs) if cs else None), torch.stack(saved)
+
+
 def lstm_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, w_hr=None):
     """``torch.nn.LSTM``'s cell, step by step, one layer, one direction, batch first. Gate rows
     in torch's order i, f, g, o of ``w_ih [4H, I]`` and ``w_hh [4H, P]``:
@@ -100,20 +167,9 @@ def lstm_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None, w_hr=N
 
     ``h0 [B, P]`` / ``c0 [B, H]`` or None (zeros); returns ``(output [B, T, P], (h_n, c_n))``.
     """
-    q = F.linear(x, w_ih, b_ih)  # [B, T, 4H]
-    H = w_hh.shape[0] // 4
-    P = H if w_hr is None else w_hr.shape[0]
-    h = q.new_zeros(q.shape[0], P) if h0 is None else h0
-    c = q.new_zeros(q.shape[0], H) if c0 is None else c0
-    states = []
-    for t in range(q.shape[1]):
-        i, f, g, o = (q[:, t] + F.linear(h, w_hh, b_hh)).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        if w_hr is not None:
-            h = F.linear(h, w_hr)
-        states.append(h)
-    return torch.stack(states, dim=1), (h, c)
+    q = F.linear(x.transpose(0, 1), w_ih, b_ih)  # [T, B, 4H]
+    out, cs, _ = gated_loop(cells.LSTM, q, w_hh, b_hh, h0, c0, w_hr)
+    return out.transpose(0, 1), (out[-1], cs[-1])
 
 
 def gru_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None):
@@ -124,14 +180,6 @@ def gru_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None):
 
     ``h0 [B, H]`` or None (zeros); returns ``(output [B, T, H], h_n [B, H])``.
     """
-    q = F.linear(x, w_ih, b_ih)  # [B, T, 3H]
-    h = q.new_zeros(q.shape[0], w_hh.shape[1]) if h0 is None else h0
-    states = []
-    for t in range(q.shape[1]):
-        qr, qz, qn = q[:, t].chunk(3, dim=1)
-        ar, az, an = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
-        r, z = torch.sigmoid(qr + ar), torch.sigmoid(qz + az)
-        n = torch.tanh(qn + r * an)
-        h = (1 - z) * n + z * h
-        states.append(h)
-    return torch.stack(states, dim=1), h
+    q = F.linear(x.transpose(0, 1), w_ih, b_ih)  # [T, B, 3H]
+    out, _, _ = gated_loop(cells.GRU, q, w_hh, b_hh, h0)
+    return out.transpose(0, 1), out[-1]

@@ -1,0 +1,103 @@
+"""The LSTM's and GRU's fused recurrence as PyTorch custom ops with autograd: one op runs all T
+steps forward, one the backward, on the backend's ``gated_fwd`` / ``gated_bwd`` (`ops/__init__.py`)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import cells
+from .dispatch import gated_kernels
+from .ops import workspace_dtype
+from .reference import gated_loop
+
+# fused_rnn::gated_recurrence(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell)
+#   -> (out [T, B, P], cs [T, B, H] (the GRU: empty), saved [T, B, 4H]), all time-major, in
+#   ops.workspace_dtype. Differentiable through out and cs; saved is the backward's own.
+
+
+def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("fused_rnn::gated_recurrence", mutates_args=())
+def gated_recurrence(q: torch.Tensor, w_hh: torch.Tensor, b_hh: Optional[torch.Tensor],
+                     h0: Optional[torch.Tensor], c0: Optional[torch.Tensor], w_hr: Optional[torch.Tensor],
+                     backend: str, allow_tf32: bool, cell: str
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, cs, saved = gated_kernels(backend).gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell)
+    return out, _empty_if_none(cs, out), saved
+
+
+@gated_recurrence.register_fake
+def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell):
+    spec = cells.get(cell)
+    T, B = q.shape[:2]
+    H = w_hh.shape[0] // spec.gates
+    P = H if w_hr is None else w_hr.shape[0]
+    dtype = workspace_dtype(w_hh.dtype)
+    cs = q.new_empty((T, B, H) if "c" in spec.state else (0,), dtype=dtype)
+    return q.new_empty((T, B, P), dtype=dtype), cs, q.new_empty((T, B, spec.saved_width * H), dtype=dtype)
+
+
+@torch.library.custom_op("fused_rnn::gated_recurrence_backward", mutates_args=())
+def _gated_backward(grad_out: torch.Tensor, grad_cs: Optional[torch.Tensor], out: torch.Tensor,
+                    cs: torch.Tensor, saved: torch.Tensor, q: torch.Tensor, w_hh: torch.Tensor,
+                    b_hh: Optional[torch.Tensor], h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
+                    w_hr: Optional[torch.Tensor], backend: str, allow_tf32: bool, cell: str
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr); empty for an absent input."""
+    grads = gated_kernels(backend).gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr,
+                                             allow_tf32, cell)
+    return tuple(_empty_if_none(g, q) for g in grads)
+
+
+@_gated_backward.register_fake
+def _(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell):
+    return tuple(torch.empty_like(t) if t is not None else q.new_empty(0) for t in (q, w_hh, b_hh, h0, c0, w_hr))
+
+
+def _setup_context(ctx, inputs, output):
+    q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell = inputs
+    out, cs, saved = output
+    ctx.save_for_backward(q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved)
+    ctx.backend, ctx.allow_tf32, ctx.cell = backend, allow_tf32, cell
+    ctx.mark_non_differentiable(saved)
+
+
+def _double_backward_grads(ctx, grad_out, grad_cs):
+    """The backward as a recorded graph (``create_graph=True``): the reference loop recomputes the
+    forward under autograd and is differentiated, so second derivatives are exact on every
+    backend; a plain backward never comes here."""
+    q, w_hh, b_hh, h0, c0, w_hr, out, _, _ = ctx.saved_tensors
+    inputs = (q, w_hh, b_hh, h0, c0, w_hr)
+    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    dtype = out.dtype
+    new_out, new_cs, _ = gated_loop(cells.get(ctx.cell), *(None if t is None else t.to(dtype) for t in inputs))
+    outs, grads = [new_out], [torch.zeros_like(new_out) if grad_out is None else grad_out]
+    if new_cs is not None and grad_cs is not None:
+        outs.append(new_cs)
+        grads.append(grad_cs)
+    found = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
+    result = [None] * 9
+    for i, g in zip(wanted, found):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return tuple(result)
+
+
+def _autograd(ctx, grad_out, grad_cs, _grad_saved):
+    if torch.is_grad_enabled():  # backward(create_graph=True): record a differentiable backward
+        return _double_backward_grads(ctx, grad_out, grad_cs)
+    q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_cs is not None and grad_cs.numel() == 0:
+        grad_cs = None
+    grads = _gated_backward(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr,
+                            ctx.backend, ctx.allow_tf32, ctx.cell)
+    inputs = (q, w_hh, b_hh, h0, c0, w_hr)
+    return tuple(g.to(t.dtype) if t is not None and ctx.needs_input_grad[i] else None
+                 for i, (g, t) in enumerate(zip(grads, inputs))) + (None, None, None)
+
+
+gated_recurrence.register_autograd(_autograd, setup_context=_setup_context)
