@@ -85,40 +85,58 @@ ROW_KERNEL void add_rows(const T* __restrict__ x, const T* __restrict__ y, T* __
   for (int64_t j = 0; j < H; ++j) out[j] = x[j] + y[j];
 }
 
-// h = tanh(h + b) in place (h: a GEMM's output row). Float: the correctly rounded tanh of the
-// float h + b but in rare cases (488 of 4M random inputs here, none off by more than 0.53 ulp),
-// vectorized. It has to be that close:
-// the backward's 1 - h^2 amplifies any error in h near |h| = 1, and a rational approximation of
-// 4e-7 relative error made fp32 gradients up to 20x less accurate than the eager loop's (whose
-// tanh is within 1 ulp). Below |x| = 0.2, x + x^3 P(x^2) in float (the correction is under 1.3%
-// of x, so its own rounding is a small fraction of an ulp); above, 1 - 2 / (exp(2|x|) + 1) in
-// double, exp by Taylor to r^9 on |r| <= ln2 / 2. Costs about twice a float-only version (~1 ns
-// per element on one core). NaN propagates; +-inf gives +-1.
-ROW_KERNEL void bias_tanh_row(float* __restrict__ h, const float* __restrict__ b, int64_t H) {
-  constexpr float t3 = -1.0f / 3, t5 = 2.0f / 15, t7 = -17.0f / 315, t9 = 62.0f / 2835;
+// e^y for |y| <= 300 in double, to a few ulp, without calls or branches so that loops over rows
+// vectorize: y = n ln2 + r (n by the magic-number rounding, no float-to-int conversion), e^r by
+// Taylor to r^9 on |r| <= ln2 / 2, times 2^n built in the exponent bits. NaN propagates.
+static inline __attribute__((always_inline)) double exp_in_range(double y) {
   constexpr double log2e = 1.4426950408889634, ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
   constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
-  for (int64_t j = 0; j < H; ++j) {
-    const float x = h[j] + b[j];
-    float ax = std::fabs(x);
-    ax = ax > 9.5f ? 9.5f : ax;  // tanh rounds to 1 beyond; keeps exp finite (NaN passes through)
-    const float x2 = ax * ax;
-    const float small = ax + ax * x2 * (t3 + x2 * (t5 + x2 * (t7 + x2 * t9)));
-    // exp(y), y = 2|x| = n ln2 + r; n by the magic-number rounding, so no float-to-int conversion
-    const double y = 2.0 * static_cast<double>(ax);
-    const double kd = y * log2e + round_magic;
-    const double n = kd - round_magic;
-    const double r = (y - n * ln2_hi) - n * ln2_lo;
-    const double e = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (1.0 / 720
-                     + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880)))))))));
-    uint64_t bits;
-    std::memcpy(&bits, &kd, sizeof bits);
-    bits = (bits - 0x4338000000000000ull + 1023u) << 52;  // the double 2^n
-    double scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    const float big = static_cast<float>(1.0 - 2.0 / (e * scale + 1.0));
-    h[j] = std::copysign(ax < 0.2f ? small : big, x);
-  }
+  const double kd = y * log2e + round_magic;
+  const double n = kd - round_magic;
+  const double r = (y - n * ln2_hi) - n * ln2_lo;
+  const double e = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (1.0 / 720
+                   + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880)))))))));
+  uint64_t bits;
+  std::memcpy(&bits, &kd, sizeof bits);
+  bits = (bits - 0x4338000000000000ull + 1023u) << 52;  // the double 2^n
+  double scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+// tanh(x) for float: the correctly rounded tanh but in rare cases (488 of 4M random inputs here,
+// none off by more than 0.53 ulp), vectorizable. It has to be that close: the backward's 1 - h^2
+// amplifies any error in h near |h| = 1, and a rational approximation of 4e-7 relative error
+// made fp32 gradients up to 20x less accurate than the eager loop's (whose tanh is within 1 ulp).
+// Below |x| = 0.2, x + x^3 P(x^2) in float (the correction is under 1.3% of x, so its own
+// rounding is a small fraction of an ulp); above, 1 - 2 / (exp(2|x|) + 1) in double. Costs about
+// twice a float-only version (~1 ns per element on one core). NaN propagates; +-inf gives +-1.
+static inline __attribute__((always_inline)) float tanh_of(float x) {
+  constexpr float t3 = -1.0f / 3, t5 = 2.0f / 15, t7 = -17.0f / 315, t9 = 62.0f / 2835;
+  float ax = std::fabs(x);
+  ax = ax > 9.5f ? 9.5f : ax;  // tanh rounds to 1 beyond; keeps exp finite (NaN passes through)
+  const float x2 = ax * ax;
+  const float small = ax + ax * x2 * (t3 + x2 * (t5 + x2 * (t7 + x2 * t9)));
+  const float big = static_cast<float>(1.0 - 2.0 / (exp_in_range(2.0 * static_cast<double>(ax)) + 1.0));
+  return std::copysign(ax < 0.2f ? small : big, x);
+}
+
+static inline double tanh_of(double x) { return std::tanh(x); }
+
+// sigmoid(x) = 1 / (1 + e^-x) for float, in double and rounded once: within rounding of the
+// exact value everywhere (no cancellation for large negative x, where it is e^x). x is clamped
+// to [-110, 110], beyond which the float result no longer changes; NaN propagates.
+static inline __attribute__((always_inline)) float sigmoid_of(float x) {
+  float cx = x < -110.0f ? -110.0f : x;
+  cx = cx > 110.0f ? 110.0f : cx;
+  return static_cast<float>(1.0 / (1.0 + exp_in_range(-static_cast<double>(cx))));
+}
+
+static inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// h = tanh(h + b) in place (h: a GEMM's output row), vectorized (tanh_of).
+ROW_KERNEL void bias_tanh_row(float* __restrict__ h, const float* __restrict__ b, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) h[j] = tanh_of(h[j] + b[j]);
 }
 
 void bias_tanh_row(double* __restrict__ h, const double* __restrict__ b, int64_t H) {
@@ -213,6 +231,111 @@ auto with_cell(const std::string& name, const F& fn) {
   if (name == "elman_tanh") return fn(ElmanTanh{});
   if (name == "elman_relu") return fn(ElmanRelu{});
   TORCH_CHECK_VALUE(false, "cell must be 'course', 'elman_tanh' or 'elman_relu', got '", name, "'");
+}
+
+// The gated cells (design notes, section 2b), a struct each with its pointwise step forward and
+// backward on one batch row; one time loop forward (gated_fwd_cell) and one backward
+// (gated_bwd_cell) take them as a template parameter. Per row, a = h_{t-1} W_hh^T (the step's
+// product, [G*H]), q = the step's input rows (the biases that fold into it included).
+//
+// forward_row(a, q, b, h_prev, c_prev, h, c, saved, H): h = the new state (the LSTM's m_t =
+//   o tanh(c_t), before any projection), c = c_t (LSTM), saved = what the backward reads.
+// backward_row(go, carry, gcs, saved, c_prev, c, h_prev, dq, da, carry_c, direct, H): with the
+//   gradient at the new state g = go + carry (and, LSTM, gcs + carry_c at c_t): dq = dL/dq_t,
+//   da = dL/da_t where it differs from dq (GRU), carry_c = the LSTM's carry to c_{t-1} (in
+//   place), direct = the GRU's share carried to h_{t-1} outside the product (g z).
+struct Lstm {
+  static constexpr int64_t kGates = 4;
+  static constexpr bool kCellState = true;  // carries c
+  static constexpr bool kSeparateDa = false;  // da = dq
+  template <typename T>
+  static ROW_KERNEL void forward_row(const T* __restrict__ a, const T* __restrict__ q, const T* __restrict__,
+                                     const T* __restrict__, const T* __restrict__ c_prev, T* __restrict__ h,
+                                     T* __restrict__ c, T* __restrict__ saved, int64_t H) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = sigmoid_of(a[j] + q[j]), f = sigmoid_of(a[H + j] + q[H + j]);
+      const T g = tanh_of(a[2 * H + j] + q[2 * H + j]), o = sigmoid_of(a[3 * H + j] + q[3 * H + j]);
+      const T cj = f * c_prev[j] + i * g;
+      c[j] = cj;
+      h[j] = o * tanh_of(cj);
+      saved[j] = i;
+      saved[H + j] = f;
+      saved[2 * H + j] = g;
+      saved[3 * H + j] = o;
+    }
+  }
+  template <typename T>
+  static ROW_KERNEL void backward_row(const T* __restrict__ go, const T* __restrict__ carry, const T* __restrict__ gcs,
+                                      const T* __restrict__ saved, const T* __restrict__ c_prev,
+                                      const T* __restrict__ c, const T* __restrict__, T* __restrict__ dq, T* __restrict__,
+                                      T* __restrict__ carry_c, T* __restrict__, int64_t H) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T i = saved[j], f = saved[H + j], g = saved[2 * H + j], o = saved[3 * H + j];
+      const T gh = go[j] + carry[j];
+      const T tc = tanh_of(c[j]);
+      const T dc = gcs[j] + carry_c[j] + gh * o * (T(1) - tc * tc);
+      dq[j] = dc * g * i * (T(1) - i);
+      dq[H + j] = dc * c_prev[j] * f * (T(1) - f);
+      dq[2 * H + j] = dc * i * (T(1) - g * g);
+      dq[3 * H + j] = gh * tc * o * (T(1) - o);
+      carry_c[j] = dc * f;
+    }
+  }
+};
+
+struct Gru {
+  static constexpr int64_t kGates = 3;
+  static constexpr bool kCellState = false;
+  static constexpr bool kSeparateDa = true;  // da_n = dq_n * r (b_hn sits inside the reset gate)
+  template <typename T>
+  static ROW_KERNEL void forward_row(const T* __restrict__ a, const T* __restrict__ q, const T* __restrict__ b,
+                                     const T* __restrict__ h_prev, const T* __restrict__, T* __restrict__ h,
+                                     T* __restrict__, T* __restrict__ saved, int64_t H) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T an = a[2 * H + j] + b[2 * H + j];
+      const T r = sigmoid_of(q[j] + (a[j] + b[j])), z = sigmoid_of(q[H + j] + (a[H + j] + b[H + j]));
+      const T n = tanh_of(q[2 * H + j] + r * an);
+      h[j] = (T(1) - z) * n + z * h_prev[j];
+      saved[j] = r;
+      saved[H + j] = z;
+      saved[2 * H + j] = n;
+      saved[3 * H + j] = an;
+    }
+  }
+  template <typename T>
+  static ROW_KERNEL void backward_row(const T* __restrict__ go, const T* __restrict__ carry, const T* __restrict__,
+                                      const T* __restrict__ saved, const T* __restrict__, const T* __restrict__,
+                                      const T* __restrict__ h_prev, T* __restrict__ dq, T* __restrict__ da,
+                                      T* __restrict__, T* __restrict__ direct, int64_t H) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T r = saved[j], z = saved[H + j], n = saved[2 * H + j], an = saved[3 * H + j];
+      const T gh = go[j] + carry[j];
+      const T en = gh * (T(1) - z) * (T(1) - n * n);
+      const T ez = gh * (h_prev[j] - n) * z * (T(1) - z);
+      const T er = en * an * r * (T(1) - r);
+      dq[j] = er;
+      dq[H + j] = ez;
+      dq[2 * H + j] = en;
+      da[j] = er;
+      da[H + j] = ez;
+      da[2 * H + j] = en * r;
+      direct[j] = gh * z;
+    }
+  }
+};
+
+// Calls fn(Cell{}) with the struct of the gated cell named `name`.
+template <typename F>
+auto with_gated_cell(const std::string& name, const F& fn) {
+  if (name == "lstm") return fn(Lstm{});
+  if (name == "gru") return fn(Gru{});
+  TORCH_CHECK_VALUE(false, "gated cell must be 'lstm' or 'gru', got '", name, "'");
+}
+
+// m = o tanh(c) for one row: the LSTM's state before its projection, from the saved gates.
+template <typename T>
+ROW_KERNEL void lstm_m_row(const T* __restrict__ saved, const T* __restrict__ c, T* __restrict__ m, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) m[j] = saved[3 * H + j] * tanh_of(c[j]);
 }
 
 // Runs fn(b, block) for every batch row b, rows split into fixed blocks of `rows` (a block's
@@ -538,12 +661,189 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const
   });
 }
 
+// The gated cells' forward: gated_fwd(q [T, B, G*H], w_hh [G*H, P], b_hh, h0 [B, P], c0 [B, H], w_hr
+// [P, H]) -> (out [T, B, P], cs [T, B, H] (LSTM; else empty), saved [T, B, 4H]); see
+// fused_rnn/ops/__init__.py. Per step one GEMM a = h_{t-1} W_hh^T over the whole batch, the cell's
+// pointwise pass over batch rows, and (proj_size) h_t = m_t W_hr^T.
+template <typename Cell>
+std::vector<at::Tensor> gated_fwd_cell(const at::Tensor& q_in, const at::Tensor& w_hh,
+                                       const c10::optional<at::Tensor>& b_hh_in, const c10::optional<at::Tensor>& h0_in,
+                                       const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& w_hr_in) {
+  TORCH_CHECK_TYPE(w_hh.scalar_type() == at::kFloat || w_hh.scalar_type() == at::kDouble,
+                   "the cpu backend supports float32 and float64, got ", w_hh.scalar_type());
+  TORCH_CHECK_VALUE(w_hh.device().is_cpu() && w_hh.dim() == 2 && w_hh.size(0) % Cell::kGates == 0 && w_hh.size(0) > 0,
+                    "w_hh must be a CPU tensor [G*H, P], got ", w_hh.sizes());
+  const int64_t GH = w_hh.size(0), H = GH / Cell::kGates, P = w_hh.size(1);
+  TORCH_CHECK_VALUE(q_in.dim() == 3 && q_in.size(2) == GH, "q must be [T, B, ", GH, "], got ", q_in.sizes());
+  const int64_t T = q_in.size(0), B = q_in.size(1);
+  TORCH_CHECK_VALUE(B > 0 && T > 0, "empty batch or sequence: B=", B, ", T=", T);
+  check_like("q", q_in, w_hh, q_in.sizes());
+  const bool proj = w_hr_in.has_value();
+  TORCH_CHECK_VALUE(proj ? Cell::kCellState : P == H, "w_hh must be [G*H, H] without a projection, got ", w_hh.sizes());
+  if (proj) check_like("w_hr", *w_hr_in, w_hh, {P, H});
+  if (b_hh_in) check_like("b_hh", *b_hh_in, w_hh, {GH});
+  if (h0_in) check_like("h0", *h0_in, w_hh, {B, P});
+  if (c0_in) check_like("c0", *c0_in, w_hh, {B, H});
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor w_hh_t = w_hh.t();  // transposed views: BLAS reads them without a copy
+  const at::Tensor b_hh = b_hh_in ? b_hh_in->contiguous() : at::zeros({GH}, w_hh.options());
+  const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::zeros({B, P}, w_hh.options());
+  const at::Tensor c0 = c0_in ? c0_in->contiguous() : at::zeros({B, H}, w_hh.options());
+  at::Tensor out = at::empty({T, B, P}, w_hh.options());
+  at::Tensor cs = Cell::kCellState ? at::empty({T, B, H}, w_hh.options()) : at::empty({0}, w_hh.options());
+  at::Tensor saved = at::empty({T, B, 4 * H}, w_hh.options());
+  at::Tensor a = at::empty({B, GH}, w_hh.options());
+  at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gated_fwd", [&] {
+    const scalar_t* q_p = q.data_ptr<scalar_t>();
+    const scalar_t* b_p = b_hh.data_ptr<scalar_t>();
+    const scalar_t* a_p = a.data_ptr<scalar_t>();
+    scalar_t* out_p = out.data_ptr<scalar_t>();
+    scalar_t* cs_p = cs.data_ptr<scalar_t>();
+    scalar_t* saved_p = saved.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const at::Tensor h_prev = t == 0 ? h0 : out[t - 1];
+      const scalar_t* hp_p = h_prev.data_ptr<scalar_t>();
+      const scalar_t* cp_p = t == 0 ? c0.data_ptr<scalar_t>() : cs_p + (t - 1) * B * H;
+      scalar_t* h_p = proj ? m.data_ptr<scalar_t>() : out_p + t * B * P;
+      at::mm_out(a, h_prev, w_hh_t);
+      for_each_row_by_block(B, [&](int64_t b, int64_t) {
+        Cell::forward_row(a_p + b * GH, q_p + (t * B + b) * GH, b_p, hp_p + b * P, cp_p + b * H, h_p + b * H,
+                          cs_p + (t * B + b) * H, saved_p + (t * B + b) * 4 * H, H);
+      });
+      if (proj) {
+        at::Tensor out_t = out[t];
+        at::mm_out(out_t, m, w_hr_in->t());
+      }
+    }
+  });
+  return {out, cs, saved};
+}
+
+// The gated cells' backward: gated_bwd(grad_out [T, B, P], grad_cs [T, B, H] or None, out, cs,
+// saved, w_hh, has_hidden_bias, h0, c0, w_hr) -> (grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0,
+// grad_w_hr), the absent ones None. Per step the pointwise pass (dq, and the GRU's da), then the
+// carry c = da_t W_hh for step t-1; the weight gradient sum_t da_t^T h_{t-1} is two GEMMs after
+// the loop (da holds every step: it is grad_q, or for the GRU a buffer beside it).
+template <typename Cell>
+std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out_in,
+                                                      const c10::optional<at::Tensor>& grad_cs_in,
+                                                      const at::Tensor& out, const at::Tensor& cs,
+                                                      const at::Tensor& saved, const at::Tensor& w_hh,
+                                                      bool has_hidden_bias, const c10::optional<at::Tensor>& h0_in,
+                                                      const c10::optional<at::Tensor>& c0_in,
+                                                      const c10::optional<at::Tensor>& w_hr_in) {
+  const int64_t GH = w_hh.size(0), H = GH / Cell::kGates, P = w_hh.size(1);
+  const int64_t T = out.size(0), B = out.size(1);
+  check_like("out", out, w_hh, {T, B, P});
+  check_like("saved", saved, w_hh, {T, B, 4 * H});
+  check_like("grad_out", grad_out_in, w_hh, {T, B, P});
+  if (Cell::kCellState) check_like("cs", cs, w_hh, {T, B, H});
+  if (grad_cs_in) check_like("grad_cs", *grad_cs_in, w_hh, {T, B, H});
+  const bool proj = w_hr_in.has_value(), has_h0 = h0_in.has_value();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const at::Tensor grad_cs = grad_cs_in ? grad_cs_in->contiguous() : at::zeros({1, B, H}, w_hh.options());
+  const int64_t gcs_step = grad_cs_in ? B * H : 0;  // None: every step reads the same zeros
+  const at::Tensor h0 = has_h0 ? h0_in->contiguous() : at::zeros({B, P}, w_hh.options());
+  const at::Tensor c0 = c0_in ? c0_in->contiguous() : at::zeros({B, H}, w_hh.options());
+  at::Tensor grad_q = at::empty({T, B, GH}, w_hh.options());
+  at::Tensor da = Cell::kSeparateDa ? at::empty({T, B, GH}, w_hh.options()) : grad_q;
+  at::Tensor carry_h = at::zeros({B, P}, w_hh.options()), carry_next = at::empty({B, P}, w_hh.options());
+  at::Tensor carry_c = at::zeros({B, H}, w_hh.options());
+  at::Tensor zeros_row = proj ? at::zeros({B, H}, w_hh.options()) : at::Tensor();  // the carry once gm holds it
+  at::Tensor gh = proj ? at::empty({B, P}, w_hh.options()) : at::Tensor();
+  at::Tensor gm = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
+  at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
+  at::Tensor grad_w_hr = proj ? at::zeros({P, H}, w_hh.options()) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gated_bwd", [&] {
+    const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
+    const scalar_t* gcs_p = grad_cs.data_ptr<scalar_t>();
+    const scalar_t* out_p = out.data_ptr<scalar_t>();
+    const scalar_t* cs_p = cs.data_ptr<scalar_t>();
+    const scalar_t* saved_p = saved.data_ptr<scalar_t>();
+    const scalar_t* h0_p = h0.data_ptr<scalar_t>();
+    const scalar_t* c0_p = c0.data_ptr<scalar_t>();
+    scalar_t* dq_p = grad_q.data_ptr<scalar_t>();
+    scalar_t* da_p = da.data_ptr<scalar_t>();
+    scalar_t* cc_p = carry_c.data_ptr<scalar_t>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const scalar_t* hp_p = t == 0 ? h0_p : out_p + (t - 1) * B * P;
+      const scalar_t* cp_p = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
+      const scalar_t* sv_p = saved_p + t * B * 4 * H;
+      // The gradient at the cell's own state: go + carry, or (proj_size) gm = (go + carry) W_hr.
+      const scalar_t* g_p = go_p + t * B * P;
+      const scalar_t* carry_p = carry_h.data_ptr<scalar_t>();
+      if (proj) {
+        scalar_t* gh_p = gh.data_ptr<scalar_t>();
+        scalar_t* m_p = m.data_ptr<scalar_t>();
+        for_each_row_by_block(B, [&](int64_t b, int64_t) {
+          add_rows(g_p + b * P, carry_p + b * P, gh_p + b * P, P);
+          lstm_m_row(sv_p + b * 4 * H, cs_p + (t * B + b) * H, m_p + b * H, H);
+        });
+        grad_w_hr.addmm_(gh.t(), m);  // h_t = m_t W_hr^T
+        at::mm_out(gm, gh, *w_hr_in);
+        g_p = gm.data_ptr<scalar_t>();
+        carry_p = zeros_row.data_ptr<scalar_t>();
+      }
+      const int64_t g_stride = proj ? H : P;
+      scalar_t* direct_p = carry_next.data_ptr<scalar_t>();
+      for_each_row_by_block(B, [&](int64_t b, int64_t) {
+        Cell::backward_row(g_p + b * g_stride, carry_p + b * g_stride, gcs_p + t * gcs_step + b * H, sv_p + b * 4 * H,
+                           cp_p + b * H, cs_p + (t * B + b) * H, hp_p + b * P, dq_p + (t * B + b) * GH,
+                           da_p + (t * B + b) * GH, cc_p + b * H, direct_p + b * P, H);
+      });
+      if (t > 0 || has_h0) {  // c_0 feeds only grad_h0
+        if (Cell::kSeparateDa) {
+          carry_next.addmm_(da[t], w_hh);  // the GRU's direct share g z is in carry_next already
+        } else {
+          at::mm_out(carry_next, da[t], w_hh);
+        }
+        std::swap(carry_h, carry_next);
+      }
+    }
+  });
+  // dW_hh = sum_t da_t^T h_{t-1}: h_1..h_{T-1} are out[0..T-2], one block; h_0 on its own.
+  at::Tensor grad_w_hh = at::zeros({GH, P}, w_hh.options());
+  if (T > 1) grad_w_hh.addmm_(da.narrow(0, 1, T - 1).view({(T - 1) * B, GH}).t(), out.narrow(0, 0, T - 1).view({(T - 1) * B, P}));
+  if (has_h0) grad_w_hh.addmm_(da[0].t(), h0);
+  c10::optional<at::Tensor> grad_b_hh, grad_h0, grad_c0, grad_w_hr_out;
+  if (has_hidden_bias) grad_b_hh = da.view({T * B, GH}).sum(0);
+  grad_h0 = has_h0 ? carry_h : at::zeros({B, P}, w_hh.options());
+  if (Cell::kCellState) grad_c0 = carry_c;
+  if (proj) grad_w_hr_out = grad_w_hr;
+  return {grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr_out};
+}
+
+std::vector<at::Tensor> gated_fwd(const at::Tensor& q, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                                  const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+                                  const c10::optional<at::Tensor>& w_hr, const std::string& cell) {
+  return with_gated_cell(cell, [&](auto c) { return gated_fwd_cell<decltype(c)>(q, w_hh, b_hh, h0, c0, w_hr); });
+}
+
+std::vector<c10::optional<at::Tensor>> gated_bwd(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_cs,
+                                                 const at::Tensor& out, const at::Tensor& cs, const at::Tensor& saved,
+                                                 const at::Tensor& w_hh, bool has_hidden_bias,
+                                                 const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+                                                 const c10::optional<at::Tensor>& w_hr, const std::string& cell) {
+  return with_gated_cell(cell, [&](auto c) {
+    return gated_bwd_cell<decltype(c)>(grad_out, grad_cs, out, cs, saved, w_hh, has_hidden_bias, h0, c0, w_hr);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fused_rnn: the Elman recurrence on the CPU (forward and the BPTT chain)";
+  m.doc() = "fused_rnn: the recurrences on the CPU (forward and the BPTT chain), every cell";
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course");
   m.def("rnn_bwd", &rnn_bwd,
         "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0)",
         py::arg("grad_out"), py::arg("grad_h_n"), py::arg("out"), py::arg("h0"), py::arg("proj"), py::arg("ids"),
         py::arg("w_h"), py::arg("has_bias"), py::arg("cell") = "course");
+  m.def("gated_fwd", &gated_fwd, "the LSTM's or GRU's forward over all steps; returns (out, cs, saved)",
+        py::arg("q"), py::arg("w_hh"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("w_hr"), py::arg("cell"));
+  m.def("gated_bwd", &gated_bwd,
+        "the LSTM's or GRU's backward; returns (grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr)",
+        py::arg("grad_out"), py::arg("grad_cs"), py::arg("out"), py::arg("cs"), py::arg("saved"), py::arg("w_hh"),
+        py::arg("has_hidden_bias"), py::arg("h0"), py::arg("c0"), py::arg("w_hr"), py::arg("cell"));
 }

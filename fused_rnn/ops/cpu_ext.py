@@ -179,11 +179,10 @@ def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32
     return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell))
 
 
+
 def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name):
-    from . import loop  # until the C++ gated kernels land
-    return loop.gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell)
+    return tuple(load().gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, cell))
 
 
 def gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name):
-    from . import loop
-    return loop.gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell)
+    return tuple(load().gated_bwd(grad_out, grad_cs, out, cs, saved, w_hh, b_hh is not None, h0, c0, w_hr, cell))

@@ -1,0 +1,224 @@
+"""The LSTM and GRU functions ``fused_rnn.lstm`` / ``gru`` on every backend, against
+``torch.nn.LSTM`` / ``nn.GRU`` themselves in float64 (outputs, final states, every gradient), in
+float32 against the float64 reference, through gradcheck, and refusing bad input."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fused_rnn
+from fused_rnn import cells
+from fused_rnn.gated_op import gated_recurrence
+from fused_rnn.ops import cpu_ext, loop
+from conftest import backend_device, exhaustive, tiered
+from helpers import TOLERANCE, rel_err
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+# (B, T, I, H, P (LSTM projection, 0: none), h0, bias, lengths)
+_CONFIGS = [
+    (5, 7, 6, 19, 0, True, True, False),
+    (3, 4, 5, 8, 5, False, False, False),
+    (4, 6, 3, 10, 0, True, True, True),
+    (1, 1, 2, 1, 0, False, True, False),
+    (17, 3, 4, 33, 7, True, True, True),
+    (2, 9, 1, 4, 3, True, False, True),
+]
+CONFIGS = tiered(_CONFIGS, fast=_CONFIGS[:3], ids=lambda c: "B{}-T{}-I{}-H{}-P{}-{}-{}-{}".format(
+    *c[:5], "h0" if c[5] else "zeros", "bias" if c[6] else "no-bias", "lengths" if c[7] else "full"))
+
+
+def make_module(kind, I, H, P, bias, seed, dtype=torch.float64):
+    torch.manual_seed(seed)
+    if kind == "lstm":
+        return nn.LSTM(I, H, bias=bias, batch_first=True, proj_size=P, dtype=dtype)
+    return nn.GRU(I, H, bias=bias, batch_first=True, dtype=dtype)
+
+
+def weights(module, kind):
+    names = ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"] + (["weight_hr_l0"] if kind == "lstm" else [])
+    return [getattr(module, n, None) for n in names]
+
+
+def call(kind, x, params, states, lengths, backend):
+    """fused_rnn.lstm / gru -> (output, [h_n] or [h_n, c_n])."""
+    w_ih, w_hh, b_ih, b_hh, *w_hr = params
+    if kind == "lstm":
+        out, (h_n, c_n) = fused_rnn.lstm(x, w_ih, w_hh, b_ih, b_hh, *states, w_hr[0], lengths=lengths, backend=backend)
+        return out, [h_n, c_n]
+    out, h_n = fused_rnn.gru(x, w_ih, w_hh, b_ih, b_hh, *states, lengths=lengths, backend=backend)
+    return out, [h_n]
+
+
+def torch_call(module, kind, x, states, lengths):
+    """torch's module batch first (packed when ``lengths``), its states as ours: [B, ...]."""
+    hx = None
+    if states[0] is not None:
+        hx = tuple(s.unsqueeze(0) for s in states) if kind == "lstm" else states[0].unsqueeze(0)
+    if lengths is not None:
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, finals = module(packed, hx)
+        out = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+    else:
+        out, finals = module(x, hx)
+    finals = list(finals) if kind == "lstm" else [finals]
+    return out, [f.squeeze(0) for f in finals]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_torch_fp64(backend, kind, config):
+    B, T, I, H, P, with_h0, bias, with_lengths = config
+    if kind == "gru" and P:
+        pytest.skip("proj_size is the LSTM's")
+    device = backend_device(backend)
+    module = make_module(kind, I, H, P, bias, seed=B * T + H).to(device)
+    g = torch.Generator().manual_seed(H)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    states = [None] if kind == "gru" else [None, None]
+    if with_h0:
+        shapes = [(B, P or H), (B, H)] if kind == "lstm" else [(B, H)]
+        states = [torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_() for s in shapes]
+    lengths = torch.randint(1, T + 1, (B,), generator=g) if with_lengths else None
+    if lengths is not None:
+        lengths[0] = T
+    params = weights(module, kind)
+    leaves = [x] + [t for t in params + states if t is not None]
+
+    def outputs_and_grads(out, finals):
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+        loss = (out * go).sum() + sum((f * (k + 2)).sum() for k, f in enumerate(finals))
+        return [out, *finals, *torch.autograd.grad(loss, leaves)]
+
+    ours = outputs_and_grads(*call(kind, x, params, states, lengths, backend))
+    want = outputs_and_grads(*torch_call(module, kind, x, states, lengths))
+    for got, expected in zip(ours, want):
+        assert rel_err(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cpu_fp32_within_rounding_of_fp64(kind):
+    """The C++ kernels in float32 against the float64 reference: every result and gradient within
+    fp32 rounding (TOLERANCE), at a size where the products sum hundreds of terms."""
+    B, T, I, H, P = 16, 12, 24, 96, (32 if kind == "lstm" else 0)
+    module = make_module(kind, I, H, P, True, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64)
+    shapes = [(B, P or H), (B, H)] if kind == "lstm" else [(B, H)]
+    states = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+
+    def run(dtype, backend):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in [x] + weights(module, kind) + states if t is not None]
+        it = iter(leaves[1:])
+        params = [next(it) if t is not None else None for t in weights(module, kind)]
+        out, finals = call(kind, leaves[0], params, leaves[-len(states):], None, backend)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad((out * go).sum() + sum(f.sum() for f in finals), leaves)
+        return [out, *finals, *grads]
+
+    for got, want in zip(run(torch.float32, "cpu"), run(torch.float64, "reference")):
+        assert rel_err(got, want) < TOLERANCE[torch.float32]
+
+
+def op_problem(cell, T, B, H, P, dtype, state, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(dtype)
+
+    G = cell.gates
+    return dict(q=rand(T, B, G * H), w_hh=rand(G * H, P or H, scale=(P or H) ** -0.5),
+                b_hh=rand(G * H) if cell.hidden_bias else None, h0=rand(B, P or H) if state else None,
+                c0=rand(B, H) if state and cell is cells.LSTM else None,
+                w_hr=rand(P, H, scale=H ** -0.5) if P else None)
+
+
+@pytest.mark.parametrize("cell,P", [(cells.LSTM, 0), (cells.LSTM, 3), (cells.GRU, 0)], ids=["lstm", "lstm-proj", "gru"])
+@pytest.mark.parametrize("state", [True, False], ids=["state", "zeros"])
+def test_cpu_kernels_match_the_loop_at_the_interface(cell, P, state):
+    """The C++ gated_fwd / gated_bwd against the reference loop's, tensor by tensor (saved
+    included), with odd sizes and a gradient at every c_t."""
+    args = op_problem(cell, T=6, B=19, H=13, P=P, dtype=torch.float64, state=state)
+    fwd = [loop.gated_fwd(**args, allow_tf32=False, cell=cell.name), cpu_ext.gated_fwd(**args, cell=cell.name)]
+    for want, got in zip(*fwd):
+        assert got.shape == want.shape and (got.numel() == 0 or rel_err(got, want) < 1e-12)
+    g = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(fwd[0][0].shape, generator=g, dtype=torch.float64)
+    grad_cs = torch.randn(fwd[0][1].shape, generator=g, dtype=torch.float64) if cell is cells.LSTM else None
+    want = loop.gated_bwd(grad_out, grad_cs, *fwd[0], **args, allow_tf32=False, cell=cell.name)
+    got = cpu_ext.gated_bwd(grad_out, grad_cs, *fwd[1], **args, cell=cell.name)
+    names = ("q", "w_hh", "b_hh", "h0", "c0", "w_hr")
+    for name, w, o in zip(names, want, got):
+        if args[name] is not None:  # (for h0 or c0 None a backend may return anything: unused)
+            assert rel_err(o, w) < 1e-12, name
+        elif name not in ("h0", "c0"):
+            assert w is None and o is None, name
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("cell,P", [(cells.LSTM, 0), (cells.LSTM, 2), (cells.GRU, 0)], ids=["lstm", "lstm-proj", "gru"])
+def test_gradcheck_through_the_op(backend, cell, P):
+    """fp64 gradcheck and gradgradcheck of the custom op itself (fast mode in the fast tier)."""
+    device = backend_device(backend)
+    args = op_problem(cell, T=4, B=3, H=4, P=P, dtype=torch.float64, state=True, seed=2)
+    names = [k for k, v in args.items() if v is not None]
+    leaves = [args[k].to(device).requires_grad_() for k in names]
+
+    def fn(*tensors):
+        given = dict(zip(names, tensors))
+        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), backend, False, cell.name)
+        return (out, cs) if cs.numel() else out
+
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, leaves, fast_mode=True)
+
+
+@exhaustive
+@pytest.mark.parametrize("cell,P", [(cells.LSTM, 0), (cells.LSTM, 2), (cells.GRU, 0)], ids=["lstm", "lstm-proj", "gru"])
+def test_gradcheck_full_mode_cpu(cell, P):
+    args = op_problem(cell, T=5, B=2, H=3, P=P, dtype=torch.float64, state=True, seed=4)
+    names = [k for k, v in args.items() if v is not None]
+    leaves = [args[k].requires_grad_() for k in names]
+
+    def fn(*tensors):
+        given = dict(zip(names, tensors))
+        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), "cpu", False, cell.name)
+        return (out, cs) if cs.numel() else out
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def good_lstm_args(B=2, T=3, I=4, H=5):
+    return dict(x=torch.randn(B, T, I), w_ih=torch.randn(4 * H, I), w_hh=torch.randn(4 * H, H),
+                b_ih=torch.randn(4 * H), b_hh=torch.randn(4 * H))
+
+
+@pytest.mark.parametrize("change,error", [
+    (dict(w_hh=torch.randn(18, 5)), ValueError),  # not 4H rows
+    (dict(w_hh=torch.randn(20, 4)), ValueError),  # P != H without w_hr
+    (dict(w_ih=torch.randn(20, 3)), ValueError),  # I does not match x
+    (dict(b_hh=torch.randn(19)), ValueError),
+    (dict(h0=torch.randn(3, 5)), ValueError),  # wrong batch
+    (dict(c0=torch.randn(2, 4)), ValueError),
+    (dict(w_hr=torch.randn(3, 4)), ValueError),  # [P, H] with H = 5
+    (dict(b_ih=torch.randn(20, dtype=torch.float64)), TypeError),
+    (dict(x=torch.ones(2, 3, 4, dtype=torch.int64)), TypeError),
+    (dict(x=torch.randn(0, 3, 4)), ValueError),
+], ids=["w_hh-rows", "w_hh-cols", "w_ih", "b_hh", "h0", "c0", "w_hr", "dtype", "int-x", "empty"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_lstm_refuses_bad_input(change, error, backend):
+    with pytest.raises(error):
+        fused_rnn.lstm(**{**good_lstm_args(), **change}, backend=backend)
+
+
+def test_gru_refuses_lstm_sized_weights():
+    with pytest.raises(ValueError):
+        fused_rnn.gru(torch.randn(2, 3, 4), torch.randn(20, 4), torch.randn(20, 5))  # 4H rows: not 3H
+
+
+def test_saved_gates_are_not_differentiable():
+    args = op_problem(cells.LSTM, T=2, B=2, H=3, P=0, dtype=torch.float64, state=True)
+    q = args["q"].requires_grad_()
+    out, cs, saved = gated_recurrence(q, *list(args.values())[1:], "cpu", False, cells.LSTM.name)
+    assert out.requires_grad and cs.requires_grad and not saved.requires_grad
