@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import ast
 import re
-import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load
 
+from bench_rnn import median_ms  # the interleaved medians every benchmark here uses
 from fused_rnn.ops import cpu_ext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,18 +73,6 @@ def step(ext, args, cell, mode):
     return fwd_bwd
 
 
-def interleaved_medians(steps: dict, rounds: int) -> dict:
-    times = {name: [] for name in steps}
-    for fn in steps.values():  # warm-up
-        fn()
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", required=True, help="git revision whose csrc/ is the baseline")
@@ -103,8 +90,8 @@ def main(argv=None):
             data = problem(cell, B, T, H, g)
             for mode in ("fwd", "fwd+bwd"):
                 with torch.no_grad():
-                    ms = interleaved_medians({"before": step(before, data, cell, mode),
-                                              "after": step(after, data, cell, mode)}, args.rounds)
+                    ms = median_ms({"before": step(before, data, cell, mode), "after": step(after, data, cell, mode)},
+                                   torch.device("cpu"), rounds=args.rounds, budget_s=float("inf"))
                 print(f"| {cell} | {B}, {T}, {H} | {mode} | {ms['before']:.2f} | {ms['after']:.2f} | "
                       f"{ms['after'] / ms['before']:.3f} |", flush=True)
 

@@ -34,6 +34,17 @@ def cell_step(cell: Cell, h_prev, p_t, w_h, b_h=None):
     return activation(cell, p_t + F.linear(h_prev, w_h, b_h))
 
 
+def vanilla_loop(cell: Cell, p, w_h, b_h=None, h0=None):
+    """The states ``h_1..h_T`` ``[B, T, H]`` of a one-gate ``cell`` from the projected input
+    ``p [B, T, H]`` (``h0`` None: zeros), step by step."""
+    h = p.new_zeros(p.shape[0], p.shape[2]) if h0 is None else h0
+    states = []
+    for t in range(p.shape[1]):
+        h = cell_step(cell, h, p[:, t], w_h, b_h)
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
 def rnn_reference(x, w_in, b_in, w_h, b_h, h0=None, *, embedding=None):
     """The recurrence ``h_t = tanh(W_h (h_{t-1} + relu(W_in e(x_t) + b_in)) + b_h)``, step by step.
 
@@ -41,13 +52,8 @@ def rnn_reference(x, w_in, b_in, w_h, b_h, h0=None, *, embedding=None):
     ``embedding [V, E]``, or dense ``[B, T, E]``; returns ``(output [B, T, H], h_n [B, H])``.
     """
     inputs = F.embedding(x, embedding) if embedding is not None else x
-    p = F.linear(inputs, w_in, b_in)  # [B, T, H]
-    h = p.new_zeros(p.shape[0], p.shape[2]) if h0 is None else h0
-    states = []
-    for t in range(p.shape[1]):
-        h = cell_step(cells.COURSE, h, p[:, t], w_h, b_h)
-        states.append(h)
-    return torch.stack(states, dim=1), h
+    states = vanilla_loop(cells.COURSE, F.linear(inputs, w_in, b_in), w_h, b_h, h0)
+    return states, states[:, -1]
 
 
 class CharLoopModel(nn.Module):
@@ -81,14 +87,8 @@ def elman_reference(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, *, nonlinearit
     ``x [B, T, I]``, ``w_ih [H, I]``, ``w_hh [H, H]``, ``b_ih``/``b_hh [H]`` or None, ``h0 [B, H]``
     or None (zeros); returns ``(output [B, T, H], h_n [B, H])``.
     """
-    cell = cells.elman(nonlinearity)
-    q = F.linear(x, w_ih, b_ih)  # [B, T, H]
-    h = q.new_zeros(q.shape[0], q.shape[2]) if h0 is None else h0
-    states = []
-    for t in range(q.shape[1]):
-        h = cell_step(cell, h, q[:, t], w_hh, b_hh)
-        states.append(h)
-    return torch.stack(states, dim=1), h
+    states = vanilla_loop(cells.elman(nonlinearity), F.linear(x, w_ih, b_ih), w_hh, b_hh, h0)
+    return states, states[:, -1]
 
 
 def lstm_pointwise(z, c_prev):

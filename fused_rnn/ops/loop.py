@@ -8,23 +8,15 @@ from __future__ import annotations
 import torch
 
 from .. import cells
-from ..reference import (activation_grad, cell_step, gated_loop, gru_pointwise_backward,
-                         lstm_pointwise_backward)
+from ..reference import (activation_grad, gated_loop, gru_pointwise_backward, lstm_pointwise_backward,
+                         vanilla_loop)
 from . import workspace_dtype
 
 
 def states(p, w_h, b_h, h0, cell, dtype) -> torch.Tensor:
     """``h_1..h_T`` as ``[B, T, H]`` in ``dtype`` from the projected input ``p [B, T, H]`` (``h0``
     None: zeros); differentiable."""
-    cell = cells.get(cell)
-    p, w = p.to(dtype), w_h.to(dtype)
-    b = None if b_h is None else b_h.to(dtype)
-    h = p.new_zeros(p.shape[0], p.shape[2]) if h0 is None else h0.to(dtype)
-    out = []
-    for t in range(p.shape[1]):
-        h = cell_step(cell, h, p[:, t], w, b)
-        out.append(h)
-    return torch.stack(out, dim=1)
+    return vanilla_loop(cells.get(cell), *(_as(t, dtype) for t in (p, w_h, b_h, h0)))
 
 
 def loop_fwd(proj, ids, w_h, b_h, ws, cell) -> None:
