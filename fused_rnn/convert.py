@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 from .dispatch import check_backend
 from .modules import FusedCharLoopModel
 from .reference import CharLoopModel
-from .rnn import RNN, RNNCell, from_torch, torch_rnn_mismatch
+from .gated_rnn import TWINS, from_torch, torch_rnn_mismatch
 
 
 @dataclass(frozen=True)
@@ -84,19 +84,23 @@ def _torch_rnn_twin(module: nn.Module, backend: str) -> nn.Module:
 
 
 def _torch_rnn_probe_args(module: nn.Module, g: torch.Generator) -> tuple:
-    """Three steps of a batch of 2 for nn.RNN (in its batch_first layout), a batch of 2 for
-    nn.RNNCell; on the module's device, in its dtype."""
+    """Three steps of a batch of 2 for nn.RNN, nn.LSTM and nn.GRU (in their batch_first layout),
+    a batch of 2 for their cells; on the module's device, in its dtype."""
     weight = module.weight_ih_l0 if isinstance(module, nn.RNNBase) else module.weight_ih
     shape = (2, module.input_size) if isinstance(module, nn.RNNCellBase) else (3, 2, module.input_size)
     return (torch.randn(shape, generator=g, dtype=torch.float64).to(weight),)
 
 
+def _is_torch_rnn(module: nn.Module) -> bool:
+    """torch's RNN, LSTM, GRU and their cells; not the twins, and not a user's subclass with a
+    forward of its own (left alone silently unless named in classes=)."""
+    return any(isinstance(module, k) and type(module).forward is k.forward for k in TWINS) \
+        and not isinstance(module, tuple(TWINS.values()))
+
+
 register(Converter(
-    name="torch.nn.RNN",
-    # torch's Elman modules, not LSTM/GRU (which subclass RNNBase), not the twins, and not a
-    # user's subclass with a forward of its own (left alone silently unless named in classes=)
-    matches=lambda m: any(isinstance(m, k) and type(m).forward is k.forward for k in (nn.RNN, nn.RNNCell))
-    and not isinstance(m, (RNN, RNNCell)),
+    name="torch.nn.RNN/LSTM/GRU",
+    matches=_is_torch_rnn,
     build=_torch_rnn_twin,
     probe_args=_torch_rnn_probe_args,
 ))
@@ -121,8 +125,9 @@ def convert(model: nn.Module, classes: Optional[Sequence[type]] = None, backend:
     Claimed by default: what a registered :class:`Converter` matches: instances of
     :class:`fused_rnn.reference.CharLoopModel`, and of any class named ``CharLoopModel`` (as
     copied from the course's notebook), become :class:`fused_rnn.FusedCharLoopModel`; instances
-    of ``torch.nn.RNN`` and ``torch.nn.RNNCell`` become :class:`fused_rnn.RNN` and
-    :class:`fused_rnn.RNNCell`. With ``classes``, instances of those classes instead.
+    of ``torch.nn.RNN``, ``LSTM``, ``GRU``, ``RNNCell``, ``LSTMCell`` and ``GRUCell`` become their
+    twins :class:`fused_rnn.RNN`, :class:`fused_rnn.LSTM`, ... (``fused_rnn.gated_rnn.TWINS``).
+    With ``classes``, instances of those classes instead.
 
     A claimed module is replaced only when its twin holds the same parameters (device, dtype,
     training mode and any optimizer holding them carry over), carries its forward and state-dict

@@ -369,7 +369,7 @@ def test_from_torch_holds_the_same_parameters(cls):
     assert dict(twin.named_parameters()).keys() == dict(ref.named_parameters()).keys()
     x = rand(5, 2, 3) if cls is RNN else rand(2, 3)
     torch.testing.assert_close(twin(x), ref(x), rtol=1e-12, atol=1e-12)
-    with pytest.raises(TypeError, match="LSTM(Cell)? has no fused twin"):
+    with pytest.raises(TypeError, match=r"takes a torch.nn.RNN(Cell)?, got LSTM(Cell)?"):
         cls.from_torch(nn.LSTM(3, 4) if cls is RNN else nn.LSTMCell(3, 4))
 
 
@@ -493,7 +493,7 @@ def test_unknown_backend_is_refused():
 
 
 class Tagger(nn.Module):
-    """A model holding several torch recurrent modules (and an LSTM convert must leave alone)."""
+    """A model holding several torch recurrent modules (the LSTM's twin: test_gated_modules.py)."""
 
     def __init__(self):
         super().__init__()
@@ -523,7 +523,7 @@ def test_convert_swaps_every_torch_rnn_keeping_parameters_and_optimizer(backend)
 
     assert convert(model, backend=backend) is model
     assert type(model.encoder) is RNN and type(model.stack[0]) is RNN and type(model.cell) is RNNCell
-    assert type(model.lstm) is nn.LSTM and model.encoder.backend == backend
+    assert type(model.lstm) is fused_rnn.LSTM and model.encoder.backend == backend
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     assert model.state_dict().keys() == original.state_dict().keys()
 
@@ -552,24 +552,28 @@ def test_convert_keeps_training_mode_device_and_dtype_and_converts_the_root():
     assert type(root) is RNN and root.training
 
 
-def test_convert_leaves_lstm_gru_and_forward_overrides_alone():
+def test_convert_leaves_forward_overrides_alone():
     class MyRNN(nn.RNN):
         def forward(self, x, hx=None):
             return super().forward(x.flip(0), hx)
 
-    model = nn.ModuleDict(dict(lstm=nn.LSTM(3, 4), gru=nn.GRU(3, 4), cell=nn.LSTMCell(3, 4), mine=MyRNN(3, 4)))
+    class MyLSTM(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x.flip(0), hx)
+
+    model = nn.ModuleDict(dict(mine=MyRNN(3, 4), lstm=MyLSTM(3, 4), linear=nn.Linear(3, 4)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # by default: silently
         convert(model)
-    assert [type(m) for m in model.values()] == [nn.LSTM, nn.GRU, nn.LSTMCell, MyRNN]
+    assert [type(m) for m in model.values()] == [MyRNN, MyLSTM, nn.Linear]
     with pytest.warns(UserWarning) as record:
-        convert(model, classes=[nn.LSTM, nn.GRU, nn.RNN])
+        convert(model, classes=[nn.LSTM, nn.RNN, nn.Linear])
     messages = [str(w.message) for w in record]
     # with classes=, every converter is tried, and the warning gives each one's reason
-    assert any("left LSTM alone" in m and "LSTM has no fused twin" in m for m in messages), messages
-    assert any("left GRU alone" in m for m in messages), messages
+    assert any("left Linear alone" in m and "Linear has no fused twin" in m for m in messages), messages
     assert any("left MyRNN alone" in m and "its class MyRNN overrides forward" in m for m in messages), messages
-    assert [type(m) for m in model.values()] == [nn.LSTM, nn.GRU, nn.LSTMCell, MyRNN]
+    assert any("left MyLSTM alone" in m and "its class MyLSTM overrides forward" in m for m in messages), messages
+    assert [type(m) for m in model.values()] == [MyRNN, MyLSTM, nn.Linear]
 
 
 def test_convert_leaves_a_parametrized_rnn_alone():

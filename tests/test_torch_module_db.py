@@ -1,5 +1,6 @@
-"""fused_rnn.RNN and RNNCell on PyTorch's own module test inputs: every sample that
-``torch.testing._internal.common_modules.module_db`` holds for ``nn.RNN`` and ``nn.RNNCell``.
+"""fused_rnn's twins of torch's recurrent modules on PyTorch's own module test inputs: every sample
+that ``torch.testing._internal.common_modules.module_db`` holds for ``nn.RNN``, ``nn.LSTM``,
+``nn.GRU``, ``nn.RNNCell``, ``nn.LSTMCell`` and ``nn.GRUCell``.
 
 Per sample, float64: the twin built from the same constructor arguments and loaded with torch's
 state dict gives torch's outputs (final states included) and the same gradients of every input and
@@ -55,7 +56,8 @@ STATE_BEFORE_IMPORT = _global_state()
 common_modules = _import_common_modules()
 ModuleErrorEnum = common_modules.ModuleErrorEnum
 
-TWINS = {nn.RNN: fused_rnn.RNN, nn.RNNCell: fused_rnn.RNNCell}
+TWINS = {nn.RNN: fused_rnn.RNN, nn.RNNCell: fused_rnn.RNNCell, nn.LSTM: fused_rnn.LSTM,
+         nn.LSTMCell: fused_rnn.LSTMCell, nn.GRU: fused_rnn.GRU, nn.GRUCell: fused_rnn.GRUCell}
 INFOS = [info for info in common_modules.module_db if info.module_cls in TWINS]
 
 
@@ -214,7 +216,7 @@ def test_importing_torch_test_inputs_left_global_state_alone():
     assert _global_state() == STATE_BEFORE_IMPORT
 
 
-def test_module_db_has_both_twins():
+def test_module_db_has_every_twin():
     assert {info.module_cls for info in INFOS} == set(TWINS)
     assert all(samples(info, "cpu") for info in INFOS)
 
@@ -394,7 +396,7 @@ def test_to_empty_from_meta_then_load_state_dict(backend, info, index):
 
 @pytest.mark.parametrize("backend, info, index", [p for p in CLASS_PARAMS if not p.values[1].train_and_eval_differ])
 def test_forward_does_not_read_training_where_torch_says_modes_agree(backend, info, index):
-    """torch's test_if_train_and_eval_modes_differ: without ``train_and_eval_differ`` (RNNCell)
+    """torch's test_if_train_and_eval_modes_differ: without ``train_and_eval_differ`` (the cells)
     the forward must not read ``training``."""
     device = backend_device(backend)
     sample = samples(info, device)[index]

@@ -8,6 +8,7 @@ import sys
 
 from ..dispatch import BACKENDS
 from .devices import DEVICE_HELP as DEVICES
+from .model import MODEL_CELLS
 from .training import RUN_DEFAULTS as D, SEED_RANGE
 
 
@@ -73,6 +74,9 @@ def add_train_arguments(t):
     t.add_argument("--corpus", **run, help="a UTF-8 text file (default: the stdlib source)")
     t.add_argument("--max-chars", type=positive_int, **run, help=f"use at most this much text (default: {D['max_chars']})")
     t.add_argument("--seq-len", type=positive_int, **run, help=f"chars per training window (default: {D['seq_len']})")
+    t.add_argument("--cell", choices=MODEL_CELLS, **run,
+                   help=f"the recurrent cell: the course's, or torch's RNN (elman), LSTM or GRU on its fused twin "
+                        f"(default: {D['cell']})")
     t.add_argument("--hidden-size", type=positive_int, **run, help=f"(default: {D['hidden_size']})")
     t.add_argument("--n-fac", type=positive_int, **run, help=f"embedding size (default: {D['n_fac']})")
     t.add_argument("--num-layers", type=positive_int, **run, help=f"(default: {D['num_layers']})")

@@ -1,4 +1,8 @@
-"""The char language model: embedding -> fused recurrence -> linear read-out, and its config."""
+"""The char language model: embedding -> fused recurrence -> linear read-out, and its config.
+
+The recurrence is the course's cell (`FusedRNN`, token input) or one of torch's cells on its
+fused twin (`RNN`, `LSTM`, `GRU`, behind an embedding), so that the cells can be trained and
+compared on the same text."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import GRU, LSTM, RNN, cells
 from ..modules import FusedRNN
+
+# --cell: the course's cell, or a torch cell by its fused twin
+TWINS = {"elman": RNN, cells.LSTM.name: LSTM, cells.GRU.name: GRU}
+MODEL_CELLS = (cells.COURSE.name, *TWINS)
 
 
 @dataclass
@@ -16,6 +25,7 @@ class ModelConfig:
     hidden_size: int = 256
     num_layers: int = 1
     dropout: float = 0.0
+    cell: str = cells.COURSE.name  # one of MODEL_CELLS (checkpoints saved before --cell: the course's)
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
@@ -29,13 +39,16 @@ class ModelConfig:
             value = getattr(config, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if config.cell not in MODEL_CELLS:
+            raise ValueError(f"cell must be one of {MODEL_CELLS}, got {config.cell!r:.40}")
         if type(config.dropout) not in (int, float) or not 0 <= config.dropout < 1:
             raise ValueError(f"dropout must be a number in [0, 1), got {config.dropout!r}")
         return config
 
 
 class CharLanguageModel(nn.Module):
-    """Embedding -> fused recurrence -> linear: ``forward(x [B, T]) -> (logits [B, T, V], h_n)``."""
+    """Embedding -> fused recurrence -> linear: ``forward(x [B, T]) -> (logits [B, T, V], h_n)``
+    (``h_n`` a tuple ``(h_n, c_n)`` for the LSTM)."""
 
     def __init__(self, config: ModelConfig, backend: str = "auto"):
         super().__init__()
@@ -43,12 +56,18 @@ class CharLanguageModel(nn.Module):
         V = len(config.vocab)
         # dropout acts between stacked layers; with one layer the command line has said so once
         dropout = config.dropout if config.num_layers > 1 else 0.0
-        self.rnn = FusedRNN(config.n_fac, config.hidden_size, config.num_layers,
-                            dropout=dropout, vocab_size=V, backend=backend)
+        if config.cell == cells.COURSE.name:  # the embedding is the course layer's own
+            self.embedding = None
+            self.rnn = FusedRNN(config.n_fac, config.hidden_size, config.num_layers,
+                                dropout=dropout, vocab_size=V, backend=backend)
+        else:
+            self.embedding = nn.Embedding(V, config.n_fac)
+            self.rnn = TWINS[config.cell](config.n_fac, config.hidden_size, config.num_layers, dropout=dropout,
+                                          batch_first=True, backend=backend)
         self.l_out = nn.Linear(config.hidden_size, V)
 
     def forward(self, x, h0=None):
-        output, h_n = self.rnn(x, h0)
+        output, h_n = self.rnn(x if self.embedding is None else self.embedding(x), h0)
         return self.l_out(output), h_n
 
     @classmethod

@@ -13,7 +13,7 @@ from .analysis import (char_features, check_vocabulary, choose_units, encode_tex
 from .checkpoint import load_checkpoint
 from .drawings import MATPLOTLIB_HINT, draw_activations, draw_cell, draw_gradients, draw_unrolled, pyplot
 from .errors import UserError
-from .model import fresh_model
+from .model import MODEL_CELLS, fresh_model
 from .sampling import sample
 
 
@@ -77,6 +77,9 @@ def run_inspect(opts) -> int:
     except ImportError:
         raise UserError(MATPLOTLIB_HINT) from None
     model = load_checkpoint(opts.checkpoint, device="cpu", backend="auto").eval()
+    if model.embedding is not None:
+        raise UserError(f"inspect draws the course cell's pictures; {opts.checkpoint} holds a model of the "
+                        f"{model.config.cell} cell (train one with --cell {MODEL_CELLS[0]})")
     text = _read_text(opts, model)
     try:
         os.makedirs(opts.out, exist_ok=True)

@@ -21,7 +21,7 @@ from .checkpoint import (check_finite, check_writable, checkpoint_config, not_a_
 from .corpus import encode, load_corpus, random_windows
 from .devices import check_backend_runs_on
 from .errors import Interrupted, UserError
-from .model import CharLanguageModel, ModelConfig, non_finite_parameters
+from .model import MODEL_CELLS, CharLanguageModel, ModelConfig, non_finite_parameters
 from .progress import Progress
 from .sampling import sample
 from .signals import stop_requests
@@ -29,7 +29,7 @@ from .signals import stop_requests
 # The options that define a run. `train --resume` takes them from the checkpoint, and one given
 # again must agree with it; --epochs (the total), devices, backend and output options may change.
 RUN_DEFAULTS = dict(corpus=None, max_chars=2_000_000, seq_len=64, n_fac=42, hidden_size=256,
-                    num_layers=1, dropout=0.0, batch_size=64, steps=400, lr=3e-3, seed=0)
+                    num_layers=1, dropout=0.0, batch_size=64, steps=400, lr=3e-3, seed=0, cell=MODEL_CELLS[0])
 SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes
 
 
@@ -37,6 +37,8 @@ def _bad_run_value(key, v) -> bool:
     """Whether a run option read from a checkpoint is damaged (the command line checks its own)."""
     if key == "corpus":
         return v is not None and not isinstance(v, str)
+    if key == "cell":
+        return v not in MODEL_CELLS
     if key == "seed":
         return type(v) is not int or not SEED_RANGE[0] <= v <= SEED_RANGE[1]
     if key in ("lr", "dropout"):
@@ -170,7 +172,7 @@ def _train(opts, rank, world, device):
         raise UserError(f"corpus too short ({len(data):,} char{'' if len(data) == 1 else 's'}) for --seq-len "
                         f"{seq_len}: it needs about {10 * (seq_len + 2):,} (a tenth is held out for validation)")
     if not ckpt:
-        config = ModelConfig(vocab, run["n_fac"], run["hidden_size"], run["num_layers"], run["dropout"])
+        config = ModelConfig(vocab, run["n_fac"], run["hidden_size"], run["num_layers"], run["dropout"], run["cell"])
     torch.manual_seed(run["seed"])  # the same initial weights in every process
     model = _make_model(config, opts.backend, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=run["lr"])
@@ -187,7 +189,7 @@ def _train(opts, rank, world, device):
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     log(f"corpus: {run['corpus'] or 'Python standard library source'}, {len(data):,} chars, "
-        f"vocab {len(vocab)}; model: hidden {config.hidden_size} x {config.num_layers} layer(s), "
+        f"vocab {len(vocab)}; model: {config.cell} cell, hidden {config.hidden_size} x {config.num_layers} layer(s), "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; device {device}"
         f"{f' x {world} processes' if world > 1 else ''}, backend {opts.backend}")
     if ckpt:

@@ -33,6 +33,26 @@ def test_train_then_sample(corpus, tmp_path, capsys):
     assert text.startswith("def") and len(text.rstrip("\n")) == 28
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "elman"])
+def test_train_each_cell_then_resume_and_sample(cell, corpus, tmp_path, capsys):
+    """``train --cell``: the val loss falls, the checkpoint remembers the cell (a resume asking for
+    another cell is refused in one line), and sample carries the cell's state (the LSTM's (h, c))."""
+    ckpt = tmp_path / "model.pt"
+    base = ["train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "24", "--batch-size", "8",
+            "--steps", "15", "--checkpoint", str(ckpt), "--sample-chars", "5"]
+    assert main(base + ["--cell", cell, "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    losses = [float(line.split("val loss ")[1].split()[0].rstrip(",")) for line in out.splitlines() if "val loss" in line]
+    assert f"{cell} cell" in out and losses[-1] < losses[0] - 0.3, out
+    assert main(base + ["--resume", "--cell", "course", "--epochs", "2"]) == 1
+    assert "conflicts with the checkpoint's" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(ckpt), "--length", "12", "--prime", "def"]) == 0
+    sampled = capsys.readouterr().out
+    assert sampled.startswith("def") and len(sampled) == 16  # the prime, 12 chars, the line's end
+    assert main(["inspect", "--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 1
+    assert "course cell's pictures" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--corpus", "/nonexistent/corpus.txt"], "cannot read corpus"),
     (["train", "--corpus", "EMPTY"], "is empty"),
