@@ -47,7 +47,8 @@ def _last_layer_input(model, ids):
 def unit_activations(model: CharLanguageModel, text: str) -> np.ndarray:
     """``[N, H]``: the last layer's state ``h_t`` after reading each char of ``text`` (from ``h_0 = 0``)."""
     model.eval()
-    output, _ = model.rnn(encode_text(model, text)[None])
+    ids = encode_text(model, text)[None]
+    output, _ = model.rnn(ids if model.embedding is None else model.embedding(ids))
     return output[0].double().numpy()
 
 
@@ -150,10 +151,10 @@ def gradient_norms(model: CharLanguageModel, text: str, max_distance: int = 100,
     """How the gradient of one prediction's loss reaches earlier states, through the fused backward.
 
     For each loss position ``e`` (the loss ``L_e = -log p(x_{e+1} | x_0..x_e)``) and distance
-    ``k``, ``||dL_e / dh_{e-k}||`` for the last layer's states. The recurrence is rerun from
-    ``h_{e-D}`` one fused step per call, all losses side by side in one batch, so that every
-    state is a tensor of the autograd graph; each call's fused backward returns the carry
-    ``dL/dh_{t-1}`` of its step, and autograd chains them.
+    ``k``, ``||dL_e / ds_{e-k}||`` for the last layer's state ``s`` (``h``; the LSTM's ``(h, c)``
+    together), any cell. The recurrence is rerun from ``s_{e-D}`` one fused step per call, all
+    losses side by side in one batch, so that every state is a tensor of the autograd graph; each
+    call's fused backward returns the carry ``dL/ds_{t-1}`` of its step, and autograd chains them.
 
     The gradient is carried back one step at a time, renormalised to norm 1 per loss after each
     step while the log of its norm accumulates: a vanishing gradient (a trained char model's falls
@@ -173,30 +174,64 @@ def gradient_norms(model: CharLanguageModel, text: str, max_distance: int = 100,
     ends = torch.as_tensor(np.asarray(ends), dtype=torch.long)
     if len(ends) == 0 or int(ends.min()) < D or int(ends.max()) > N - 2:
         raise ValueError(f"loss positions must lie in [{D}, {N - 2}] for max_distance {D}")
-    layer, backend = model.rnn.layers[-1], model.rnn.backend
-    inp = _last_layer_input(model, ids)[0]  # [N] ids or [N, H] states of the layer below
-    with torch.no_grad():
-        states = layer(inp[None], None, None, backend)[0][0]  # [N, H]
+    inp, step = _last_layer_steps(model, ids)
     starts = ends - D
-    chain = [states[starts].clone().requires_grad_()]  # h_{e-D}, one row per loss
+    with torch.no_grad():  # s_{e-D} of every loss: the state after reading position e - D
+        state, first = None, [None] * (int(starts.max()) + 1)
+        for t in range(len(first)):
+            state = step(inp[t:t + 1], state)
+            first[t] = state
+        first = tuple(torch.cat([first[int(t)][part] for t in starts]) for part in range(len(state)))
+    chain = [tuple(part.clone().requires_grad_() for part in first)]
     for i in range(1, D + 1):
-        _, h = layer(inp[starts + i][:, None], chain[-1], None, backend)
-        chain.append(h)  # h_{e-D+i}
-    loss = F.cross_entropy(model.l_out(chain[-1]), ids[ends + 1], reduction="sum")  # rows independent
-    grad = torch.autograd.grad(loss, chain[-1], retain_graph=True)[0]  # dL/dh_e
-    log_scale = torch.zeros(len(ends), dtype=torch.float64)  # log of what grad was divided by
+        chain.append(step(inp[starts + i], chain[-1]))  # s_{e-D+i}
+    loss = F.cross_entropy(model.l_out(chain[-1][0]), ids[ends + 1], reduction="sum")  # rows independent
+    grads = _grad(loss, chain[-1], None)  # dL/ds_e
+    log_scale = torch.zeros(len(ends), dtype=torch.float64)  # log of what the gradient was divided by
     log_norms = []
-    for i in range(D, -1, -1):  # grad = dL/dh_{e-D+i} / exp(log_scale), per loss (row)
-        norm = grad.double().norm(dim=-1)  # grad is of order 1: its squares cannot underflow
+    for i in range(D, -1, -1):  # grads = dL/ds_{e-D+i} / exp(log_scale), per loss (row)
+        # of order 1: its squares cannot underflow
+        norm = torch.stack([g.double().pow(2).sum(-1) for g in grads]).sum(0).sqrt()
         log_norms.append(log_scale + norm.log())
         if i == 0:
             break
         scale = torch.where(norm > 0, norm, torch.ones_like(norm))
         log_scale = log_scale + scale.log()
-        grad = torch.autograd.grad(chain[i], chain[i - 1], (grad / scale[:, None].to(grad.dtype)),
-                                   retain_graph=True)[0]
+        grads = _grad(chain[i], chain[i - 1], [g / scale[:, None].to(g.dtype) for g in grads])
     log_norms = torch.stack(log_norms, dim=1).numpy()
     return {"distance": np.arange(D + 1), "ends": ends.numpy(), "log_norms": log_norms, "norms": np.exp(log_norms)}
+
+
+def _grad(outputs, inputs: tuple, grad_outputs) -> tuple:
+    """``torch.autograd.grad`` keeping the graph, zeros for an input the outputs do not reach
+    (the LSTM's ``c_e``: the loss reads ``h_e`` only)."""
+    found = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found))
+
+
+def _last_layer_steps(model: CharLanguageModel, ids):
+    """The last recurrent layer one step at a time: ``(inp, step)``, ``inp`` what it reads at each
+    position of ``ids`` (``[N]`` ids, or ``[N, F]``: the embedding or the states of the layer
+    below), ``step(x [R, ...], state) -> state`` with states as tuples of ``[R, *]`` tensors (the
+    LSTM's ``(h, c)``, else ``(h,)``; ``state[0]`` is what the read-out reads; None: zeros)."""
+    backend = model.rnn.backend
+    if model.embedding is None:  # the course's cell: FusedRNN's own layers
+        layer = model.rnn.layers[-1]
+
+        def step(x, state):
+            return (layer(x[:, None], None if state is None else state[0], None, backend)[1],)
+
+        return _last_layer_input(model, ids)[0], step
+    rnn, last = model.rnn, model.rnn.num_layers - 1  # a twin of torch's RNN, LSTM or GRU
+    with torch.no_grad():
+        x = model.embedding(ids[None])
+        for k in range(last):
+            x, _ = rnn._run_layer(x, k, None, None)
+
+    def twin_step(x, state):
+        return tuple(rnn._run_layer(x[:, None], last, state, None)[1])
+
+    return x[0], twin_step
 
 
 def step_factors(res: dict) -> np.ndarray:

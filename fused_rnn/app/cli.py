@@ -127,6 +127,9 @@ def add_inspect_arguments(parser):
     parser.add_argument("--out", default="inspect", help="folder for the PNGs and index.html")
     parser.add_argument("--chars", type=positive_int, default=400, help="chars of text to look at")
     parser.add_argument("--units", type=positive_int, default=8, help="units to show")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="CHECKPOINT",
+                        help="other models (e.g. of other cells, trained with train --cell) whose gradients "
+                             "are drawn beside this one's in gradients.png")
     return parser
 
 

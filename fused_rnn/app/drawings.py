@@ -262,12 +262,13 @@ def draw_activations(text, acts, units, path, heat_chars: int = 90, max_lines: i
     return str(path)
 
 
-def draw_gradients(trained: dict, fresh: dict, path) -> str:
-    """||dL/dh_t|| against the distance from the loss, trained vs freshly initialised, and the
-    factor each step back multiplies it by."""
+def draw_gradients(curves: list, path) -> str:
+    """||dL/ds_t|| against the distance from the loss, and the factor each step back multiplies it
+    by, for each ``(gradient_norms result, label)`` of ``curves`` (the first sets the scale)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), dpi=90)
-    for res, name, color in [(trained, "trained model", "tab:blue"), (fresh, "freshly initialised", "tab:orange")]:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (res, name), color in zip(curves, colors * len(curves)):
         d = res["distance"]
         # log10 of the norms as carried back (exact where float64's norms would underflow); an
         # exactly zero gradient ends its curve (NaN) rather than plotting -inf
@@ -280,13 +281,13 @@ def draw_gradients(trained: dict, fresh: dict, path) -> str:
                 lo, mid, hi = np.nanquantile(values, [0.25, 0.5, 0.75], axis=0)
             ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
             ax.plot(x, mid, color=color, lw=2, label=f"{name} (median, 25-75% band)")
-    axes[0].set_ylabel("log10 ||dL/dh_t||")
+    axes[0].set_ylabel("log10 ||dL/ds_t||  (s: the state, h or the LSTM's h, c)")
     axes[0].set_title("Gradient of one prediction's loss reaching earlier states", fontsize=10.5)
     axes[1].axhline(1, color="0.4", lw=1, ls=":")
-    factors = step_factors(trained)
+    factors = step_factors(curves[0][0])
     finite = factors[np.isfinite(factors)]
     axes[1].set_ylim(0, max(1.2, float(np.quantile(finite, 0.9)) * 1.1 if finite.size else 0))
-    axes[1].set_ylabel("||dL/dh_t-1|| / ||dL/dh_t||")
+    axes[1].set_ylabel("||dL/ds_t-1|| / ||dL/ds_t||")
     axes[1].set_title("What each step back multiplies it by (below 1: it shrinks)", fontsize=10.5)
     for ax in axes:
         ax.set_xlabel("distance from the loss (steps back)")

@@ -13,7 +13,7 @@ from .analysis import (char_features, check_vocabulary, choose_units, encode_tex
 from .checkpoint import load_checkpoint
 from .drawings import MATPLOTLIB_HINT, draw_activations, draw_cell, draw_gradients, draw_unrolled, pyplot
 from .errors import UserError
-from .model import MODEL_CELLS, fresh_model
+from .model import fresh_model
 from .sampling import sample
 
 
@@ -77,10 +77,13 @@ def run_inspect(opts) -> int:
     except ImportError:
         raise UserError(MATPLOTLIB_HINT) from None
     model = load_checkpoint(opts.checkpoint, device="cpu", backend="auto").eval()
-    if model.embedding is not None:
-        raise UserError(f"inspect draws the course cell's pictures; {opts.checkpoint} holds a model of the "
-                        f"{model.config.cell} cell (train one with --cell {MODEL_CELLS[0]})")
+    course = model.embedding is None  # the cell and unrolled pictures draw the course's cell
     text = _read_text(opts, model)
+    others = []  # --compare: other models' gradients on the same text
+    for path in opts.compare or []:
+        other = load_checkpoint(path, device="cpu", backend="auto").eval()
+        check_vocabulary(other, text, f"the text (for {path})")
+        others.append((other, path))
     try:
         os.makedirs(opts.out, exist_ok=True)
     except OSError as exc:
@@ -98,12 +101,16 @@ def run_inspect(opts) -> int:
     nll = -np.log(np.maximum(probs[np.arange(len(text) - 1), ids[1:]], 1e-30)).mean()
     right = (probs[:-1].argmax(-1) == ids[1:]).mean()
 
-    paths = {name: os.path.join(opts.out, name + ".png")
-             for name in ("cell", "unrolled", "activations", "gradients")}
-    draw_cell(model, paths["cell"])
-    draw_unrolled(model, text, paths["unrolled"])
+    shown = ("cell", "unrolled", "activations", "gradients") if course else ("activations", "gradients")
+    paths = {name: os.path.join(opts.out, name + ".png") for name in shown}
+    if course:
+        draw_cell(model, paths["cell"])
+        draw_unrolled(model, text, paths["unrolled"])
     draw_activations(text, acts, units, paths["activations"])
-    draw_gradients(trained, fresh, paths["gradients"])
+    cell = cfg.cell
+    curves = [(trained, f"{cell}: trained"), (fresh, f"{cell}: freshly initialised")]
+    curves += [(gradient_norms(other, text), f"{other.config.cell}: {os.path.basename(path)}") for other, path in others]
+    draw_gradients(curves, paths["gradients"])
 
     at, t_decay, t_factor = _decay(trained, 20)
     _, f_decay, f_factor = _decay(fresh, 20)
@@ -140,30 +147,33 @@ def run_inspect(opts) -> int:
                      f"that reaches its state. For {len(trained['ends'])} predictions in the text, the left panel "
                      f"shows the size of the gradient of that prediction's loss with respect to each earlier "
                      f"state{layer_note} (median and 25-75% band over the predictions, log scale), computed with "
-                     f"the fused backward. Each step back multiplies it by the tanh's slope and "
-                     f"<code>l_hidden</code>'s weights (right panel): typically by {t_factor:.2f} in the trained "
+                     f"the fused backward. Each step back multiplies it by the cell's slopes and "
+                     f"recurrent weights (right panel): typically by {t_factor:.2f} in the trained "
                      f"model and {f_factor:.2f} in a freshly initialised one. {at} steps back, the trained "
                      f"model's gradient is {t_decay:.1e} times its size at the loss step, the fresh "
                      f"one's {f_decay:.1e} times. This geometric shrinking is the vanishing gradient of "
-                     f"vanilla RNNs: what lies a few dozen characters back barely reaches the weights.",
+                     f"vanilla RNNs: what lies a few dozen characters back barely reaches the weights. "
+                     f"The LSTM's cell state <code>c</code> is carried on by its forget gate alone, with no "
+                     f"squashing product in the way, which is why it was built: train one with "
+                     f"<code>--cell lstm</code> and draw it beside this one with <code>--compare</code>.",
     }
-    titles = {"cell": "1. The cell", "unrolled": "2. Unrolled over time",
-              "activations": "3. What the units learned", "gradients": "4. How gradients flow back"}
+    titles = {"cell": "The cell", "unrolled": "Unrolled over time",
+              "activations": "What the units learned", "gradients": "How gradients flow back"}
     sections = "\n".join(
-        f'<h2>{titles[k]}</h2>\n<img src="data:image/png;base64,{_png_base64(paths[k])}" alt="{k}">\n'
-        f"<p>{captions[k]}</p>" for k in titles)
+        f'<h2>{i}. {titles[k]}</h2>\n<img src="data:image/png;base64,{_png_base64(paths[k])}" alt="{k}">\n'
+        f"<p>{captions[k]}</p>" for i, k in enumerate(shown, 1))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Inside the char-RNN</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.5;color:#222}}
 img{{max-width:100%;border:1px solid #ddd}} pre{{background:#f6f6f6;padding:.8em;overflow-x:auto}}
 p{{max-width:900px}}</style></head><body>
 <h1>Inside the char-RNN</h1>
-<p>A vanilla recurrent network that reads text one character at a time and predicts the next one.
+<p>A recurrent network ({cfg.cell} cell) that reads text one character at a time and predicts the next one.
 This model: {V} characters, an embedding of {E}, {L} layer{"s" if L > 1 else ""} of {H} hidden units; checkpoint
 <code>{html.escape(os.path.basename(opts.checkpoint))}</code>. On the text below it predicts the next character
 with a loss of {nll:.3f} nats per character, and its first guess is right {right:.0%} of the time.
-The pictures go from the cell (one step), to the cell repeated over the text, to what single units of
-its state respond to, to how far back training can reach.</p>
+The pictures go {"from the cell (one step), to the cell repeated over the text, to " if course else "from "}what
+single units of its state respond to, to how far back training can reach.</p>
 <pre>{html.escape(text)}</pre>
 {sections}
 </body></html>

@@ -36,7 +36,8 @@ def test_train_then_sample(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("cell", ["lstm", "gru", "elman"])
 def test_train_each_cell_then_resume_and_sample(cell, corpus, tmp_path, capsys):
     """``train --cell``: the val loss falls, the checkpoint remembers the cell (a resume asking for
-    another cell is refused in one line), and sample carries the cell's state (the LSTM's (h, c))."""
+    another cell is refused in one line), sample carries the cell's state (the LSTM's (h, c)), and
+    inspect draws its gradients beside another cell's (--compare)."""
     ckpt = tmp_path / "model.pt"
     base = ["train", "--corpus", str(corpus), "--seq-len", "16", "--hidden-size", "24", "--batch-size", "8",
             "--steps", "15", "--checkpoint", str(ckpt), "--sample-chars", "5"]
@@ -49,8 +50,12 @@ def test_train_each_cell_then_resume_and_sample(cell, corpus, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(ckpt), "--length", "12", "--prime", "def"]) == 0
     sampled = capsys.readouterr().out
     assert sampled.startswith("def") and len(sampled) == 16  # the prime, 12 chars, the line's end
-    assert main(["inspect", "--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 1
-    assert "course cell's pictures" in capsys.readouterr().err
+    out_dir = tmp_path / "inspect"  # a twin's model: its units and gradients, beside the course's
+    course = tmp_path / "course.pt"
+    assert main(base[:-4] + ["--checkpoint", str(course), "--epochs", "1", "--steps", "2", "--sample-chars", "1"]) == 0
+    assert main(["inspect", "--checkpoint", str(ckpt), "--compare", str(course), "--prime", "def", "--chars", "30",
+                 "--out", str(out_dir)]) == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == ["activations.png", "gradients.png", "index.html"]
 
 
 @pytest.mark.parametrize("argv, message", [

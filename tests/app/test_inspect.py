@@ -73,6 +73,43 @@ def test_gradient_norms_match_autograd_through_the_reference(num_layers, backend
     assert np.ptp(np.log(want)) > 1  # the norms differ (a test on a constant would be weak)
 
 
+def torch_twin_gradient_norms(model, text, ends, D):
+    """||dL_e/ds_{e-k}|| (s = h, or the LSTM's (h, c) together) by autograd through torch's own
+    module of the twin's class and weights, run one step at a time."""
+    ids = encode(text, model.config.vocab)
+    twin = model.rnn
+    torch_rnn = type(twin).torch_class(twin.input_size, twin.hidden_size, twin.num_layers, batch_first=True,
+                                       dtype=torch.float64)
+    torch_rnn.load_state_dict(twin.state_dict())
+    x, state, states = model.embedding(ids[None]), None, []
+    for t in range(len(ids)):
+        _, state = torch_rnn(x[:, t:t + 1], state)
+        states.append(state if isinstance(state, tuple) else (state,))
+    out = []
+    for e in ends:
+        loss = F.cross_entropy(model.l_out(states[e][0][-1]), ids[e + 1:e + 2])
+        row = []
+        for k in range(D + 1):
+            grads = torch.autograd.grad(loss, states[e - k], retain_graph=True, allow_unused=True)
+            row.append(sum(float((g[-1] ** 2).sum()) for g in grads if g is not None) ** 0.5)
+        out.append(row)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("cell,num_layers", [("lstm", 1), ("gru", 2), ("elman", 1)])
+def test_gradient_norms_of_torch_cells_match_torch_modules(cell, num_layers):
+    """inspect's gradients for a model of a twin cell (train --cell), through the fused backward,
+    equal autograd's through torch's own module, the LSTM's state being (h, c)."""
+    torch.manual_seed(1)
+    config = ModelConfig("".join(sorted(set(CODE))), n_fac=5, hidden_size=9, num_layers=num_layers, cell=cell)
+    model = CharLanguageModel(config, backend="cpu").double().eval()
+    text, D, ends = CODE[:40], 12, [12, 25, 38]
+    want = torch_twin_gradient_norms(model, text, ends, D)
+    got = gradient_norms(model, text, max_distance=D, ends=ends)
+    np.testing.assert_allclose(got["norms"], want, rtol=1e-9)
+    assert np.ptp(np.log(want)) > 1
+
+
 def test_gradient_norms_in_float32_match_float64_even_when_tiny():
     model64 = make_model()
     with torch.no_grad():  # a contracting recurrence: norms fall far below 1e-19
