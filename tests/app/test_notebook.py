@@ -29,4 +29,4 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     print(f"notebook: {time.monotonic() - start:.0f} s")
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 4  # the cell, unrolled, units, gradients
+    assert len(images) == 5  # the cell, unrolled, units, gradients, gradients by cell
