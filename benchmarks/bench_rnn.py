@@ -1,8 +1,12 @@
 """Times the recurrence (input projection included) against the peers a user would run instead,
-for either cell (``--cell``).
+for each cell (``--cell``).
 
     python benchmarks/bench_rnn.py --shapes cpu --providers loop,nnrnn,compiled,fused,gemm
     python benchmarks/bench_rnn.py --cell elman --shapes cpu --providers loop,nnrnn,compiled,fused,gemm
+    python benchmarks/bench_rnn.py --cell lstm --shapes cpu --providers loop,nnrnn,compiled,fused,gemm
+    python benchmarks/bench_rnn.py --cell gru --shapes cpu --providers loop,nnrnn,compiled,fused,gemm
+
+``--shapes tiny`` (any cell) is a smoke test of the script: two small shapes, one of each compile path.
 
 ``--cell course`` (the default): every provider computes the same function,
 ``(output [B, T, H], h_n [B, H])`` from token ids (shapes ``B,T,H``):
@@ -21,17 +25,27 @@ for either cell (``--cell``).
 * ``gemm``: only the matrix products the fused path must do (forward: one ``[B, H] x [H, H]`` per
   step; backward: one more per step and the ``[H, B*T] x [B*T, H]`` weight gradient): the floor.
 
-``--cell elman``: ``torch.nn.RNN``'s own cell (tanh) on dense input ``x [B, T, I]`` (shapes
-``B,T,I,H``), gradients with respect to ``x`` and every weight and bias:
+``--cell elman`` / ``lstm`` / ``gru``: torch's own cells on dense input ``x [B, T, I]`` (shapes
+``B,T,I,H``): ``torch.nn.RNN``'s (tanh), ``nn.LSTM``'s (G = 4 gates) and ``nn.GRU``'s (G = 3; for
+the Elman cell G = 1), gradients with respect to ``x`` and every weight and bias
+(``DENSE_CELLS`` says what differs: the parameters' G, the step's pointwise maths, the module, the
+fused function):
 
-* ``nnrnn``: ``torch.nn.RNN`` itself (ATen on the CPU, cuDNN on CUDA).
-* ``loop``: the loop a careful user writes: ``q = x W_ih^T + b_ih + b_hh`` projected once, then
-  ``h = tanh(addmm(q_t, h, W_hh^T))`` per step over ``q.unbind(1)`` (no per-step slicing).
+* ``nnrnn``: torch's module itself, batch first (ATen on the CPU, oneDNN for the LSTM; cuDNN on CUDA).
+* ``loop``: the loop a careful user writes: ``q = x W_ih^T + b_ih (+ b_hh)`` projected once for all
+  steps (one ``F.linear``), then per step over ``q.unbind(1)`` (no per-step slicing) one
+  ``addmm`` with ``W_hh^T`` (the GRU: ``b_hh`` added there, as its ``b_hn`` sits inside the reset
+  gate) and the cell's pointwise maths in torch ops; autograd for the backward.
 * ``compiled``: ``torch.compile`` of ``loop`` (of one step for T > 64, as above).
-* ``fused``: ``fused_rnn.elman_rnn``; ``fused-blocked`` / ``fused-persistent`` as above.
-* ``gemm``: the input projection ``[B*T, I] x [I, H]`` and one ``[B, H] x [H, H]`` per step
-  (forward); backward adds one product per step, the ``[H, B*T] x [B*T, H]`` and
-  ``[H, B*T] x [B*T, I]`` weight gradients and ``dx = dq W_ih``.
+* ``fused``: ``fused_rnn.elman_rnn`` / ``lstm`` / ``gru``; ``fused-blocked`` / ``fused-persistent``
+  as above (elman only: the gated cells have one Triton family).
+* ``gemm``: the input projection ``[B*T, I] x [I, G*H]`` and one ``[B, H] x [H, G*H]`` per step
+  (forward); backward adds one ``[B, G*H] x [G*H, H]`` per step, the ``[G*H, B*T] x [B*T, H]`` and
+  ``[G*H, B*T] x [B*T, I]`` weight gradients and ``dx = dz W_ih``.
+
+Each provider's forward output is checked against the float64 reference (``rnn_reference``,
+``elman_reference``, ``lstm_reference``, ``gru_reference``): the max relative error is printed
+beside its times and the table's last column gives the largest.
 
 ``--peak`` (CPU) first measures the machine's fp32 FMA peak (``benchmarks/fma_peak.py``) and the
 table then gives each provider's product rate (the fused path's product FLOPs over its time) as a
@@ -48,17 +62,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
+import functools
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import fused_rnn
-from fused_rnn import rnn_reference
+from fused_rnn import elman_reference, rnn_reference
+from fused_rnn.reference import gru_reference, lstm_reference
 
 V, E = 85, 42  # the course's vocabulary and embedding size
 SHAPE_SETS = {
@@ -68,9 +86,11 @@ SHAPE_SETS = {
     "cpu": [(512, 8, 256), (64, 256, 256), (256, 64, 512)],
     "grid": [(B, T, H) for B in (64, 256, 1024) for T in (8, 512) for H in (128, 256, 512, 1024)]
     + [(512, 8, 256)],
+    "tiny": [(16, 5, 32), (8, 70, 32)],  # a smoke test: both compile paths (T <= 64 and T > 64)
 }
-ELMAN_SHAPE_SETS = {  # (B, T, I, H)
+DENSE_SHAPE_SETS = {  # (B, T, I, H): --cell elman, lstm and gru
     "cpu": [(512, 8, 64, 256), (64, 256, 128, 256), (256, 64, 256, 512)],
+    "tiny": [(16, 5, 24, 32), (8, 70, 24, 32)],
     "design": [(512, 8, 64, 256), (64, 512, 256, 256), (256, 512, 256, 256), (1024, 512, 256, 256),
                (256, 512, 512, 512)],
 }
@@ -147,18 +167,67 @@ def triton_kernel(name):
             os.environ["FUSED_RNN_TRITON_KERNEL"] = old
 
 
-def make_elman_params(I, H, dtype, device, seed=0):
+def make_dense_params(G, I, H, dtype, device, seed=0):
+    """``w_ih [G*H, I]``, ``w_hh [G*H, H]``, ``b_ih``/``b_hh [G*H]``, torch's init
+    ``U(-1/sqrt(H), 1/sqrt(H))`` (for G = 1 the numbers the elman cell always had)."""
     g = torch.Generator().manual_seed(seed)
 
-    def rand(*shape):  # nn.RNN's init: U(-1/sqrt(H), 1/sqrt(H))
+    def rand(*shape):
         t = (torch.rand(*shape, generator=g) * 2 - 1) * H ** -0.5
         return t.to(device=device, dtype=dtype).requires_grad_()
 
-    return dict(w_ih=rand(H, I), w_hh=rand(H, H), b_ih=rand(H), b_hh=rand(H))
+    return dict(w_ih=rand(G * H, I), w_hh=rand(G * H, H), b_ih=rand(G * H), b_hh=rand(G * H))
 
 
-def elman_cell(q_t, h, w_hh):
-    return torch.tanh(torch.addmm(q_t, h, w_hh.t()))
+# The careful user's steps: (q_t, state, w_hh, b_hh) -> state, state[0] = h_t. One addmm with
+# W_hh^T per step, the cell's pointwise maths in torch ops.
+def elman_step(q_t, state, w_hh, b_hh):
+    return (torch.tanh(torch.addmm(q_t, state[0], w_hh.t())),)
+
+
+def lstm_step(q_t, state, w_hh, b_hh):
+    h, c = state
+    i, f, g, o = torch.addmm(q_t, h, w_hh.t()).chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_step(q_t, state, w_hh, b_hh):
+    (h,) = state
+    qr, qz, qn = q_t.chunk(3, dim=1)
+    ar, az, an = torch.addmm(b_hh, h, w_hh.t()).chunk(3, dim=1)  # b_hn stays inside the reset gate
+    r, z = torch.sigmoid(qr + ar), torch.sigmoid(qz + az)
+    n = torch.tanh(qn + r * an)
+    return (n + z * (h - n),)  # (1 - z) n + z h
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCell:
+    """What differs between torch's cells on dense input ``x [B, T, I]``; one loop, one set of
+    providers and one GEMM floor serve them all."""
+
+    gates: int  # G: w_ih [G*H, I], w_hh [G*H, H]
+    module: type  # torch's own: nn.RNN, nn.LSTM, nn.GRU
+    step: Callable  # the loop's step, above
+    fused: Callable  # fused_rnn's function (x, w_ih, w_hh, b_ih, b_hh) -> (output, h_n or (h_n, c_n))
+    reference: Callable  # fused_rnn.reference's ground truth, the same signature
+    states: int = 1  # 1: h; 2: h and c (the LSTM)
+    fold_b_hh: bool = True  # b_hh folds into the projection q (not the GRU's: it enters with the product)
+    forced_kernels: bool = False  # FUSED_RNN_TRITON_KERNEL picks its Triton family (fused-blocked/-persistent)
+
+
+DENSE_CELLS = {
+    "elman": DenseCell(1, torch.nn.RNN, elman_step, fused_rnn.elman_rnn, elman_reference, forced_kernels=True),
+    "lstm": DenseCell(4, torch.nn.LSTM, lstm_step, fused_rnn.lstm, lstm_reference, states=2),
+    "gru": DenseCell(3, torch.nn.GRU, gru_step, fused_rnn.gru, gru_reference, fold_b_hh=False),
+}
+GATES = {"course": 1, **{name: c.gates for name, c in DENSE_CELLS.items()}}
+PARAM_ORDER = ("w_ih", "w_hh", "b_ih", "b_hh")
+
+
+def _h(state):
+    """h_n of a second return value that is h_n or (h_n, c_n)."""
+    return state[0] if isinstance(state, tuple) else state
 
 
 def compiled_loop(loop, cell, params, T):
@@ -170,25 +239,27 @@ def compiled_loop(loop, cell, params, T):
     return lambda x: loop(x, params, compiled_cell)
 
 
-def elman_loop(x, p, cell=elman_cell):
-    """The careful user's loop: the input projected once, one addmm and tanh per step."""
-    q = F.linear(x, p["w_ih"], p["b_ih"] + p["b_hh"])
-    h = q.new_zeros(x.shape[0], q.shape[2])
+def dense_loop(cell: DenseCell, x, p, step=None):
+    """The careful user's loop: the input projected once (one F.linear over all steps), then per
+    step the cell's ``step`` (one addmm and the pointwise maths) over ``q.unbind(1)``."""
+    step = step or cell.step
+    q = F.linear(x, p["w_ih"], p["b_ih"] + p["b_hh"] if cell.fold_b_hh else p["b_ih"])
+    state = (q.new_zeros(x.shape[0], p["w_hh"].shape[1]),) * cell.states
     states = []
     for q_t in q.unbind(1):
-        h = cell(q_t, h, p["w_hh"])
-        states.append(h)
-    return torch.stack(states, dim=1), h
+        state = step(q_t, state, p["w_hh"], p["b_hh"])
+        states.append(state[0])
+    return torch.stack(states, dim=1), state[0]
 
 
-class ElmanRNN(torch.nn.Module):
-    """torch.nn.RNN holding the benchmark's parameters."""
+class TorchRNN(torch.nn.Module):
+    """torch's own module (nn.RNN, nn.LSTM, nn.GRU: ``cell.module``) holding the benchmark's parameters."""
 
-    def __init__(self, params):
+    def __init__(self, cell: DenseCell, params):
         super().__init__()
-        H, I = params["w_ih"].shape
+        I, H = params["w_ih"].shape[1], params["w_hh"].shape[1]
         w = params["w_ih"]
-        self.rnn = torch.nn.RNN(I, H, batch_first=True, device=w.device, dtype=w.dtype)
+        self.rnn = cell.module(I, H, batch_first=True, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             for name, key in (("weight_ih_l0", "w_ih"), ("weight_hh_l0", "w_hh"), ("bias_ih_l0", "b_ih"),
                               ("bias_hh_l0", "b_hh")):
@@ -196,38 +267,50 @@ class ElmanRNN(torch.nn.Module):
 
     def forward(self, x):
         output, h_n = self.rnn(x)
-        return output, h_n[0]
+        return output, _h(h_n)[0]
 
 
-def make_elman_providers(names, params, x):
-    """As make_providers, for nn.RNN's own cell; the gradient is also taken w.r.t. x."""
+def make_dense_providers(cell_name, names, params, x):
+    """As make_providers, for torch's own cells (``DENSE_CELLS``); the gradient is also taken w.r.t. x."""
+    cell = DENSE_CELLS[cell_name]
     device, T = x.device, x.shape[1]
     weights = [x] + list(params.values())
+    loop = functools.partial(dense_loop, cell)
 
     def fused(x):
-        return fused_rnn.elman_rnn(x, params["w_ih"], params["w_hh"], params["b_ih"], params["b_hh"])
+        output, h_n = cell.fused(x, *(params[k] for k in PARAM_ORDER))
+        return output, _h(h_n)
 
     out = {}
     for name in names:
         if name == "loop":
-            out[name] = (lambda x: elman_loop(x, params), weights)
+            out[name] = (lambda x: loop(x, params), weights)
         elif name == "compiled":
-            out[name] = (compiled_loop(elman_loop, elman_cell, params, T), weights)
+            out[name] = (compiled_loop(loop, cell.step, params, T), weights)
         elif name == "nnrnn":
-            peer = ElmanRNN(params)
+            peer = TorchRNN(cell, params)
             out[name] = (peer, [x] + list(peer.parameters()))
         elif name == "fused":
             out[name] = (fused, weights)
         elif name in ("fused-blocked", "fused-persistent"):
-            if device.type != "cuda":
-                continue
+            if device.type != "cuda" or not cell.forced_kernels:
+                continue  # the gated cells have one Triton family: FUSED_RNN_TRITON_KERNEL is not read
             kernel = name.split("-")[1]
             out[name] = (lambda x, kernel=kernel: _with_kernel(kernel, fused, x), weights)
         elif name == "gemm":
             continue
         else:
-            raise SystemExit(f"unknown provider {name!r} for --cell elman")
+            raise SystemExit(f"unknown provider {name!r} for --cell {cell_name}")
     return out
+
+
+def reference_output(cell_name, params, x):
+    """The float64 ground truth's output ``[B, T, H]`` (every provider is checked against it)."""
+    p = {k: v.detach().double() for k, v in params.items()}
+    with torch.no_grad():
+        if cell_name == "course":
+            return rnn_reference(x, p["w_in"], p["b_in"], p["w_h"], p["b_h"], embedding=p["embedding"])[0]
+        return DENSE_CELLS[cell_name].reference(x.detach().double(), *(p[k] for k in PARAM_ORDER))[0]
 
 
 def _with_kernel(kernel, fn, x):
@@ -293,36 +376,48 @@ def make_step(fn, weights, x, mode):
     return step
 
 
-def make_gemm_step(B, T, H, dtype, device, mode, I=0):
+def make_gemm_step(B, T, H, dtype, device, mode, I=0, G=1):
     """Only the matrix products of the fused path, in its shapes: the floor it is measured against.
-    ``I`` > 0: also the dense input's projection (forward) and its two gradients (backward)."""
+    Per step ``[B, H] x [H, G*H]`` (forward) and ``[B, G*H] x [G*H, H]`` (backward); ``I`` > 0: also
+    the dense input's projection ``[B*T, I] x [I, G*H]`` (forward), ``dx`` and ``dW_ih`` (backward);
+    the backward's ``dW_hh = dz^T h`` over all B*T rows. ``G`` gates (1: the course's and elman's
+    cells, 4: the LSTM, 3: the GRU)."""
     g = torch.Generator().manual_seed(1)
     a = torch.randn(B, H, generator=g).to(device, dtype)
-    w = torch.randn(H, H, generator=g).to(device, dtype)
-    out = torch.empty(B, H, device=device, dtype=dtype)
-    rows = torch.randn(B * T, H, generator=g).to(device, dtype) if mode != "fwd" else None
+    w = torch.randn(H, G * H, generator=g).to(device, dtype)  # W_hh^T
+    out = torch.empty(B, G * H, device=device, dtype=dtype)
+    dz = torch.randn(B * T, G * H, generator=g).to(device, dtype) if mode != "fwd" else None
     x = torch.randn(B * T, I, generator=g).to(device, dtype) if I else None
-    w_ih = torch.randn(H, I, generator=g).to(device, dtype) if I else None
+    w_ih = torch.randn(G * H, I, generator=g).to(device, dtype) if I else None
+    if G == 1:  # the shapes of both directions agree: the backward reuses the forward's operands
+        back, hs = (a, w, out), dz
+    else:
+        back = (torch.randn(B, G * H, generator=g).to(device, dtype), w.t(),
+                torch.empty(B, H, device=device, dtype=dtype))
+        hs = torch.randn(B * T, H, generator=g).to(device, dtype) if dz is not None else None
 
     def step():
         if x is not None:
             x @ w_ih.t()
-        for _ in range(T if mode == "fwd" else 2 * T):
+        for _ in range(T):
             torch.mm(a, w, out=out)
-        if rows is not None:
-            if x is not None:
-                rows @ w_ih, rows.t() @ x
-            return rows.t() @ rows
-        return out
+        if dz is None:
+            return out
+        grad, weight, grad_out = back
+        for _ in range(T):
+            torch.mm(grad, weight, out=grad_out)
+        if x is not None:
+            dz @ w_ih, dz.t() @ x
+        return dz.t() @ hs
     return step
 
 
-def product_flops(B, T, H, I, mode) -> int:
+def product_flops(B, T, H, I, mode, G=1) -> int:
     """The FLOPs of ``make_gemm_step``'s products: what the fused path must multiply."""
-    step = 2 * B * H * H  # one [B, H] x [H, H] product
-    flops = T * step + 2 * B * T * I * H  # the recurrence and the dense input's projection
+    step = 2 * B * H * G * H  # one [B, H] x [H, G*H] product
+    flops = T * step + 2 * B * T * I * G * H  # the recurrence and the dense input's projection
     if mode != "fwd":
-        flops += T * step + 2 * B * T * H * H + 2 * (2 * B * T * H * I)  # chain, dW_hh, dx and dW_ih
+        flops += T * step + 2 * B * T * G * H * H + 2 * (2 * B * T * G * H * I)  # chain, dW_hh, dx and dW_ih
     return flops
 
 
@@ -374,11 +469,12 @@ def device_name(device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cell", default="course", choices=["course", "elman"],
-                    help="course: the course's cell on token ids; elman: torch.nn.RNN's own (tanh) on dense input")
+    ap.add_argument("--cell", default="course", choices=["course", *DENSE_CELLS],
+                    help="course: the course's cell on token ids; elman, lstm, gru: torch.nn.RNN's own "
+                         "(tanh), nn.LSTM's, nn.GRU's on dense input")
     ap.add_argument("--shapes", default="design",
                     help=f"course: one of {list(SHAPE_SETS)} or B,T,H[;B,T,H...]; "
-                         f"elman: one of {list(ELMAN_SHAPE_SETS)} or B,T,I,H[;...]")
+                         f"elman, lstm, gru: one of {list(DENSE_SHAPE_SETS)} or B,T,I,H[;...]")
     ap.add_argument("--providers", default="loop,nnrnn,fused,gemm",
                     help="comma-separated: loop, reference, nnrnn, compiled, fused, fused-blocked, "
                          "fused-persistent, gemm")
@@ -398,11 +494,11 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    elman = args.cell == "elman"
-    shapes = (ELMAN_SHAPE_SETS if elman else SHAPE_SETS).get(args.shapes) \
+    dense = args.cell in DENSE_CELLS
+    shapes = (DENSE_SHAPE_SETS if dense else SHAPE_SETS).get(args.shapes) \
         or [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
-    if any(len(s) != (4 if elman else 3) for s in shapes):
-        raise SystemExit(f"--shapes: expected {'B,T,I,H' if elman else 'B,T,H'} per shape, got {args.shapes!r}")
+    if any(len(s) != (4 if dense else 3) for s in shapes):
+        raise SystemExit(f"--shapes: expected {'B,T,I,H' if dense else 'B,T,H'} per shape, got {args.shapes!r}")
     names = args.providers.split(",")
     try:
         import triton
@@ -422,34 +518,33 @@ def main(argv=None):
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         for shape in shapes:
-            if elman:
+            if dense:
                 B, T, I, H = shape
-                params = make_elman_params(I, H, dtype, device)
+                params = make_dense_params(GATES[args.cell], I, H, dtype, device)
                 x = torch.randn(B, T, I, generator=torch.Generator().manual_seed(2)).to(device, dtype)
                 x.requires_grad_()
-                providers = make_elman_providers(names, params, x)
+                providers = make_dense_providers(args.cell, names, params, x)
             else:
                 (B, T, H), I = shape, 0
                 params = make_params(H, dtype, device)
                 x = torch.randint(0, V, (B, T), device=device)
                 providers = make_providers(names, params, x)
-            # The peers must compute the same function: check each forward against the first.
-            outs = {k: fn(x)[0].detach() for k, (fn, _) in providers.items()}
-            first = next(iter(outs))
-            errs = {k: max_rel_err(o, outs[first]) for k, o in outs.items()}
+            # Every provider must compute the same function: its forward against the float64 reference.
+            want = reference_output(args.cell, params, x)
+            errs = {k: max_rel_err(fn(x)[0].detach(), want) for k, (fn, _) in providers.items()}
             for mode in args.modes.split(","):
                 steps = {k: make_step(fn, w, x, mode) for k, (fn, w) in providers.items()}
                 if "gemm" in names:
-                    steps["gemm"] = make_gemm_step(B, T, H, dtype, device, mode, I)
+                    steps["gemm"] = make_gemm_step(B, T, H, dtype, device, mode, I, GATES[args.cell])
                 ms = median_ms(steps, device, rounds=args.rounds)
                 for k in steps:
                     rows.append(dict(meta, provider=k, mode=mode, dtype=dtype_name, B=B, T=T, H=H,
                                      ms=round(ms[k], 4), peak_mb=round(peak_mb(steps[k], device), 1),
-                                     cell=args.cell, I=I or ""))
-                    err = f"  (fwd rel err vs {first}: {errs[k]:.1e})" if k in errs else ""
+                                     cell=args.cell, I=I or "", max_rel_err=errs.get(k)))
+                    err = f"  (fwd max rel err vs fp64 reference: {errs[k]:.1e})" if k in errs else ""
                     print(f"{args.cell} {dtype_name} B={B} T={T}{f' I={I}' if I else ''} H={H} {mode:8s} "
                           f"{k:16s} {ms[k]:9.3f} ms{err}", flush=True)
-            del providers, steps, outs
+            del providers, steps, want
     if args.csv and not args.no_csv:
         append_csv(args.csv, rows)
     print_table(rows, peak)
@@ -468,7 +563,7 @@ def append_csv(path, rows):
                 old = [dict(r, cell=r.get("cell") or "course", I=r.get("I") or "") for r in reader]
         if not old:
             with open(path, "a", newline="") as f:
-                csv.DictWriter(f, fieldnames=CSV_FIELDS).writerows(rows)
+                csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore").writerows(rows)
             return
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -524,15 +619,19 @@ def plot_speedups(rows, path, title):
 
 def print_table(rows, peak=None):
     """The markdown table; with the FMA ``peak`` (GFLOP/s), each provider's product rate (the
-    fused path's product FLOPs over its time) beside its time, and the share of the peak."""
+    fused path's product FLOPs over its time) beside its time, and the share of the peak. The last
+    column: the largest forward error against the float64 reference over the providers, and whose."""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     rate = " (GF/s" + (", % of peak)" if peak else ")")
     print("\n| cell | dtype | B | T | I | H | mode | " + " | ".join(f"{p} ms{rate}" for p in providers)
-          + " | fused vs strongest peer | GEMM floor share of fused |")
-    print("|---" * (9 + len(providers)) + "|")
+          + " | fused vs strongest peer | GEMM floor share of fused | max rel err vs fp64 |")
+    print("|---" * (10 + len(providers)) + "|")
     for key, ms, best, speedup, share in summarize(rows):
-        _, _, B, T, I, H, mode = key
-        flops = product_flops(B, T, H, I or 0, mode)
+        cell_name, _, B, T, I, H, mode = key
+        flops = product_flops(B, T, H, I or 0, mode, GATES.get(cell_name, 1))
+        errs = {r["provider"]: r["max_rel_err"] for r in rows
+                if _key(r) == key and r.get("max_rel_err") is not None}
+        worst = max(errs, key=errs.get) if errs else None
 
         def cell(p):
             if p not in ms:
@@ -540,7 +639,8 @@ def print_table(rows, peak=None):
             gflops = flops / (ms[p] * 1e6)
             return f"{ms[p]:.3f} ({gflops:.0f}" + (f", {gflops / peak:.0%})" if peak else ")")
         print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cell(p) for p in providers)
-              + f" | {f'{speedup:.2f}x ({best})' if speedup else '-'} | {f'{share:.0%}' if share else '-'} |")
+              + f" | {f'{speedup:.2f}x ({best})' if speedup else '-'} | {f'{share:.0%}' if share else '-'} | "
+              + (f"{errs[worst]:.1e} ({worst})" if worst else "-") + " |")
 
 
 if __name__ == "__main__":
