@@ -1,7 +1,7 @@
 """Compile every Triton kernel configuration the launchers would pick, for a named GPU, without one.
 
     python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,1024 \
-        --dtypes fp32,bf16,fp16 [--batch-sizes 64,256] [--sm-count 132] [--cells course,elman_tanh]
+        --dtypes fp32,bf16,fp16 [--batch-sizes 64,256] [--sm-count 132] [--cells course,elman_tanh,lstm]
 
 For each (B, H, dtype, cell) it asks the planner for the persistent forward and backward tilings (and
 says when they do not fit) and takes the blocked kernels' configuration, compiles each distinct
@@ -10,7 +10,8 @@ spills and shared memory from the bundled ``ptxas -v``, and prints one markdown 
 It exits non-zero when a compile fails, shared memory passes the target's limit, a persistent
 kernel spills (the planner counts on none), or the compiled kernel's registers and shared memory
 hold fewer programs per SM than the plan's co-residency assumes. The blocked kernels' spills are
-reported, not failed: they have no co-residency to keep.
+reported, not failed: they have no co-residency to keep. The gated cells (lstm, gru) have blocked
+kernels only (`ops/triton_gated.py`), compiled with and without each switch of their code.
 
 TRITON_INTERPRET must not be set (the interpreter's kernels cannot be compiled).
 """
@@ -38,7 +39,7 @@ SM_COUNT = {80: 108, 90: 132}  # A100, H100/H200
 class KernelConfig:
     """One kernel compiled with one set of constexprs: what the launchers would launch."""
     kernel: str  # "persistent_fwd", "persistent_bwd", "blocked_fwd", "blocked_bwd"; an elman cell's
-    # kernels carry it in brackets: "blocked_fwd[elman_relu]"
+    # kernels carry it in brackets: "blocked_fwd[elman_relu]"; the gated cells': "gated_fwd[lstm]"
     dtype: str
     B: int
     H: int
@@ -49,34 +50,37 @@ class KernelConfig:
     num_warps: int = 4
     planned_programs_per_sm: int = 0  # 0: no co-residency assumed (blocked kernels)
     num_stages: int = 3  # Triton's default; the persistent launchers use triton_persistent.NUM_STAGES
+    P: int = 0  # the gated kernels' projection width (proj_size, else H); 0: the kernel has no P
 
     def key(self):
-        """Configurations with equal keys compile to the same code: H enters only through its
-        specialization (a constant when 1, divisible by 16 or not)."""
+        """Configurations with equal keys compile to the same code: H (and P) enter only through
+        their specialization (a constant when 1, divisible by 16 or not)."""
         return (self.fn.__name__, tuple(sorted(self.signature.items())),
                 tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages,
-                self.H == 1, self.H % 16 == 0)
+                self.H == 1, self.H % 16 == 0, self.P == 1, self.P % 16 == 0)
 
 
-def _signature(fn, types: dict, H: int, constexprs: dict):
+def _signature(fn, types: dict, H: int, constexprs: dict, P: int = 0):
     """Signature and divisibility attributes as the runtime specializes a launch: pointers are
-    16-byte aligned, H is marked divisible by 16 when it is, and an int equal to 1 is a constant
-    (B, T and the step bounds are not specialized: the kernels mark them do_not_specialize)."""
+    16-byte aligned, H (and P) are marked divisible by 16 when they are, and an int equal to 1 is
+    a constant (B, T and the step bounds are not specialized: the kernels mark them
+    do_not_specialize)."""
     signature, attrs = {}, {}
+    sizes = {"H": H, "P": P}
+    constexprs = dict(constexprs)
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = types.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in sizes and sizes[name] == 1:
+            constexprs[name] = 1
+            signature[name] = "constexpr"
         else:
             signature[name] = "i32"
-            if name == "H" and H % 16 == 0:
+            if name in sizes and sizes[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    constexprs = dict(constexprs)
-    if H == 1:
-        constexprs["H"] = 1
-        signature["H"] = "constexpr"
     return signature, constexprs, attrs
 
 
@@ -91,6 +95,8 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
     from .ops.triton_cells import tanh_small
 
     cell = cell_specs.get(cell)
+    if cell.gated:
+        return gated_kernel_configs(B, H, dtype, cell, arch), []
     tag = "" if cell == cell_specs.COURSE else f"[{cell.name}]"
     t = name = DTYPE_NAMES[dtype]
     inputs = (True, False) if cell.token_input else (False,)  # token ids, dense
@@ -140,6 +146,41 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
     return configs, notes
 
 
+def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 90) -> list:
+    """The LSTM's or GRU's blocked kernels (`ops/triton_gated.py`) as the launchers run them:
+    with and without what switches their code (the GRU's b_hh; the LSTM's projection, at
+    P = H // 2, and a gradient at c_t)."""
+    from .ops import triton_gated
+    from .ops.triton_cells import tanh_small
+
+    cell = cell_specs.get(cell)
+    t = name = DTYPE_NAMES[dtype]
+    lstm = "c" in cell.state
+    weights = {"q_ptr": f"*{t}", "w_hh_ptr": f"*{t}", "b_hh_ptr": f"*{t}", "w_hr_ptr": f"*{t}"}
+    projections = (False, True) if cell.projection and H > 1 else (False,)
+    configs = []
+    for proj in projections:
+        P = H // 2 if proj else H
+        tiles = triton_gated.gated_config(B, H, P, dtype, arch, interpret=False)
+        config = f"{tiles.block_b}x{tiles.block_n}x{tiles.block_k}, 4 warps, {tiles.num_stages} stages"
+        common = dict(G=cell.gates, HAS_C=lstm, BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n,
+                      BLOCK_K=tiles.block_k, TANH_SMALL=tanh_small(torch.float32), DOT_PRECISION="ieee",
+                      CELL=cell.name)
+        tag = ("_proj" if proj else "") + f"[{cell.name}]"
+        for bias in (True, False) if cell.hidden_bias else (False,):
+            configs.append(KernelConfig(
+                "gated_fwd" + ("" if bias or not cell.hidden_bias else "_nobias") + tag, name, B, H,
+                config + (f", P={P}" if proj else ""), triton_gated.gated_fwd_kernel, weights,
+                dict(common, HAS_BIAS=bias, PROJ=proj), num_stages=tiles.num_stages, P=P))
+        for grad_cs in (True, False) if lstm else (False,):
+            configs.append(KernelConfig(
+                "gated_bwd" + ("_grad_cs" if grad_cs else "") + tag, name, B, H,
+                config + (f", P={P}" if proj else ""), triton_gated.gated_bwd_kernel, weights,
+                dict(common, HAS_GRAD_CS=grad_cs, PROJ=proj, N_ROWS_SCALED=cell is cell_specs.GRU),
+                num_stages=tiles.num_stages, P=P))
+    return configs
+
+
 _PTXAS_USAGE = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -151,7 +192,7 @@ def compile_config(cfg: KernelConfig, arch: int) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    signature, constexprs, attrs = _signature(cfg.fn, cfg.signature, cfg.H, cfg.constexprs)
+    signature, constexprs, attrs = _signature(cfg.fn, cfg.signature, cfg.H, cfg.constexprs, cfg.P)
     src = ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -219,7 +260,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden-sizes", default="1,100,256,300,384,512,1000,1024", type=_ints)
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
     parser.add_argument("--batch-sizes", default="64,256", type=_ints)
-    parser.add_argument("--cells", default=",".join(c.name for c in cell_specs.VANILLA),
+    parser.add_argument("--cells", default=",".join(cell_specs.CELLS),
                         help="the recurrence cells to compile (fused_rnn.cells)")
     parser.add_argument("--sm-count", type=int, default=None,
                         help="SMs the planner plans for (default: 132 for sm_90, 108 for sm_80)")

@@ -119,8 +119,12 @@ def kernels(backend: str):
 
 
 def gated_kernels(backend: str):
-    """The module with ``gated_fwd`` and ``gated_bwd`` (the LSTM's and GRU's) for a fused backend.
-    The Triton backend runs them through the reference loop at the kernels' interface for now."""
+    """The module with ``gated_fwd`` and ``gated_bwd`` (the LSTM's and GRU's) for a fused backend:
+    the C++ extension's, or the Triton kernels of `ops/triton_gated.py` (imported on first use,
+    as the vanilla ones: defining kernels costs import time). Anything else: the reference loop
+    at the kernels' interface."""
+    if backend == "triton":
+        return importlib.import_module("fused_rnn.ops.triton_gated")
     return cpu_ext if backend == "cpu" else loop
 
 

@@ -193,8 +193,9 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
         def contiguous(t):
             return None if t is None else t.contiguous()
 
-        out, cs, _ = gated_recurrence(q.contiguous(), w_hh.contiguous(), contiguous(hidden_bias), contiguous(h0),
-                                      contiguous(c0), contiguous(w_hr), backend, allow_tf32, cell.name)
+        inputs = (q, w_hh, hidden_bias, h0, c0, w_hr)
+        keep_saved = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        out, cs, _ = gated_recurrence(*(contiguous(t) for t in inputs), backend, allow_tf32, cell.name, keep_saved)
         out = out.to(w_hh.dtype)
         cs = cs.to(w_hh.dtype) if cs.numel() else None
     output = out.transpose(0, 1)  # [B, T, P], a view of the time-major states

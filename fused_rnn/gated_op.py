@@ -11,9 +11,10 @@ from .dispatch import gated_kernels
 from .ops import workspace_dtype
 from .reference import gated_loop
 
-# fused_rnn::gated_recurrence(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell)
+# fused_rnn::gated_recurrence(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved)
 #   -> (out [T, B, P], cs [T, B, H] (the GRU: empty), saved [T, B, 4H]), all time-major, in
-#   ops.workspace_dtype. Differentiable through out and cs; saved is the backward's own.
+#   ops.workspace_dtype. Differentiable through out and cs; saved is the backward's own, empty
+#   when keep_saved is False (no backward will follow: inference).
 
 
 def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -23,21 +24,23 @@ def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
 @torch.library.custom_op("fused_rnn::gated_recurrence", mutates_args=())
 def gated_recurrence(q: torch.Tensor, w_hh: torch.Tensor, b_hh: Optional[torch.Tensor],
                      h0: Optional[torch.Tensor], c0: Optional[torch.Tensor], w_hr: Optional[torch.Tensor],
-                     backend: str, allow_tf32: bool, cell: str
+                     backend: str, allow_tf32: bool, cell: str, keep_saved: bool
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, cs, saved = gated_kernels(backend).gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell)
-    return out, _empty_if_none(cs, out), saved
+    out, cs, saved = gated_kernels(backend).gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell,
+                                                      keep_saved=keep_saved)
+    return out, _empty_if_none(cs, out), saved if keep_saved else saved.new_empty(0)
 
 
 @gated_recurrence.register_fake
-def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell):
+def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved):
     spec = cells.get(cell)
     T, B = q.shape[:2]
     H = w_hh.shape[0] // spec.gates
     P = H if w_hr is None else w_hr.shape[0]
     dtype = workspace_dtype(w_hh.dtype)
     cs = q.new_empty((T, B, H) if "c" in spec.state else (0,), dtype=dtype)
-    return q.new_empty((T, B, P), dtype=dtype), cs, q.new_empty((T, B, spec.saved_width * H), dtype=dtype)
+    saved = q.new_empty((T, B, spec.saved_width * H) if keep_saved else (0,), dtype=dtype)
+    return q.new_empty((T, B, P), dtype=dtype), cs, saved
 
 
 @torch.library.custom_op("fused_rnn::gated_recurrence_backward", mutates_args=())
@@ -58,7 +61,7 @@ def _(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, backend, a
 
 
 def _setup_context(ctx, inputs, output):
-    q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell = inputs
+    q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, _ = inputs
     out, cs, saved = output
     ctx.save_for_backward(q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved)
     ctx.backend, ctx.allow_tf32, ctx.cell = backend, allow_tf32, cell
@@ -79,7 +82,7 @@ def _double_backward_grads(ctx, grad_out, grad_cs):
         outs.append(new_cs)
         grads.append(grad_cs)
     found = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
-    result = [None] * 9
+    result = [None] * 10
     for i, g in zip(wanted, found):
         result[i] = torch.zeros_like(inputs[i]) if g is None else g
     return tuple(result)
@@ -97,7 +100,7 @@ def _autograd(ctx, grad_out, grad_cs, _grad_saved):
                             ctx.backend, ctx.allow_tf32, ctx.cell)
     inputs = (q, w_hh, b_hh, h0, c0, w_hr)
     return tuple(g.to(t.dtype) if t is not None and ctx.needs_input_grad[i] else None
-                 for i, (g, t) in enumerate(zip(grads, inputs))) + (None, None, None)
+                 for i, (g, t) in enumerate(zip(grads, inputs))) + (None, None, None, None)
 
 
 gated_recurrence.register_autograd(_autograd, setup_context=_setup_context)

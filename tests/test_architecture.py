@@ -9,7 +9,7 @@ import pytest
 import fused_rnn
 
 PACKAGE = Path(fused_rnn.__file__).parent
-KERNEL_FILES = {"ops/triton_rnn.py", "ops/triton_persistent.py"}
+KERNEL_FILES = {"ops/triton_rnn.py", "ops/triton_persistent.py", "ops/triton_gated.py"}
 EXTENSIONS = {"fused_rnn._C"}  # the C++ extension: a module even where it is not built yet
 
 
@@ -137,7 +137,7 @@ def test_nothing_calls_torchscript():
 
 # Where a cell's name may be spelled out: its spec, the kernels switched on it, and the oracle.
 CELL_NAME_FILES = {"cells.py", "reference.py", "ops/triton_rnn.py", "ops/triton_persistent.py",
-                   "ops/triton_cells.py"}
+                   "ops/triton_cells.py", "ops/triton_gated.py"}
 
 
 def cell_name_literals(path: Path) -> list:

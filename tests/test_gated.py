@@ -167,7 +167,7 @@ def test_gradcheck_through_the_op(backend, cell, P):
 
     def fn(*tensors):
         given = dict(zip(names, tensors))
-        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), backend, False, cell.name)
+        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), backend, False, cell.name, True)
         return (out, cs) if cs.numel() else out
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
@@ -183,7 +183,7 @@ def test_gradcheck_full_mode_cpu(cell, P):
 
     def fn(*tensors):
         given = dict(zip(names, tensors))
-        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), "cpu", False, cell.name)
+        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), "cpu", False, cell.name, True)
         return (out, cs) if cs.numel() else out
 
     assert torch.autograd.gradcheck(fn, leaves)
@@ -220,5 +220,26 @@ def test_gru_refuses_lstm_sized_weights():
 def test_saved_gates_are_not_differentiable():
     args = op_problem(cells.LSTM, T=2, B=2, H=3, P=0, dtype=torch.float64, state=True)
     q = args["q"].requires_grad_()
-    out, cs, saved = gated_recurrence(q, *list(args.values())[1:], "cpu", False, cells.LSTM.name)
+    out, cs, saved = gated_recurrence(q, *list(args.values())[1:], "cpu", False, cells.LSTM.name, True)
     assert out.requires_grad and cs.requires_grad and not saved.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_inference_keeps_no_gates_and_gives_the_same_results(kind):
+    """Without a backward to come (no_grad, or no input needing a gradient) the op keeps no gates;
+    the results are the same as with them (to rounding: BLAS may round differently per call)."""
+    B, T, I, H = 3, 5, 4, 6
+    module = make_module(kind, I, H, 0, True, seed=7, dtype=torch.float32)
+    x = torch.randn(B, T, I)
+    params = weights(module, kind)
+    with torch.no_grad():
+        out, finals = call(kind, x, [p.detach() for p in params[:4]] + params[4:], [None] * (2 if kind == "lstm" else 1),
+                           None, "cpu")
+    want, want_finals = call(kind, x, params, [None] * (2 if kind == "lstm" else 1), None, "cpu")
+    for got, expected in zip([out, *finals], [want, *want_finals]):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    cell = cells.LSTM if kind == "lstm" else cells.GRU
+    q = torch.randn(T, B, cell.gates * H)
+    w = params[1].detach()
+    b = params[3].detach() if cell.hidden_bias else None
+    assert gated_recurrence(q, w, b, None, None, None, "cpu", False, cell.name, False)[2].numel() == 0

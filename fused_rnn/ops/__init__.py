@@ -20,12 +20,13 @@ The gated cells (``lstm``, ``gru``; ``cells.GATED``) have two entry points of th
 tensors time-major (every step one contiguous ``[B, ...]`` block):
 
 ``gated_fwd(q [T, B, G*H], w_hh [G*H, P], b_hh, h0 [B, P], c0 [B, H], w_hr [P, H], allow_tf32,
-cell) -> (out [T, B, P], cs, saved [T, B, 4H])``, all in :func:`workspace_dtype`: ``out`` the states
+cell, keep_saved=True) -> (out [T, B, P], cs, saved [T, B, 4H])``, all in :func:`workspace_dtype`: ``out`` the states
 ``h_1..h_T``, ``cs`` the LSTM's ``c_1..c_T`` (``[T, B, H]``; the GRU: an empty tensor), ``saved``
 what the backward reads (the LSTM's activated gates i, f, g, o; the GRU's r, z, n and
 ``a_n = h_{t-1} W_hn^T + b_hn``). ``q`` holds ``x W_ih^T`` plus the biases that fold into it (both
 for the LSTM, ``b_ih`` for the GRU); ``b_hh [3H]`` (the GRU's, added to the product) or None;
 ``h0``, ``c0`` None: zeros; ``w_hr`` the LSTM's projection (``proj_size``) or None (``P = H``).
+``keep_saved=False``: no backward follows (inference), and a backend may skip writing ``saved``.
 
 ``gated_bwd(grad_out [T, B, P], grad_cs [T, B, H] or None, out, cs, saved, q, w_hh, b_hh, h0, c0,
 w_hr, allow_tf32, cell) -> (grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr)``: ``grad_q``

@@ -180,8 +180,8 @@ def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32
 
 
 
-def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name):
-    return tuple(load().gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, cell))
+def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name, keep_saved=True):
+    return tuple(load().gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, cell, keep_saved))
 
 
 def gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name):

@@ -34,9 +34,9 @@ def loop_bwd(grad_out, ws, w_h, c, cell) -> None:
         c[:, t] = dz @ w
 
 
-def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell):
+def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell, keep_saved=True):
     """The gated cells' forward at the kernels' interface (see `ops/__init__.py`), by the
-    reference loop: ``(out, cs, saved)``."""
+    reference loop: ``(out, cs, saved)`` (saved whatever ``keep_saved``)."""
     cell, dtype = cells.get(cell), workspace_dtype(w_hh.dtype)
     with torch.no_grad():
         out, cs, saved = gated_loop(cell, *(_as(t, dtype) for t in (q, w_hh, b_hh, h0, c0, w_hr)))
