@@ -33,7 +33,9 @@
 // serial); with them on torch's threads it is 1-19% faster again (benchmarks/RESULTS.md).
 #include <torch/extension.h>
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
@@ -337,6 +339,47 @@ template <typename T>
 ROW_KERNEL void lstm_m_row(const T* __restrict__ saved, const T* __restrict__ c, T* __restrict__ m, int64_t H) {
   for (int64_t j = 0; j < H; ++j) m[j] = saved[3 * H + j] * tanh_of(c[j]);
 }
+
+// y = x W^T for one weight W [N, K] used at every step of a call. Float32: oneDNN's matmul on a
+// copy of W packed once per call, through torch's own mkldnn::_reorder_linear_weight and
+// mkldnn::_linear_pointwise (the ops inductor's CPU path uses; private, so found through the
+// dispatcher and probed: a torch without them, or one whose ops fail here, falls back). On the
+// LSTM's step [64, 256] x [256, 1024] it ran at ~1.6x at::mm, which repacks W on every call
+// (benchmarks/RESULTS.md). Float64, or no oneDNN: at::mm.
+class StepProduct {
+ public:
+  StepProduct(const at::Tensor& w, int64_t batch) : w_t_(w.t()) {
+    if (w.scalar_type() != at::kFloat || !at::hasMKLDNN()) return;
+    try {
+      auto& dispatcher = c10::Dispatcher::singleton();
+      auto reorder = dispatcher.findSchema({"mkldnn::_reorder_linear_weight", ""});
+      linear_ = dispatcher.findSchema({"mkldnn::_linear_pointwise", ""});
+      if (!reorder || !linear_) return;
+      torch::jit::Stack stack{w.contiguous(), c10::IValue(batch)};
+      reorder->callBoxed(&stack);
+      packed_ = stack.at(0).toTensor();
+    } catch (const std::exception&) {
+      packed_ = at::Tensor();  // at::mm answers
+    }
+  }
+
+  // x [B, K] (contiguous) -> x W^T [B, N]: a new tensor, or `out` (the fallback writes there).
+  at::Tensor operator()(const at::Tensor& x, at::Tensor& out) const {
+    if (!packed_.defined()) {
+      at::mm_out(out, x, w_t_);
+      return out;
+    }
+    torch::jit::Stack stack{x, packed_, c10::IValue(), std::string("none"),
+                            c10::List<c10::optional<at::Scalar>>(), c10::IValue(std::string(""))};
+    linear_->callBoxed(&stack);
+    return stack.at(0).toTensor();
+  }
+
+ private:
+  at::Tensor w_t_;
+  at::Tensor packed_;
+  c10::optional<c10::OperatorHandle> linear_;
+};
 
 // Runs fn(b, block) for every batch row b, rows split into fixed blocks of `rows` (a block's
 // rows in order), blocks spread over the threads. Per-block partial sums, reduced in block order,
@@ -686,7 +729,6 @@ std::vector<at::Tensor> gated_fwd_cell(const at::Tensor& q_in, const at::Tensor&
   if (h0_in) check_like("h0", *h0_in, w_hh, {B, P});
   if (c0_in) check_like("c0", *c0_in, w_hh, {B, H});
   const at::Tensor q = q_in.contiguous();
-  const at::Tensor w_hh_t = w_hh.t();  // transposed views: BLAS reads them without a copy
   const at::Tensor b_hh = b_hh_in ? b_hh_in->contiguous() : at::zeros({GH}, w_hh.options());
   const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::zeros({B, P}, w_hh.options());
   const at::Tensor c0 = c0_in ? c0_in->contiguous() : at::zeros({B, H}, w_hh.options());
@@ -699,10 +741,11 @@ std::vector<at::Tensor> gated_fwd_cell(const at::Tensor& q_in, const at::Tensor&
   at::Tensor a = at::empty({B, GH}, w_hh.options());
   at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
 
+  const StepProduct recurrent(w_hh, B);  // a = h_{t-1} W_hh^T
+  const c10::optional<StepProduct> projection = proj ? c10::make_optional(StepProduct(*w_hr_in, B)) : c10::nullopt;
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gated_fwd", [&] {
     const scalar_t* q_p = q.data_ptr<scalar_t>();
     const scalar_t* b_p = b_hh.data_ptr<scalar_t>();
-    const scalar_t* a_p = a.data_ptr<scalar_t>();
     scalar_t* out_p = out.data_ptr<scalar_t>();
     scalar_t* cs_p = cs.data_ptr<scalar_t>();
     scalar_t* saved_p = saved.data_ptr<scalar_t>();
@@ -711,14 +754,16 @@ std::vector<at::Tensor> gated_fwd_cell(const at::Tensor& q_in, const at::Tensor&
       const scalar_t* hp_p = h_prev.data_ptr<scalar_t>();
       const scalar_t* cp_p = t == 0 ? c0.data_ptr<scalar_t>() : cs_p + (t - 1) * B * H;
       scalar_t* h_p = proj ? m.data_ptr<scalar_t>() : out_p + t * B * P;
-      at::mm_out(a, h_prev, w_hh_t);
+      const at::Tensor a_t = recurrent(h_prev, a);  // kept alive while its rows are read
+      const scalar_t* a_p = a_t.data_ptr<scalar_t>();
       for_each_row_by_block(B, [&](int64_t b, int64_t) {
         Cell::forward_row(a_p + b * GH, q_p + (t * B + b) * GH, b_p, hp_p + b * P, cp_p + b * H, h_p + b * H,
                           cs_p + (t * B + b) * H, saved_p + t * saved_step + b * 4 * H, H);
       });
       if (proj) {
         at::Tensor out_t = out[t];
-        at::mm_out(out_t, m, w_hr_in->t());
+        const at::Tensor h_t = (*projection)(m, out_t);
+        if (!h_t.is_same(out_t)) out_t.copy_(h_t);
       }
     }
   });
@@ -761,6 +806,10 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
   at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
   at::Tensor grad_w_hr = proj ? at::zeros({P, H}, w_hh.options()) : at::Tensor();
 
+  const StepProduct carry_product(w_hh.t(), B);  // da_t W_hh, the carry to h_{t-1}
+  const c10::optional<StepProduct> projection_back =
+      proj ? c10::make_optional(StepProduct(w_hr_in->t(), B)) : c10::nullopt;  // gh W_hr
+  at::Tensor product_buf = at::empty({B, P}, w_hh.options());  // where the fallback writes da_t W_hh
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gated_bwd", [&] {
     const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
     const scalar_t* gcs_p = grad_cs.data_ptr<scalar_t>();
@@ -779,6 +828,7 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
       // The gradient at the cell's own state: go + carry, or (proj_size) gm = (go + carry) W_hr.
       const scalar_t* g_p = go_p + t * B * P;
       const scalar_t* carry_p = carry_h.data_ptr<scalar_t>();
+      at::Tensor gm_t;  // gm, kept alive while its rows are read
       if (proj) {
         scalar_t* gh_p = gh.data_ptr<scalar_t>();
         scalar_t* m_p = m.data_ptr<scalar_t>();
@@ -787,8 +837,8 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
           lstm_m_row(sv_p + b * 4 * H, cs_p + (t * B + b) * H, m_p + b * H, H);
         });
         grad_w_hr.addmm_(gh.t(), m);  // h_t = m_t W_hr^T
-        at::mm_out(gm, gh, *w_hr_in);
-        g_p = gm.data_ptr<scalar_t>();
+        gm_t = (*projection_back)(gh, gm);
+        g_p = gm_t.data_ptr<scalar_t>();
         carry_p = zeros_row.data_ptr<scalar_t>();
       }
       const int64_t g_stride = proj ? H : P;
@@ -799,12 +849,15 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
                            da_p + (t * B + b) * GH, cc_p + b * H, direct_p + b * P, H);
       });
       if (t > 0 || has_h0) {  // c_0 feeds only grad_h0
+        const at::Tensor product = carry_product(da[t], product_buf);
         if (Cell::kSeparateDa) {
-          carry_next.addmm_(da[t], w_hh);  // the GRU's direct share g z is in carry_next already
+          carry_next.add_(product);  // the GRU's direct share g z is in carry_next already
+          std::swap(carry_h, carry_next);
+        } else if (product.is_same(product_buf)) {
+          std::swap(carry_h, product_buf);
         } else {
-          at::mm_out(carry_next, da[t], w_hh);
+          carry_h = product;
         }
-        std::swap(carry_h, carry_next);
       }
     }
   });
