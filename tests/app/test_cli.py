@@ -90,10 +90,13 @@ def torchrun_train(corpus, ckpt, *extra):
             "--batch-size", "4", "--checkpoint", str(ckpt), "--sample-chars", "10", "--device", "cpu", *extra]
 
 
-def test_train_under_torchrun_with_two_processes(corpus, tmp_path):
+@pytest.mark.parametrize("cell", ["course", pytest.param("lstm", marks=pytest.mark.exhaustive),
+                                  pytest.param("gru", marks=pytest.mark.exhaustive)])
+def test_train_under_torchrun_with_two_processes(cell, corpus, tmp_path):
+    """DistributedDataParallel over the fused kernels (the twins' for the LSTM and GRU)."""
     ckpt = tmp_path / "ddp.pt"
-    out = subprocess.run(torchrun_train(corpus, ckpt, "--epochs", "1", "--steps", "5", "--save-every", "2"),
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(torchrun_train(corpus, ckpt, "--epochs", "1", "--steps", "5", "--save-every", "2",
+                                        "--cell", cell), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "x 2 processes" in out.stdout and out.stdout.count("epoch 1: train loss") == 1
     assert "Warning" not in out.stderr and "Traceback" not in out.stderr, out.stderr
