@@ -126,7 +126,24 @@ def _cell_weights(cell: nn.RNNCellBase) -> dict:
     return dict(weight_ih=cell.weight_ih, weight_hh=cell.weight_hh, bias_ih=cell.bias_ih, bias_hh=cell.bias_hh)
 
 
-class LSTMCell(nn.LSTMCell):
+class _GatedCellTwin:
+    """The gated cells' shared constructor (torch's, plus ``backend``) and ``from_torch``; mixed in
+    before torch's cell class, whose ``__init__`` it calls."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        check_backend(backend)
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+        self.backend = backend
+
+    @classmethod
+    def from_torch(cls, module: nn.RNNCellBase, backend: str = "auto"):
+        """The twin of ``module`` (a ``cls.torch_class``) holding its very Parameter objects and
+        its training mode."""
+        return cell_from_torch(cls, module, backend)
+
+
+class LSTMCell(_GatedCellTwin, nn.LSTMCell):
     """``torch.nn.LSTMCell`` on the fused kernels: a drop-in twin.
 
     Same constructor, parameters (``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``),
@@ -138,17 +155,6 @@ class LSTMCell(nn.LSTMCell):
     """
 
     torch_class = nn.LSTMCell  # the torch module it twins
-
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
-                 backend: str = "auto"):
-        check_backend(backend)
-        super().__init__(input_size, hidden_size, bias, device, dtype)
-        self.backend = backend
-
-    @classmethod
-    def from_torch(cls, module: nn.LSTMCell, backend: str = "auto") -> "LSTMCell":
-        """The twin of ``module`` holding its very Parameter objects and its training mode."""
-        return cell_from_torch(cls, module, backend)
 
     def forward(self, input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         if input.dim() not in (1, 2):
@@ -170,7 +176,7 @@ class LSTMCell(nn.LSTMCell):
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(_GatedCellTwin, nn.GRUCell):
     """``torch.nn.GRUCell`` on the fused kernels: a drop-in twin: the constructor, parameters,
     ``state_dict``, ``forward(input [B, I] or [I], hx=None) -> h'`` and errors of
     ``torch.nn.GRUCell``, plus the keyword ``backend`` (see :func:`fused_rnn.gru`);
@@ -178,17 +184,6 @@ class GRUCell(nn.GRUCell):
     """
 
     torch_class = nn.GRUCell  # the torch module it twins
-
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
-                 backend: str = "auto"):
-        check_backend(backend)
-        super().__init__(input_size, hidden_size, bias, device, dtype)
-        self.backend = backend
-
-    @classmethod
-    def from_torch(cls, module: nn.GRUCell, backend: str = "auto") -> "GRUCell":
-        """The twin of ``module`` holding its very Parameter objects and its training mode."""
-        return cell_from_torch(cls, module, backend)
 
     def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None) -> torch.Tensor:
         if input.dim() not in (1, 2):

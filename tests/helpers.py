@@ -88,3 +88,23 @@ def count_persistent_launches(monkeypatch) -> dict:
             return _original(*args, **kwargs)
         monkeypatch.setattr(triton_persistent, name, spy)
     return calls
+
+
+def assert_same(got, want, tol=1e-9):
+    """Two ``{name: tensor or None}`` results of a twin and torch's module: the same names, the
+    same non-float values, float ones of the same shape and dtype within ``tol`` (relative)."""
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        g = got[name]
+        if w is None or not w.is_floating_point():
+            assert (g is None and w is None) or torch.equal(g, w), name
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape)
+        if w.numel():
+            assert rel_err(g, w) < tol, f"{name}: relative error {rel_err(g, w):.1e}"
+
+
+def rand(*shape, seed=0, device="cpu"):
+    """Seeded float64 values that require grad, the same on every device."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_()

@@ -18,7 +18,7 @@ import fused_rnn
 import fused_rnn.gated_rnn
 from fused_rnn import GRU, LSTM, GRUCell, LSTMCell, convert
 from conftest import backend_device, exhaustive, tiered
-from helpers import rel_err
+from helpers import assert_same, rand, rel_err
 
 BACKENDS = ["reference", "cpu"]
 TOL = 1e-9
@@ -67,24 +67,6 @@ def outputs_and_grads(module, x, hx, to_input=lambda x: x, seed=1):
         found.update(batch_sizes=first.batch_sizes, sorted_indices=first.sorted_indices,
                      unsorted_indices=first.unsorted_indices)
     return found
-
-
-def assert_same(got, want):
-    assert got.keys() == want.keys()
-    for name, w in want.items():
-        g = got[name]
-        if w is None or not w.is_floating_point():
-            assert (g is None and w is None) or torch.equal(g, w), name
-            continue
-        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape)
-        if w.numel():
-            assert rel_err(g, w) < TOL, f"{name}: relative error {rel_err(g, w):.1e}"
-
-
-def rand(*shape, seed=0, device="cpu"):
-    """Seeded float64 values, the same on every device."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=f64).to(device).requires_grad_()
 
 
 # --- the sequence modules: every option, every input form ---------------------------------------

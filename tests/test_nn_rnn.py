@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import fused_rnn.rnn
 from fused_rnn import RNN, RNNCell, convert
 from conftest import backend_device, tiered
-from helpers import rel_err
+from helpers import assert_same, rand, rel_err
 
 BACKENDS = ["reference", "cpu", "triton"]  # each on its backend_device: CUDA or CPU
 TOL = 1e-9
@@ -49,24 +49,6 @@ def outputs_and_grads(module, x, hx, to_input=lambda x: x, seed=1):
         result.update(batch_sizes=out.batch_sizes, sorted_indices=out.sorted_indices,
                       unsorted_indices=out.unsorted_indices)
     return result
-
-
-def assert_same(got, want):
-    assert got.keys() == want.keys()
-    for name, w in want.items():
-        g = got[name]
-        if w is None or not w.is_floating_point():
-            assert (g is None and w is None) or torch.equal(g, w), name
-            continue
-        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape)
-        if w.numel():
-            assert rel_err(g, w) < TOL, f"{name}: relative error {rel_err(g, w):.1e}"
-
-
-def rand(*shape, seed=0, device="cpu"):
-    """Seeded float64 values, the same on every device."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=f64).to(device).requires_grad_()
 
 
 # Every value of every option, with odd sizes drawn at random (seeded) per config.
