@@ -78,7 +78,8 @@ cc_pid=$!
 # the CLI and app tests run on the CPU and ran in CI)
 tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests/test_properties.py
        tests/test_ecosystem.py tests/test_reference.py tests/test_self_check.py tests/test_inputs.py
-       tests/test_elman.py tests/test_nn_rnn.py tests/test_edges.py"
+       tests/test_elman.py tests/test_nn_rnn.py tests/test_edges.py tests/test_gated.py
+       tests/test_triton_gated.py tests/test_gated_modules.py"
 # (the first stage pays the cold Triton cache: ~1-3 s per kernel configuration)
 FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 150 pytest_persistent.log \
     python -m pytest -q -x -p no:cacheprovider --tier all -k "not cpu" --durations=10 \
@@ -99,6 +100,13 @@ gpu_stage "bench elman" 90 bench_elman.log \
     python benchmarks/bench_rnn.py --cell elman --shapes "$elman_shapes" \
     --providers nnrnn,fused-blocked,fused-persistent --modes fwd,fwd+bwd --dtypes fp32,bf16 \
     --csv "$out/results.csv" --plot "$out/speedup_elman.png"
+# the LSTM and GRU (blocked kernels only, so far) against cuDNN's nn.LSTM / nn.GRU
+gated_shapes="64,512,256,256;256,512,256,256;256,512,512,512"
+for cell in lstm gru; do
+    gpu_stage "bench $cell" 60 "bench_$cell.log" \
+        python benchmarks/bench_rnn.py --cell $cell --shapes "$gated_shapes" --providers nnrnn,fused \
+        --modes fwd,fwd+bwd --dtypes fp32,bf16 --csv "$out/results.csv" --plot "$out/speedup_$cell.png"
+done
 gpu_stage "bench loop" 25 bench_loop.log \
     python benchmarks/bench_rnn.py --shapes "512,8,256" --providers loop,nnrnn,fused-persistent \
     --modes fwd,fwd+bwd --dtypes fp32 --csv "$out/results.csv" --plot ""
