@@ -254,6 +254,11 @@ def cell_from_torch(cls, module: nn.RNNCellBase, backend: str, **config):
     return twin.train(module.training)
 
 
+# torch 2.15's ATen checks each hidden state's dimensions before its sizes; 2.13 checks the batch
+# size first and then raises an IndexError reading the hidden size of a 1-D state.
+_HIDDEN_DIMS_FIRST = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 15)
+
+
 def check_cell_args(cell: nn.RNNCellBase, x: torch.Tensor, state: tuple) -> None:
     """ATen's checks of torch's cells, in its order, with its exception types, on ``x [B, I]``
     and the state's parts (``(hx,)``, ``(hx, cx)``, or ``()``): sizes first, then dtypes (its
@@ -261,6 +266,8 @@ def check_cell_args(cell: nn.RNNCellBase, x: torch.Tensor, state: tuple) -> None
     if x.shape[1] != cell.input_size:
         raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {cell.input_size}")
     for label, hx in enumerate(state):
+        if _HIDDEN_DIMS_FIRST and hx.dim() != 2:
+            raise RuntimeError(f"Expected 2D hidden{label} (batch x hidden_size), but got {hx.dim()}D tensor")
         if hx.shape[0] != x.shape[0]:
             raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{label} batch size {hx.shape[0]}")
         if hx.size(1) != cell.hidden_size:  # an IndexError for a 1-D hx, as torch's
