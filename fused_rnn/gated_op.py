@@ -9,6 +9,7 @@ import torch
 from . import cells
 from .dispatch import gated_kernels
 from .ops import workspace_dtype
+from .recurrence_op import recorded_grads
 from .reference import gated_loop
 
 # fused_rnn::gated_recurrence(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved)
@@ -74,18 +75,14 @@ def _double_backward_grads(ctx, grad_out, grad_cs):
     backend; a plain backward never comes here."""
     q, w_hh, b_hh, h0, c0, w_hr, out, _, _ = ctx.saved_tensors
     inputs = (q, w_hh, b_hh, h0, c0, w_hr)
-    wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    wanted = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     dtype = out.dtype
     new_out, new_cs, _ = gated_loop(cells.get(ctx.cell), *(None if t is None else t.to(dtype) for t in inputs))
     outs, grads = [new_out], [torch.zeros_like(new_out) if grad_out is None else grad_out]
     if new_cs is not None and grad_cs is not None:
         outs.append(new_cs)
         grads.append(grad_cs)
-    found = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
-    result = [None] * 10
-    for i, g in zip(wanted, found):
-        result[i] = torch.zeros_like(inputs[i]) if g is None else g
-    return tuple(result)
+    return recorded_grads(outs, grads, wanted, 10)
 
 
 def _autograd(ctx, grad_out, grad_cs, _grad_saved):

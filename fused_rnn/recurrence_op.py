@@ -91,8 +91,15 @@ def _double_backward_grads(ctx, grad_states, grad_h_n):
     outs = _recomputed(proj, ids, w_h, b_h, h0, ctx.backend, ctx.cell, states.dtype)
     grad_outs = [torch.zeros_like(outs[0]) if grad_states is None else grad_states,
                  torch.zeros_like(outs[1]) if grad_h_n is None else grad_h_n]
+    return recorded_grads(outs, grad_outs, wanted, 8)
+
+
+def recorded_grads(outs, grad_outs, wanted, n_inputs: int) -> tuple:
+    """The custom ops' gradients for ``wanted`` ``(index, input)`` pairs, as a recorded graph
+    (``create_graph=True``), through the reference loop's recomputed ``outs``: ``n_inputs``
+    entries, None where no gradient is wanted, zeros where the outputs do not reach an input."""
     found = torch.autograd.grad(outs, [t for _, t in wanted], grad_outs, create_graph=True, allow_unused=True)
-    grads = [None] * 8
+    grads = [None] * n_inputs
     for (i, t), g in zip(wanted, found):
         grads[i] = torch.zeros_like(t) if g is None else g
     return tuple(grads)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
-import fused_rnn
 from fused_rnn import FusedCharLoopModel, convert
 from fused_rnn.convert import CONVERTERS, Converter, register
 from fused_rnn.reference import CharLoopModel as CourseModel
