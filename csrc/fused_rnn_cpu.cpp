@@ -44,6 +44,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 void check_weights(const at::Tensor& w_h) {
@@ -375,11 +379,141 @@ class StepProduct {
     return stack.at(0).toTensor();
   }
 
+  bool packed() const { return packed_.defined(); }
+
  private:
   at::Tensor w_t_;
   at::Tensor packed_;
   c10::optional<c10::OperatorHandle> linear_;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Panel products: the gated cells' step products by a register-blocked AVX-512 kernel of our own
+// (float32). A weight is packed once per call into panels of NV * 16 output columns (panel p: for
+// each k, its columns' weights contiguous); one kernel call multiplies R rows of x by one panel
+// in R x NV zmm accumulators (24 of the 32 registers) held for the whole K loop and stores them
+// where the caller wants them. The forward's panels hold all G gates of 16 units (NV = G) and
+// store the product as the [rows, G*H] rows the cell's pointwise step reads, for a group of rows
+// still in L1/L2; the backward's carry da_t W_hh has panels of 64 columns (NV = 4) and stores (the
+// GRU: adds) into the carry. Every batch row is independent of the others in both loops, so each
+// thread runs the whole time loop on its own rows: one parallel region per call, no barrier, no
+// per-step dispatch, W_hh packed once per call instead of once per step; a row gets the same bits
+// whatever the thread count. The StepProduct path runs where this does not (float64, no AVX-512,
+// proj_size, or switched off by use_panel_products(false)).
+constexpr int64_t kLanes = 16;  // floats per zmm
+constexpr int64_t kAccumulators = 24;
+bool panel_products_on = true;
+
+bool panel_products_here() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512 && panel_products_on;
+#else
+  return false;
+#endif
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// y[r, :] (+)= x[r, :K] @ panel for r < R: x rows `x_stride` apart, the panel [K, NV * 16] 64-byte
+// aligned; zmm v of row r goes to y + r * y_stride + v * v_stride. Only the panel's first `valid`
+// columns are stored (a last panel's padding never is): each zmm's first `valid` floats where they
+// are one gate each of the same units (Gates), else the panel's first `valid` columns.
+template <int R, int NV, bool Gates, bool Accumulate>
+__attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, int64_t x_stride,
+                                                   const float* __restrict__ panel, int64_t K, float* __restrict__ y,
+                                                   int64_t y_stride, int64_t v_stride, int64_t valid) {
+  __mmask16 mask[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t lanes = Gates ? valid : valid - v * kLanes;
+    mask[v] = lanes >= kLanes ? __mmask16(0xFFFF) : lanes <= 0 ? __mmask16(0) : __mmask16((1u << lanes) - 1);
+  }
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = Accumulate ? _mm512_maskz_loadu_ps(mask[v], y + r * y_stride + v * v_stride) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_load_ps(panel + (k * NV + v) * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 xr = _mm512_set1_ps(x[r * x_stride + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xr, w[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(y + r * y_stride + v * v_stride, mask[v], acc[r][v]);
+  }
+}
+
+// The same for `rows` rows (1 .. 24 / NV).
+template <int NV, bool Gates, bool Accumulate = false>
+void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* panel, int64_t K, float* y,
+                   int64_t y_stride, int64_t v_stride, int64_t valid) {
+  switch (rows) {
+#define FUSED_RNN_PANEL_ROWS(R)                                                                    \
+  case R:                                                                                          \
+    if constexpr (NV * R <= kAccumulators) {                                                      \
+      return panel_tile<R, NV, Gates, Accumulate>(x, x_stride, panel, K, y, y_stride, v_stride, valid); \
+    }                                                                                              \
+    break;
+    FUSED_RNN_PANEL_ROWS(1) FUSED_RNN_PANEL_ROWS(2) FUSED_RNN_PANEL_ROWS(3) FUSED_RNN_PANEL_ROWS(4)
+    FUSED_RNN_PANEL_ROWS(5) FUSED_RNN_PANEL_ROWS(6) FUSED_RNN_PANEL_ROWS(7) FUSED_RNN_PANEL_ROWS(8)
+#undef FUSED_RNN_PANEL_ROWS
+  }
+  TORCH_CHECK(false, "panel_product: ", rows, " rows");
+}
+#else
+template <int NV, bool Gates, bool Accumulate = false>
+void panel_product(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "panel products need AVX-512");
+}
+#endif
+
+// Packs a weight into panels of NV * 16 columns: packed[p, k, v] = value(column_of(p, v), k), zeros
+// where column_of says -1 (the last panel's padding).
+template <typename ColumnOf, typename Value>
+at::Tensor pack_panels(int64_t panels, int64_t NV, int64_t K, const ColumnOf& column_of, const Value& value) {
+  const int64_t width = NV * kLanes;
+  at::Tensor packed = at::empty({panels, K, width}, at::kFloat);  // torch's CPU allocator aligns to 64 bytes
+  float* out = packed.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t v = 0; v < width; ++v) {
+        const int64_t col = column_of(p, v);
+        float* dst = out + p * K * width + v;
+        for (int64_t k = 0; k < K; ++k) dst[k * width] = col < 0 ? 0.0f : value(col, k);
+      }
+    }
+  });
+  return packed;
+}
+
+// Splits n rows into calls of at most `most` rows, as even as possible (5 x 6 + 2 would leave the
+// last call with 2 rows: 6, 6, 5, 5, 5, 5 keeps every call's accumulators busy).
+template <typename F>
+void for_each_row_call(int64_t begin, int64_t end, int64_t most, const F& fn) {
+  const int64_t n = end - begin, calls = (n + most - 1) / most;
+  for (int64_t i = 0, b = begin; i < calls; ++i) {
+    const int64_t rows = n / calls + (i < n % calls ? 1 : 0);
+    fn(b, rows);
+    b += rows;
+  }
+}
+
+// Runs fn(b0, b1) once per thread on its share of the B rows (one parallel region).
+template <typename F>
+void for_each_thread_rows(int64_t B, const F& fn) {
+  at::parallel_for(0, B, 4, fn);
+}
 
 // Runs fn(b, block) for every batch row b, rows split into fixed blocks of `rows` (a block's
 // rows in order), blocks spread over the threads. Per-block partial sums, reduced in block order,
@@ -704,6 +838,111 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const
   });
 }
 
+// The gated forward on panel products (see "Panel products"; float32, P == H): each thread runs
+// all T steps on its rows; per step and panel of 16 units, the tile a = h_{t-1} W_hh^T of those
+// units' G gates, then the cell's pointwise step on it.
+template <typename Cell>
+void gated_fwd_panels(const at::Tensor& q, const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h0,
+                      const at::Tensor& c0, at::Tensor& out, at::Tensor& cs, at::Tensor& saved, int64_t saved_step) {
+  constexpr int64_t G = Cell::kGates, rows_per_call = kAccumulators / G, width = G * kLanes;
+  const int64_t GH = w_hh.size(0), H = GH / G, T = q.size(0), B = q.size(1);
+  const int64_t panels = (H + kLanes - 1) / kLanes;
+  const float* w = w_hh.data_ptr<float>();
+  const at::Tensor packed = pack_panels(
+      panels, G, H,
+      [&](int64_t p, int64_t v) {  // column v of panel p: gate v / 16 of unit 16 p + v % 16
+        const int64_t unit = p * kLanes + v % kLanes;
+        return unit < H ? (v / kLanes) * H + unit : int64_t(-1);
+      },
+      [&](int64_t row, int64_t k) { return w[row * H + k]; });
+  const float* pk = packed.data_ptr<float>();
+  const float* q_p = q.data_ptr<float>();
+  const float* b_p = b_hh.data_ptr<float>();
+  const float* h0_p = h0.data_ptr<float>();
+  const float* c0_p = c0.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  float* cs_p = cs.data_ptr<float>();
+  float* saved_p = saved.data_ptr<float>();
+  for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
+    // a = h_{t-1} W_hh^T of up to kGroupRows rows at a time, as the [rows, G*H] rows the
+    // pointwise step reads (each panel then serves several kernel calls from L1).
+    constexpr int64_t kGroupRows = 4 * rows_per_call;
+    std::vector<float> a(kGroupRows * GH);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* hp = t == 0 ? h0_p : out_p + (t - 1) * B * H;
+      const float* cp = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
+      for (int64_t g0 = b0; g0 < b1; g0 += kGroupRows) {
+        const int64_t g1 = std::min(b1, g0 + kGroupRows);
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t u = p * kLanes;
+          for_each_row_call(g0, g1, rows_per_call, [&](int64_t b, int64_t rows) {
+            panel_product<G, true>(hp + b * H, H, rows, pk + p * H * width, H, a.data() + (b - g0) * GH + u, GH, H,
+                             H - u);
+          });
+        }
+        for (int64_t b = g0; b < g1; ++b) {
+          const int64_t at = (t * B + b) * H;
+          Cell::forward_row(a.data() + (b - g0) * GH, q_p + (t * B + b) * GH, b_p, hp + b * H, cp + b * H,
+                            out_p + at, cs_p + at, saved_p + t * saved_step + b * 4 * H, H);
+        }
+      }
+    }
+  });
+}
+
+// The gated backward on panel products (float32, P == H): each thread runs all T steps on its
+// rows; per step the pointwise backward of each row, then the carry into h_{t-1},
+// da_t W_hh (+ the GRU's direct share), per panel of 64 of its columns. carry [2, B, H] zeros on
+// entry: the carry into h_t in slot (t + 1) % 2; on exit slot 0 holds dL/dh0 (if has_h0).
+template <typename Cell>
+void gated_bwd_panels(const at::Tensor& grad_out, const at::Tensor& grad_cs, int64_t gcs_step, const at::Tensor& out,
+                      const at::Tensor& cs, const at::Tensor& saved, const at::Tensor& w_hh, const at::Tensor& h0,
+                      const at::Tensor& c0, bool has_h0, at::Tensor& grad_q, at::Tensor& da, at::Tensor& carry_c,
+                      at::Tensor& carry) {
+  constexpr int64_t NV = 4, width = NV * kLanes, rows_per_call = kAccumulators / NV;
+  const int64_t GH = w_hh.size(0), H = GH / Cell::kGates, T = out.size(0), B = out.size(1);
+  const int64_t panels = (H + width - 1) / width;
+  const float* w = w_hh.data_ptr<float>();
+  const at::Tensor packed = pack_panels(
+      panels, NV, GH, [&](int64_t p, int64_t v) { return p * width + v < H ? p * width + v : int64_t(-1); },
+      [&](int64_t col, int64_t k) { return w[k * H + col]; });  // (da W_hh)[:, col] = da . W_hh[:, col]
+  const float* pk = packed.data_ptr<float>();
+  const float* go_p = grad_out.data_ptr<float>();
+  const float* gcs_p = grad_cs.data_ptr<float>();
+  const float* out_p = out.data_ptr<float>();
+  const float* cs_p = cs.data_ptr<float>();
+  const float* saved_p = saved.data_ptr<float>();
+  const float* h0_p = h0.data_ptr<float>();
+  const float* c0_p = c0.data_ptr<float>();
+  float* dq_p = grad_q.data_ptr<float>();
+  float* da_p = da.data_ptr<float>();
+  float* cc_p = carry_c.data_ptr<float>();
+  float* carry_p = carry.data_ptr<float>();
+  for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const float* hp = t == 0 ? h0_p : out_p + (t - 1) * B * H;
+      const float* cp = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
+      const float* carry_in = carry_p + ((t + 1) % 2) * B * H;
+      float* carry_out = carry_p + (t % 2) * B * H;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t at = t * B + b;
+        Cell::backward_row(go_p + at * H, carry_in + b * H, gcs_p + t * gcs_step + b * H, saved_p + at * 4 * H,
+                           cp + b * H, cs_p + at * H, hp + b * H, dq_p + at * GH, da_p + at * GH, cc_p + b * H,
+                           carry_out + b * H, H);
+      }
+      if (t == 0 && !has_h0) continue;  // c_0 feeds only grad_h0
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t c = p * width;
+        for_each_row_call(b0, b1, rows_per_call, [&](int64_t b, int64_t rows) {
+          // The GRU adds to its direct share g z, already in carry_out.
+          panel_product<NV, false, Cell::kSeparateDa>(da_p + (t * B + b) * GH, GH, rows, pk + p * GH * width, GH,
+                                               carry_out + b * H + c, H, kLanes, H - c);
+        });
+      }
+    }
+  });
+}
+
 // The gated cells' forward: gated_fwd(q [T, B, G*H], w_hh [G*H, P], b_hh, h0 [B, P], c0 [B, H], w_hr
 // [P, H]) -> (out [T, B, P], cs [T, B, H] (LSTM; else empty), saved [T, B, 4H]); see
 // fused_rnn/ops/__init__.py. Per step one GEMM a = h_{t-1} W_hh^T over the whole batch, the cell's
@@ -738,10 +977,14 @@ std::vector<at::Tensor> gated_fwd_cell(const at::Tensor& q_in, const at::Tensor&
   // [T, B, 4H] (4x the output's memory traffic and page faults).
   at::Tensor saved = at::empty(keep_saved ? at::IntArrayRef{T, B, 4 * H} : at::IntArrayRef{B, 4 * H}, w_hh.options());
   const int64_t saved_step = keep_saved ? B * 4 * H : 0;
-  at::Tensor a = at::empty({B, GH}, w_hh.options());
   at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
 
+  if (w_hh.scalar_type() == at::kFloat && !proj && panel_products_here()) {
+    gated_fwd_panels<Cell>(q, w_hh.contiguous(), b_hh, h0, c0, out, cs, saved, saved_step);
+    return {out, cs, keep_saved ? saved : at::empty({0}, w_hh.options())};
+  }
   const StepProduct recurrent(w_hh, B);  // a = h_{t-1} W_hh^T
+  at::Tensor a = recurrent.packed() ? at::Tensor() : at::empty({B, GH}, w_hh.options());  // the fallback's output
   const c10::optional<StepProduct> projection = proj ? c10::make_optional(StepProduct(*w_hr_in, B)) : c10::nullopt;
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gated_fwd", [&] {
     const scalar_t* q_p = q.data_ptr<scalar_t>();
@@ -806,61 +1049,68 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
   at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
   at::Tensor grad_w_hr = proj ? at::zeros({P, H}, w_hh.options()) : at::Tensor();
 
-  const StepProduct carry_product(w_hh.t(), B);  // da_t W_hh, the carry to h_{t-1}
-  const c10::optional<StepProduct> projection_back =
-      proj ? c10::make_optional(StepProduct(w_hr_in->t(), B)) : c10::nullopt;  // gh W_hr
-  at::Tensor product_buf = at::empty({B, P}, w_hh.options());  // where the fallback writes da_t W_hh
-  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gated_bwd", [&] {
-    const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
-    const scalar_t* gcs_p = grad_cs.data_ptr<scalar_t>();
-    const scalar_t* out_p = out.data_ptr<scalar_t>();
-    const scalar_t* cs_p = cs.data_ptr<scalar_t>();
-    const scalar_t* saved_p = saved.data_ptr<scalar_t>();
-    const scalar_t* h0_p = h0.data_ptr<scalar_t>();
-    const scalar_t* c0_p = c0.data_ptr<scalar_t>();
-    scalar_t* dq_p = grad_q.data_ptr<scalar_t>();
-    scalar_t* da_p = da.data_ptr<scalar_t>();
-    scalar_t* cc_p = carry_c.data_ptr<scalar_t>();
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const scalar_t* hp_p = t == 0 ? h0_p : out_p + (t - 1) * B * P;
-      const scalar_t* cp_p = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
-      const scalar_t* sv_p = saved_p + t * B * 4 * H;
-      // The gradient at the cell's own state: go + carry, or (proj_size) gm = (go + carry) W_hr.
-      const scalar_t* g_p = go_p + t * B * P;
-      const scalar_t* carry_p = carry_h.data_ptr<scalar_t>();
-      at::Tensor gm_t;  // gm, kept alive while its rows are read
-      if (proj) {
-        scalar_t* gh_p = gh.data_ptr<scalar_t>();
-        scalar_t* m_p = m.data_ptr<scalar_t>();
+  if (w_hh.scalar_type() == at::kFloat && !proj && panel_products_here()) {
+    at::Tensor carry = at::zeros({2, B, P}, w_hh.options());
+    gated_bwd_panels<Cell>(grad_out, grad_cs, gcs_step, out.contiguous(), cs.contiguous(), saved.contiguous(),
+                           w_hh.contiguous(), h0, c0, has_h0, grad_q, da, carry_c, carry);
+    carry_h = carry[0];
+  } else {
+    const StepProduct carry_product(w_hh.t(), B);  // da_t W_hh, the carry to h_{t-1}
+    const c10::optional<StepProduct> projection_back =
+        proj ? c10::make_optional(StepProduct(w_hr_in->t(), B)) : c10::nullopt;  // gh W_hr
+    at::Tensor product_buf = at::empty({B, P}, w_hh.options());  // where the fallback writes da_t W_hh
+    AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "gated_bwd", [&] {
+      const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
+      const scalar_t* gcs_p = grad_cs.data_ptr<scalar_t>();
+      const scalar_t* out_p = out.data_ptr<scalar_t>();
+      const scalar_t* cs_p = cs.data_ptr<scalar_t>();
+      const scalar_t* saved_p = saved.data_ptr<scalar_t>();
+      const scalar_t* h0_p = h0.data_ptr<scalar_t>();
+      const scalar_t* c0_p = c0.data_ptr<scalar_t>();
+      scalar_t* dq_p = grad_q.data_ptr<scalar_t>();
+      scalar_t* da_p = da.data_ptr<scalar_t>();
+      scalar_t* cc_p = carry_c.data_ptr<scalar_t>();
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const scalar_t* hp_p = t == 0 ? h0_p : out_p + (t - 1) * B * P;
+        const scalar_t* cp_p = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
+        const scalar_t* sv_p = saved_p + t * B * 4 * H;
+        // The gradient at the cell's own state: go + carry, or (proj_size) gm = (go + carry) W_hr.
+        const scalar_t* g_p = go_p + t * B * P;
+        const scalar_t* carry_p = carry_h.data_ptr<scalar_t>();
+        at::Tensor gm_t;  // gm, kept alive while its rows are read
+        if (proj) {
+          scalar_t* gh_p = gh.data_ptr<scalar_t>();
+          scalar_t* m_p = m.data_ptr<scalar_t>();
+          for_each_row_by_block(B, [&](int64_t b, int64_t) {
+            add_rows(g_p + b * P, carry_p + b * P, gh_p + b * P, P);
+            lstm_m_row(sv_p + b * 4 * H, cs_p + (t * B + b) * H, m_p + b * H, H);
+          });
+          grad_w_hr.addmm_(gh.t(), m);  // h_t = m_t W_hr^T
+          gm_t = (*projection_back)(gh, gm);
+          g_p = gm_t.data_ptr<scalar_t>();
+          carry_p = zeros_row.data_ptr<scalar_t>();
+        }
+        const int64_t g_stride = proj ? H : P;
+        scalar_t* direct_p = carry_next.data_ptr<scalar_t>();
         for_each_row_by_block(B, [&](int64_t b, int64_t) {
-          add_rows(g_p + b * P, carry_p + b * P, gh_p + b * P, P);
-          lstm_m_row(sv_p + b * 4 * H, cs_p + (t * B + b) * H, m_p + b * H, H);
+          Cell::backward_row(g_p + b * g_stride, carry_p + b * g_stride, gcs_p + t * gcs_step + b * H, sv_p + b * 4 * H,
+                             cp_p + b * H, cs_p + (t * B + b) * H, hp_p + b * P, dq_p + (t * B + b) * GH,
+                             da_p + (t * B + b) * GH, cc_p + b * H, direct_p + b * P, H);
         });
-        grad_w_hr.addmm_(gh.t(), m);  // h_t = m_t W_hr^T
-        gm_t = (*projection_back)(gh, gm);
-        g_p = gm_t.data_ptr<scalar_t>();
-        carry_p = zeros_row.data_ptr<scalar_t>();
-      }
-      const int64_t g_stride = proj ? H : P;
-      scalar_t* direct_p = carry_next.data_ptr<scalar_t>();
-      for_each_row_by_block(B, [&](int64_t b, int64_t) {
-        Cell::backward_row(g_p + b * g_stride, carry_p + b * g_stride, gcs_p + t * gcs_step + b * H, sv_p + b * 4 * H,
-                           cp_p + b * H, cs_p + (t * B + b) * H, hp_p + b * P, dq_p + (t * B + b) * GH,
-                           da_p + (t * B + b) * GH, cc_p + b * H, direct_p + b * P, H);
-      });
-      if (t > 0 || has_h0) {  // c_0 feeds only grad_h0
-        const at::Tensor product = carry_product(da[t], product_buf);
-        if (Cell::kSeparateDa) {
-          carry_next.add_(product);  // the GRU's direct share g z is in carry_next already
-          std::swap(carry_h, carry_next);
-        } else if (product.is_same(product_buf)) {
-          std::swap(carry_h, product_buf);
-        } else {
-          carry_h = product;
+        if (t > 0 || has_h0) {  // c_0 feeds only grad_h0
+          const at::Tensor product = carry_product(da[t], product_buf);
+          if (Cell::kSeparateDa) {
+            carry_next.add_(product);  // the GRU's direct share g z is in carry_next already
+            std::swap(carry_h, carry_next);
+          } else if (product.is_same(product_buf)) {
+            std::swap(carry_h, product_buf);
+          } else {
+            carry_h = product;
+          }
         }
       }
-    }
-  });
+    });
+  }
   // dW_hh = sum_t da_t^T h_{t-1}: h_1..h_{T-1} are out[0..T-2], one block; h_0 on its own.
   at::Tensor grad_w_hh = at::zeros({GH, P}, w_hh.options());
   if (T > 1) grad_w_hh.addmm_(da.narrow(0, 1, T - 1).view({(T - 1) * B, GH}).t(), out.narrow(0, 0, T - 1).view({(T - 1) * B, P}));
@@ -889,8 +1139,20 @@ std::vector<c10::optional<at::Tensor>> gated_bwd(const at::Tensor& grad_out, con
   });
 }
 
+// Switches the panel products on or off (tests and benchmarks compare both paths); returns
+// whether they were on.
+bool use_panel_products(bool on) {
+  const bool was = panel_products_on;
+  panel_products_on = on;
+  return was;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn: the recurrences on the CPU (forward and the BPTT chain), every cell";
+  m.def("use_panel_products", &use_panel_products,
+        "switch the AVX-512 panel products on or off (where they apply); returns the previous setting",
+        py::arg("on"));
+  m.def("panel_products_here", &panel_products_here, "whether the panel products run on this machine now");
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course");
   m.def("rnn_bwd", &rnn_bwd,

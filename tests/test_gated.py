@@ -157,6 +157,62 @@ def test_cpu_kernels_match_the_loop_at_the_interface(cell, P, state):
             assert w is None and o is None, name
 
 
+def panel_products_here():
+    with cpu_ext.panel_products(True):
+        return cpu_ext.load().panel_products_here()
+
+
+def cpu_fp32_run(args, cell, seed=5):
+    """The C++ gated_fwd and gated_bwd on ``args`` (float32), a gradient at every h_t and c_t."""
+    fwd = cpu_ext.gated_fwd(**args, cell=cell.name)
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(fwd[0].shape, generator=g)
+    grad_cs = torch.randn(fwd[1].shape, generator=g) if cell is cells.LSTM else None
+    return list(fwd) + list(cpu_ext.gated_bwd(grad_out, grad_cs, *fwd, **args, cell=cell.name)), grad_out, grad_cs
+
+
+# (T, B, H): B with a remainder call of rows, H not a multiple of 16 (a padded panel) and above 64
+# (several of the backward's 64-column panels)
+PANEL_SHAPES = tiered([(4, 23, 37), (3, 7, 70), (2, 1, 16), (3, 50, 129)], fast=[(4, 23, 37), (3, 7, 70)],
+                      ids=lambda s: "T{}-B{}-H{}".format(*s))
+
+
+@pytest.mark.skipif(cpu_ext.unavailable_reason() is not None or not panel_products_here(),
+                    reason="the panel products need the C++ extension on a CPU with AVX-512")
+@pytest.mark.parametrize("cell", [cells.LSTM, cells.GRU], ids=["lstm", "gru"])
+@pytest.mark.parametrize("state", [True, False], ids=["state", "zeros"])
+@pytest.mark.parametrize("shape", PANEL_SHAPES)
+def test_cpu_panel_products_match_the_loop_and_the_step_products(cell, state, shape):
+    """The AVX-512 panel products (float32, where they run) and the oneDNN step products against
+    the float64 reference loop, every output and gradient within fp32 rounding; and a row's bits
+    do not depend on the thread count."""
+    T, B, H = shape
+    args = op_problem(cell, T=T, B=B, H=H, P=0, dtype=torch.float32, state=state)
+    with cpu_ext.panel_products(True):
+        panels, grad_out, grad_cs = cpu_fp32_run(args, cell)
+    with cpu_ext.panel_products(False):
+        steps, _, _ = cpu_fp32_run(args, cell)
+    wide = {k: None if v is None else v.double() for k, v in args.items()}
+    want = list(loop.gated_fwd(**wide, allow_tf32=False, cell=cell))
+    want += loop.gated_bwd(grad_out.double(), None if grad_cs is None else grad_cs.double(), *want, **wide,
+                           allow_tf32=False, cell=cell)
+    names = ("out", "cs", "saved", "q", "w_hh", "b_hh", "h0", "c0", "w_hr")
+    for name, got_panels, got_steps, w in zip(names, panels, steps, want):
+        if w is None or w.numel() == 0 or (name in ("h0", "c0") and not state):
+            continue
+        assert rel_err(got_panels, w) < TOLERANCE[torch.float32], name
+        assert rel_err(got_steps, w) < TOLERANCE[torch.float32], name
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with cpu_ext.panel_products(True):
+            one_thread, _, _ = cpu_fp32_run(args, cell)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(panels[:4], one_thread[:4]):  # the recurrences' own results (not the GEMMs after)
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("cell,P", [(cells.LSTM, 0), (cells.LSTM, 2), (cells.GRU, 0)], ids=["lstm", "lstm-proj", "gru"])
 def test_gradcheck_through_the_op(backend, cell, P):

@@ -179,6 +179,19 @@ def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32
 
 
 
+@contextlib.contextmanager
+def panel_products(on: bool):
+    """Runs the block with the gated kernels' AVX-512 panel products switched on or off (where they
+    apply: float32, no proj_size, a CPU with AVX-512; elsewhere the step products through oneDNN
+    run either way). For tests and benchmarks that compare the two paths."""
+    ext = load()
+    was = ext.use_panel_products(on)
+    try:
+        yield
+    finally:
+        ext.use_panel_products(was)
+
+
 def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name, keep_saved=True):
     return tuple(load().gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, cell, keep_saved))
 
