@@ -414,14 +414,16 @@ bool panel_products_here() {
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// y[r, :] (+)= x[r, :K] @ panel for r < R: x rows `x_stride` apart, the panel [K, NV * 16] 64-byte
-// aligned; zmm v of row r goes to y + r * y_stride + v * v_stride. Only the panel's first `valid`
-// columns are stored (a last panel's padding never is): each zmm's first `valid` floats where they
-// are one gate each of the same units (Gates), else the panel's first `valid` columns.
+// y[r, :] (+)= x[r, :K] @ panel (+ bias) for r < R: x rows `x_stride` apart, the panel [K, NV * 16]
+// 64-byte aligned; zmm v of row r goes to y + r * y_stride + v * v_stride. Only the panel's first
+// `valid` columns are stored (a last panel's padding never is): each zmm's first `valid` floats
+// where they are one gate each of the same units (Gates), else the panel's first `valid` columns
+// (and `bias`, if not null, holds those columns' biases).
 template <int R, int NV, bool Gates, bool Accumulate>
 __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, int64_t x_stride,
                                                    const float* __restrict__ panel, int64_t K, float* __restrict__ y,
-                                                   int64_t y_stride, int64_t v_stride, int64_t valid) {
+                                                   int64_t y_stride, int64_t v_stride, int64_t valid,
+                                                   const float* __restrict__ bias) {
   __mmask16 mask[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
@@ -433,7 +435,9 @@ __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, 
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      acc[r][v] = Accumulate ? _mm512_maskz_loadu_ps(mask[v], y + r * y_stride + v * v_stride) : _mm512_setzero_ps();
+      acc[r][v] = Accumulate ? _mm512_maskz_loadu_ps(mask[v], y + r * y_stride + v * v_stride)
+                  : bias      ? _mm512_maskz_loadu_ps(mask[v], bias + v * kLanes)
+                              : _mm512_setzero_ps();
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -457,12 +461,12 @@ __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, 
 // The same for `rows` rows (1 .. 24 / NV).
 template <int NV, bool Gates, bool Accumulate = false>
 void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* panel, int64_t K, float* y,
-                   int64_t y_stride, int64_t v_stride, int64_t valid) {
+                   int64_t y_stride, int64_t v_stride, int64_t valid, const float* bias = nullptr) {
   switch (rows) {
 #define FUSED_RNN_PANEL_ROWS(R)                                                                    \
   case R:                                                                                          \
     if constexpr (NV * R <= kAccumulators) {                                                      \
-      return panel_tile<R, NV, Gates, Accumulate>(x, x_stride, panel, K, y, y_stride, v_stride, valid); \
+      return panel_tile<R, NV, Gates, Accumulate>(x, x_stride, panel, K, y, y_stride, v_stride, valid, bias); \
     }                                                                                              \
     break;
     FUSED_RNN_PANEL_ROWS(1) FUSED_RNN_PANEL_ROWS(2) FUSED_RNN_PANEL_ROWS(3) FUSED_RNN_PANEL_ROWS(4)
@@ -473,7 +477,8 @@ void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* 
 }
 #else
 template <int NV, bool Gates, bool Accumulate = false>
-void panel_product(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t) {
+void panel_product(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                   const float* = nullptr) {
   TORCH_CHECK(false, "panel products need AVX-512");
 }
 #endif
@@ -1147,12 +1152,63 @@ bool use_panel_products(bool on) {
   return was;
 }
 
+// y = x W^T + b (transpose_w) or x W (+ b) for float32 x [N, K] on the panel products: the dense
+// cells' input projection and its backward's x gradient (fused_rnn/ops/projection.py). W is
+// packed once per call into panels of 64 output columns; each thread takes blocks of rows and
+// runs every panel over a block (the block's rows stay in L2, each panel in L1/L2).
+at::Tensor panel_matmul(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
+                        bool transpose_w) {
+  TORCH_CHECK_VALUE(panel_products_here(), "panel_matmul needs a CPU with AVX-512 (and the panel products on)");
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat,
+                   "panel_matmul takes float32, got ", x_in.scalar_type(), " and ", w_in.scalar_type());
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && w_in.dim() == 2 && x_in.device().is_cpu() && w_in.device().is_cpu(),
+                    "panel_matmul takes 2-d CPU tensors, got ", x_in.sizes(), " and ", w_in.sizes());
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t N = x.size(0), K = x.size(1), M = transpose_w ? w.size(0) : w.size(1);
+  TORCH_CHECK_VALUE((transpose_w ? w.size(1) : w.size(0)) == K, "panel_matmul: x ", x.sizes(), " and w ", w.sizes(),
+                    transpose_w ? " (transposed)" : "", " do not multiply");
+  at::Tensor b;
+  if (b_in) {
+    b = b_in->contiguous();
+    TORCH_CHECK_VALUE(b.scalar_type() == at::kFloat && b.dim() == 1 && b.size(0) == M, "panel_matmul: bias must be float32 [",
+                      M, "], got ", b.sizes());
+  }
+  at::Tensor y = at::empty({N, M}, x.options());
+  if (N == 0 || M == 0) return y;
+  if (K == 0) return b.defined() ? y.copy_(b.expand({N, M})) : y.zero_();
+  constexpr int64_t NV = 4, width = NV * kLanes, rows_per_call = kAccumulators / NV, block_rows = 32 * rows_per_call;
+  const int64_t panels = (M + width - 1) / width;
+  const float* w_p = w.data_ptr<float>();
+  const at::Tensor packed = pack_panels(
+      panels, NV, K, [&](int64_t p, int64_t v) { return p * width + v < M ? p * width + v : int64_t(-1); },
+      [&](int64_t col, int64_t k) { return transpose_w ? w_p[col * K + k] : w_p[k * M + col]; });
+  const float* pk = packed.data_ptr<float>();
+  const float* x_p = x.data_ptr<float>();
+  const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* y_p = y.data_ptr<float>();
+  at::parallel_for(0, (N + block_rows - 1) / block_rows, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t blk = k0; blk < k1; ++blk) {
+      const int64_t r0 = blk * block_rows, r1 = std::min(N, r0 + block_rows);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t c = p * width;
+        for_each_row_call(r0, r1, rows_per_call, [&](int64_t r, int64_t rows) {
+          panel_product<NV, false>(x_p + r * K, K, rows, pk + p * K * width, K, y_p + r * M + c, M, kLanes, M - c,
+                                   b_p ? b_p + c : nullptr);
+        });
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn: the recurrences on the CPU (forward and the BPTT chain), every cell";
   m.def("use_panel_products", &use_panel_products,
         "switch the AVX-512 panel products on or off (where they apply); returns the previous setting",
         py::arg("on"));
   m.def("panel_products_here", &panel_products_here, "whether the panel products run on this machine now");
+  m.def("panel_matmul", &panel_matmul, "x W^T + b (transpose_w) or x W + b in float32 on the panel products",
+        py::arg("x"), py::arg("w"), py::arg("b"), py::arg("transpose_w"));
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course");
   m.def("rnn_bwd", &rnn_bwd,

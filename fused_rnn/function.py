@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import cells
 from .checks import FLOAT_DTYPES, as_index, check_elman_inputs, check_gated_inputs, check_inputs
 from .dispatch import backend_for
-from .ops import elman_q_time_major, onednn, output_view
+from .ops import elman_q_time_major, output_view, projection
 from .gated_op import gated_recurrence
 from .recurrence_op import recurrence
 from .reference import elman_reference, gated_loop, rnn_reference
@@ -161,7 +161,7 @@ def elman_rnn(
         # recurrence (autograd differentiates it), in the layout the backend reads.
         cell = cells.elman(nonlinearity).name
         bias = b_ih + b_hh if b_ih is not None and b_hh is not None else b_ih if b_ih is not None else b_hh
-        q = onednn.linear(x.transpose(0, 1) if elman_q_time_major(backend, cell) else x, w_ih, bias)
+        q = projection.linear(x.transpose(0, 1) if elman_q_time_major(backend, cell) else x, w_ih, bias)
         states, h_n = recurrence(q.contiguous(), None, w_hh.contiguous(), None,
                                   h0.contiguous() if h0 is not None else None, backend, allow_tf32, cell)
         output = output_view(states, backend).to(w_hh.dtype)
@@ -186,7 +186,7 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
     # q = x W_ih^T with the biases that fold into it, time-major: one GEMM over all B*T rows.
     # The GRU's b_hh stays with the product (its n rows sit inside the reset gate).
     hidden_bias = b_hh if cell.hidden_bias else None
-    project = F.linear if backend == "reference" else onednn.linear
+    project = F.linear if backend == "reference" else projection.linear
     q = project(x.transpose(0, 1), w_ih, b_ih if cell.hidden_bias else _bias_sum(b_ih, b_hh))
     if backend == "reference":
         out, cs, _ = gated_loop(cell, q, w_hh, hidden_bias, h0, c0, w_hr)

@@ -40,6 +40,11 @@ def load():
     return _ext
 
 
+def loaded():
+    """The extension module if it has been loaded already, else None (builds nothing)."""
+    return None if _ext is None or isinstance(_ext, str) else _ext
+
+
 def unavailable_reason():
     """None when the extension loads, else why not (builds it if needed)."""
     try:
