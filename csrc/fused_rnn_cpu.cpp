@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -483,6 +484,14 @@ void panel_product(const float*, int64_t, int64_t, const float*, int64_t, float*
 }
 #endif
 
+// The double loops that call panel_product compile against this and never run it (the panel
+// products are float32 only).
+template <int NV, bool Gates, bool Accumulate = false>
+void panel_product(const double*, int64_t, int64_t, const float*, int64_t, double*, int64_t, int64_t, int64_t,
+                   const double* = nullptr) {
+  TORCH_CHECK(false, "panel products are float32 only");
+}
+
 // Packs a weight into panels of NV * 16 columns: packed[p, k, v] = value(column_of(p, v), k), zeros
 // where column_of says -1 (the last panel's padding).
 template <typename ColumnOf, typename Value>
@@ -512,6 +521,28 @@ void for_each_row_call(int64_t begin, int64_t end, int64_t most, const F& fn) {
     fn(b, rows);
     b += rows;
   }
+}
+
+// Products with panels of 64 consecutive output columns (NV = 4): rows per kernel call.
+constexpr int64_t kPanelColumns = 4 * kLanes, kPanelRows = kAccumulators / 4;
+
+// A square or [M, K] weight W packed for y = x W^T (transposed) or y = x W, in panels of 64
+// consecutive output columns.
+at::Tensor pack_columns(const at::Tensor& w, bool transposed) {
+  const int64_t M = transposed ? w.size(0) : w.size(1), K = transposed ? w.size(1) : w.size(0);
+  const float* w_p = w.data_ptr<float>();
+  return pack_panels(
+      (M + kPanelColumns - 1) / kPanelColumns, 4, K,
+      [&](int64_t p, int64_t v) { return p * kPanelColumns + v < M ? p * kPanelColumns + v : int64_t(-1); },
+      [&](int64_t col, int64_t k) { return transposed ? w_p[col * K + k] : w_p[k * M + col]; });
+}
+
+// Runs fn(b0, b1, k) for every block k of `rows` batch rows [b0, b1), blocks spread over the threads.
+template <typename F>
+void for_each_block(int64_t B, int64_t rows, const F& fn) {
+  at::parallel_for(0, (B + rows - 1) / rows, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) fn(k * rows, std::min(B, (k + 1) * rows), k);
+  });
 }
 
 // Runs fn(b0, b1) once per thread on its share of the B rows (one parallel region).
@@ -668,17 +699,36 @@ at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tenso
     if (!elman && t0 < T) {
       for_each_row_by_block(B, [&](int64_t b, int64_t) { relu_add_row(h_row(t0, b), p_row(b, t0), a_p + b * H, H); });
     }
+    auto finish_row = [&](int64_t t, int64_t b) {  // h_t's row from its product, in place
+      if (elman) {
+        Cell::activate(h_row(t + 1, b), p_row(b, t), H);  // h_t = act(h_{t-1} W^T + q_t)
+      } else {
+        Cell::activate(h_row(t + 1, b), b_p, H);
+        if (t + 1 < T) relu_add_row(h_row(t + 1, b), p_row(b, t + 1), a_p + b * H, H);
+      }
+    };
+    if (std::is_same_v<scalar_t, float> && panel_products_here() && t0 < T) {
+      // Each thread all steps of its rows (see "Panel products"): the product into h_t's rows, then
+      // their pointwise pass.
+      const at::Tensor packed = pack_columns(w_h_in.contiguous(), true);
+      const float* pk = packed.data_ptr<float>();
+      for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
+        for (int64_t t = t0; t < T; ++t) {
+          for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
+            for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
+              panel_product<4, false>(elman ? h_row(t, b) : a_p + b * H, H, rows, pk + p * H * kPanelColumns, H,
+                                      h_row(t + 1, b) + c, H, kLanes, H - c);
+            });
+          }
+          for (int64_t b = b0; b < b1; ++b) finish_row(t, b);
+        }
+      });
+      return;
+    }
     for (int64_t t = t0; t < T; ++t) {
       at::Tensor h_next = out[t];
       at::mm_out(h_next, elman ? (t == 0 ? h0 : out[t - 1]) : a, w_h_t);
-      for_each_row_by_block(B, [&](int64_t b, int64_t) {
-        if (elman) {
-          Cell::activate(h_row(t + 1, b), p_row(b, t), H);  // h_t = act(h_{t-1} W^T + q_t)
-        } else {
-          Cell::activate(h_row(t + 1, b), b_p, H);
-          if (t + 1 < T) relu_add_row(h_row(t + 1, b), p_row(b, t + 1), a_p + b * H, H);
-        }
-      });
+      for_each_row_by_block(B, [&](int64_t b, int64_t) { finish_row(t, b); });
     }
   });
   return out;
@@ -747,6 +797,10 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   const at::Tensor states = out.view({T * B, H});
   at::Tensor grad_h0, grad_proj, grad_b_h;
 
+  // c_t = dz_t @ W_h on the panel products where they run (float32, AVX-512), else at::mm
+  const at::Tensor packed_w_h = w_h.scalar_type() == at::kFloat && panel_products_here()
+                                    ? pack_columns(w_h.contiguous(), false) : at::Tensor();
+
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_bwd", [&] {
     const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
     const scalar_t* h0_p = h0.data_ptr<scalar_t>();
@@ -766,23 +820,47 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
       const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
       const int64_t dz_slot = elman ? t : slot;
       scalar_t* dz_t = dz_p + dz_slot * B * H;
-      for_each_row_by_block(B, [&](int64_t b, int64_t k) {
+      auto gradient_row = [&](int64_t b, int64_t k) {
         const scalar_t* g_out = go_p + b * go_sb + t * go_st;
         scalar_t* db_k = has_bias ? db_p + k * H : nullptr;
         Cell::gradient(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
         if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
-      }, block_rows);
-      if (t > 0 || need_c0) {
-        at::mm_out(c_t, dz[dz_slot], w_h);  // c_t = dz_t @ W_h
-        std::swap(c_next, c_t);
-      }
-      if (!states_partner) {
-        const scalar_t* c_p = c_next.data_ptr<scalar_t>();
-        for_each_row_by_block(B, [&](int64_t b, int64_t) {
-          const int64_t row = b * T + t;
-          relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
-                        a_p + (slot * B + b) * H, H);
+      };
+      auto input_row = [&](const scalar_t* c_p, int64_t b) {  // the course's dp_t and a_t from c_t
+        const int64_t row = b * T + t;
+        relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
+                      a_p + (slot * B + b) * H, H);
+      };
+      const bool product = t > 0 || need_c0;
+      if (packed_w_h.defined()) {
+        // One region per step: per block of rows dz_t, then c_t = dz_t @ W_h on the panel products
+        // (W_h packed once per call), then the course's input rows.
+        const float* pk = packed_w_h.data_ptr<float>();
+        scalar_t* ct_p = c_t.data_ptr<scalar_t>();
+        for_each_block(B, block_rows, [&](int64_t b0, int64_t b1, int64_t k) {
+          for (int64_t b = b0; b < b1; ++b) gradient_row(b, k);
+          if (!product) return;
+          for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
+            for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
+              panel_product<4, false>(dz_t + b * H, H, rows, pk + p * H * kPanelColumns, H, ct_p + b * H + c, H,
+                                      kLanes, H - c);
+            });
+          }
+          if (!states_partner) {
+            for (int64_t b = b0; b < b1; ++b) input_row(ct_p, b);
+          }
         });
+        if (product) std::swap(c_next, c_t);
+      } else {
+        for_each_row_by_block(B, gradient_row, block_rows);
+        if (product) {
+          at::mm_out(c_t, dz[dz_slot], w_h);  // c_t = dz_t @ W_h
+          std::swap(c_next, c_t);
+        }
+        if (!states_partner) {
+          const scalar_t* c_p = c_next.data_ptr<scalar_t>();
+          for_each_row_by_block(B, [&](int64_t b, int64_t) { input_row(c_p, b); });
+        }
       }
       if (slot == 0) {  // the chunk's steps first..min(T, first + chunk) - 1 are done
         const int64_t steps = std::min(T, first + chunk) - first;
@@ -907,10 +985,7 @@ void gated_bwd_panels(const at::Tensor& grad_out, const at::Tensor& grad_cs, int
   constexpr int64_t NV = 4, width = NV * kLanes, rows_per_call = kAccumulators / NV;
   const int64_t GH = w_hh.size(0), H = GH / Cell::kGates, T = out.size(0), B = out.size(1);
   const int64_t panels = (H + width - 1) / width;
-  const float* w = w_hh.data_ptr<float>();
-  const at::Tensor packed = pack_panels(
-      panels, NV, GH, [&](int64_t p, int64_t v) { return p * width + v < H ? p * width + v : int64_t(-1); },
-      [&](int64_t col, int64_t k) { return w[k * H + col]; });  // (da W_hh)[:, col] = da . W_hh[:, col]
+  const at::Tensor packed = pack_columns(w_hh, false);  // (da W_hh)[:, col] = da . W_hh[:, col]
   const float* pk = packed.data_ptr<float>();
   const float* go_p = grad_out.data_ptr<float>();
   const float* gcs_p = grad_cs.data_ptr<float>();
@@ -1178,10 +1253,7 @@ at::Tensor panel_matmul(const at::Tensor& x_in, const at::Tensor& w_in, const c1
   if (K == 0) return b.defined() ? y.copy_(b.expand({N, M})) : y.zero_();
   constexpr int64_t NV = 4, width = NV * kLanes, rows_per_call = kAccumulators / NV, block_rows = 32 * rows_per_call;
   const int64_t panels = (M + width - 1) / width;
-  const float* w_p = w.data_ptr<float>();
-  const at::Tensor packed = pack_panels(
-      panels, NV, K, [&](int64_t p, int64_t v) { return p * width + v < M ? p * width + v : int64_t(-1); },
-      [&](int64_t col, int64_t k) { return transpose_w ? w_p[col * K + k] : w_p[k * M + col]; });
+  const at::Tensor packed = pack_columns(w, transpose_w);
   const float* pk = packed.data_ptr<float>();
   const float* x_p = x.data_ptr<float>();
   const float* b_p = b.defined() ? b.data_ptr<float>() : nullptr;

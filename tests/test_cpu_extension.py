@@ -172,3 +172,58 @@ def test_without_flock_an_old_lock_is_one_line_and_a_young_one_waited_for(jit_bu
     monkeypatch.setattr(cpu_ext, "_ext", None)
     monkeypatch.setattr(cpu_ext.time, "sleep", lambda s: lock.unlink())
     assert cpu_ext.load() is BUILT and len(calls) == 1
+
+
+def _panels_here():
+    return cpu_ext.unavailable_reason() is None and cpu_ext.load().panel_products_here()
+
+
+def _elman_problem(B, T, H, h0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    I = 9
+
+    def rand(*shape, scale=1.0):
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale).float().requires_grad_()
+
+    return dict(x=rand(B, T, I), w_ih=rand(H, I, scale=I ** -0.5), w_hh=rand(H, H, scale=1.5 * H ** -0.5),
+                b_ih=rand(H, scale=0.3), b_hh=rand(H, scale=0.3), h0=rand(B, H, scale=0.9) if h0 else None)
+
+
+# name -> (function, reference, problem maker (B, T, H, h0))
+VANILLA_CELLS = {
+    "course-tokens": (fused_rnn.fused_rnn, fused_rnn.rnn_reference, lambda B, T, H, h0: make_problem(B, T, H, h0=h0)),
+    "course-dense": (fused_rnn.fused_rnn, fused_rnn.rnn_reference,
+                     lambda B, T, H, h0: make_problem(B, T, H, h0=h0, tokens=False)),
+    "elman_tanh": (fused_rnn.elman_rnn, fused_rnn.elman_reference, _elman_problem),
+    "elman_relu": (lambda **a: fused_rnn.elman_rnn(**a, nonlinearity="relu"),
+                   lambda **a: fused_rnn.elman_reference(**a, nonlinearity="relu"), _elman_problem),
+}
+
+
+@pytest.mark.skipif(not _panels_here(), reason="the panel products need the C++ extension on a CPU with AVX-512")
+@pytest.mark.parametrize("cell", list(VANILLA_CELLS))
+@pytest.mark.parametrize("h0", [True, False], ids=["h0", "zeros"])
+def test_panel_products_and_step_products_match_the_reference(cell, h0):
+    """The one-gate cells' float32 forward and backward with the AVX-512 panel products and with
+    the per-step GEMMs, each within fp32 rounding of the float64 reference: H = 70 (two 64-column
+    panels, the last padded), 23 rows (uneven kernel calls). The panel forward's bits do not
+    depend on the thread count (the course cell's input table comes from torch's own GEMM, whose
+    bits may: there, to rounding)."""
+    function, reference, problem = VANILLA_CELLS[cell]
+    args = problem(23, 5, 70, h0)
+    for on in (True, False):
+        with cpu_ext.panel_products(on):
+            check_parity(args, torch.float32, "cpu", function, reference)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outputs.append(function(**args, backend="cpu")[0])
+    finally:
+        torch.set_num_threads(threads)
+    if cell.startswith("elman"):
+        assert torch.equal(outputs[0], outputs[1])
+    else:
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
