@@ -184,6 +184,15 @@ def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32
 
 
 
+def release_cached_buffers() -> int:
+    """Frees the idle buffers the C++ extension keeps for its large per-call tensors (up to 1 GiB
+    between calls, so that a training loop's same-sized tensors are not page-faulted in again every
+    iteration, as torch's CUDA caching allocator does); returns the bytes freed (0 when the
+    extension is not loaded)."""
+    ext = loaded()
+    return 0 if ext is None else ext.release_cached_buffers()
+
+
 @contextlib.contextmanager
 def panel_products(on: bool):
     """Runs the block with the gated kernels' AVX-512 panel products switched on or off (where they
