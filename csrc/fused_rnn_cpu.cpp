@@ -1013,7 +1013,8 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const
 // units' G gates, then the cell's pointwise step on it.
 template <typename Cell>
 void gated_fwd_panels(const at::Tensor& q, const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h0,
-                      const at::Tensor& c0, at::Tensor& out, at::Tensor& cs, at::Tensor& saved, int64_t saved_step) {
+                      bool has_h0, const at::Tensor& c0, at::Tensor& out, at::Tensor& cs, at::Tensor& saved,
+                      int64_t saved_step) {
   constexpr int64_t G = Cell::kGates, rows_per_call = kAccumulators / G, width = G * kLanes;
   const int64_t GH = w_hh.size(0), H = GH / G, T = q.size(0), B = q.size(1);
   const int64_t panels = (H + kLanes - 1) / kLanes;
@@ -1043,12 +1044,16 @@ void gated_fwd_panels(const at::Tensor& q, const at::Tensor& w_hh, const at::Ten
       const float* cp = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
       for (int64_t g0 = b0; g0 < b1; g0 += kGroupRows) {
         const int64_t g1 = std::min(b1, g0 + kGroupRows);
-        for (int64_t p = 0; p < panels; ++p) {
-          const int64_t u = p * kLanes;
-          for_each_row_call(g0, g1, rows_per_call, [&](int64_t b, int64_t rows) {
-            panel_product<G, true>(hp + b * H, H, rows, pk + p * H * width, H, a.data() + (b - g0) * GH + u, GH, H,
-                             H - u);
-          });
+        if (t == 0 && !has_h0) {  // h_0 = 0: no product
+          std::fill(a.begin(), a.begin() + (g1 - g0) * GH, 0.0f);
+        } else {
+          for (int64_t p = 0; p < panels; ++p) {
+            const int64_t u = p * kLanes;
+            for_each_row_call(g0, g1, rows_per_call, [&](int64_t b, int64_t rows) {
+              panel_product<G, true>(hp + b * H, H, rows, pk + p * H * width, H, a.data() + (b - g0) * GH + u, GH,
+                                     H, H - u);
+            });
+          }
         }
         for (int64_t b = g0; b < g1; ++b) {
           const int64_t at = (t * B + b) * H;
@@ -1147,7 +1152,7 @@ std::vector<at::Tensor> gated_fwd_cell(const at::Tensor& q_in, const at::Tensor&
   at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
 
   if (w_hh.scalar_type() == at::kFloat && !proj && panel_products_here()) {
-    gated_fwd_panels<Cell>(q, w_hh.contiguous(), b_hh, h0, c0, out, cs, saved, saved_step);
+    gated_fwd_panels<Cell>(q, w_hh.contiguous(), b_hh, h0, h0_in.has_value(), c0, out, cs, saved, saved_step);
     return {out, cs, keep_saved ? saved : at::empty({0}, w_hh.options())};
   }
   const StepProduct recurrent(w_hh, B);  // a = h_{t-1} W_hh^T
