@@ -34,6 +34,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Context.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -73,30 +74,44 @@ void check_like(const char* name, const at::Tensor& t, const at::Tensor& w_h, at
 // touch (glibc maps every block from 32 MB up straight from the kernel: measured here 1.7 us a
 // page, 28 ms for a 64 MB buffer, a fifth of an LSTM step loop's time), and a training loop asks
 // for the same sizes every iteration, as the CUDA caching allocator assumes. A tensor's buffer
-// returns to the cache when the tensor is freed; the cache keeps at most kCacheIdleBytes of idle
-// buffers (freeing the oldest beyond) and release_cached_buffers() frees them all. Small tensors
-// (under kCacheMinBytes, reused by malloc without faults) take at::empty.
+// returns to the cache when the tensor is freed (the cache is the tensor's allocator: it stays
+// resizable); the cache keeps at most kCacheIdleBytes of idle buffers (freeing the oldest beyond)
+// and release_cached_buffers() frees them all. Small tensors (under kCacheMinBytes, reused by
+// malloc without faults) take at::empty.
 constexpr size_t kCacheMinBytes = size_t(1) << 20;
 constexpr size_t kCacheIdleBytes = size_t(1) << 30;
 
-class BufferCache {
+class BufferCache final : public c10::Allocator {
  public:
+  // A resizable tensor on this cache (a grown one takes a new buffer here and returns the old).
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-    if (bytes < kCacheMinBytes) return at::empty(sizes, options);
-    void* data = take(bytes);
-    if (data == nullptr) {
-      data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-      TORCH_CHECK(data != nullptr, "fused_rnn: out of memory allocating ", bytes, " bytes");
+    const at::ScalarType dtype = c10::typeMetaToScalarType(options.dtype());
+    if (static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype) < kCacheMinBytes) {
+      return at::empty(sizes, options);
     }
-    return at::from_blob(data, sizes, [this, bytes](void* p) { give_back(p, bytes); }, options);
+    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, c10::nullopt);
+  }
+
+  // Each buffer starts with a 64-byte header holding its size; the data follows (64-byte aligned).
+  c10::DataPtr allocate(size_t bytes) override {
+    void* base = take(bytes);
+    if (base == nullptr) {
+      base = std::aligned_alloc(kHeader, kHeader + (bytes + kHeader - 1) / kHeader * kHeader);
+      TORCH_CHECK(base != nullptr, "fused_rnn: out of memory allocating ", bytes, " bytes");
+      *static_cast<size_t*>(base) = bytes;
+    }
+    return {static_cast<char*>(base) + kHeader, base, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
   }
 
   // Frees every idle buffer; returns how many bytes that was.
   size_t release() {
     std::lock_guard<std::mutex> lock(mutex_);
     const size_t freed = idle_bytes_;
-    for (auto& block : idle_) std::free(block.data);
+    for (void* base : idle_) std::free(base);
     idle_.clear();
     idle_bytes_ = 0;
     return freed;
@@ -108,38 +123,28 @@ class BufferCache {
   }
 
  private:
-  struct Block {
-    void* data;
-    size_t bytes;
-  };
+  static constexpr size_t kHeader = 64;
+
+  static size_t size_of(void* base) { return *static_cast<size_t*>(base); }
 
   // An idle buffer of exactly `bytes` (the sizes of a training loop repeat exactly), or null.
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = idle_.begin(); it != idle_.end(); ++it) {
-      if (it->bytes == bytes) {
-        void* data = it->data;
+      if (size_of(*it) == bytes) {
+        void* base = *it;
         idle_bytes_ -= bytes;
         idle_.erase(it);
-        return data;
+        return base;
       }
     }
     return nullptr;
   }
 
-  void give_back(void* data, size_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    idle_.push_back({data, bytes});
-    idle_bytes_ += bytes;
-    while (idle_bytes_ > kCacheIdleBytes) {  // the oldest first
-      std::free(idle_.front().data);
-      idle_bytes_ -= idle_.front().bytes;
-      idle_.erase(idle_.begin());
-    }
-  }
+  static void give_back(void* base);
 
   std::mutex mutex_;
-  std::vector<Block> idle_;  // oldest first
+  std::vector<void*> idle_;  // oldest first
   size_t idle_bytes_ = 0;
 };
 
@@ -147,6 +152,18 @@ class BufferCache {
 BufferCache& buffer_cache() {
   static BufferCache* cache = new BufferCache();
   return *cache;
+}
+
+void BufferCache::give_back(void* base) {
+  BufferCache& cache = buffer_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex_);
+  cache.idle_.push_back(base);
+  cache.idle_bytes_ += size_of(base);
+  while (cache.idle_bytes_ > kCacheIdleBytes) {  // the oldest first
+    cache.idle_bytes_ -= size_of(cache.idle_.front());
+    std::free(cache.idle_.front());
+    cache.idle_.erase(cache.idle_.begin());
+  }
 }
 
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
