@@ -493,18 +493,20 @@ class StepProduct {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Panel products: the gated cells' step products by a register-blocked AVX-512 kernel of our own
-// (float32). A weight is packed once per call into panels of NV * 16 output columns (panel p: for
-// each k, its columns' weights contiguous); one kernel call multiplies R rows of x by one panel
-// in R x NV zmm accumulators (24 of the 32 registers) held for the whole K loop and stores them
-// where the caller wants them. The forward's panels hold all G gates of 16 units (NV = G) and
-// store the product as the [rows, G*H] rows the cell's pointwise step reads, for a group of rows
-// still in L1/L2; the backward's carry da_t W_hh has panels of 64 columns (NV = 4) and stores (the
-// GRU: adds) into the carry. Every batch row is independent of the others in both loops, so each
-// thread runs the whole time loop on its own rows: one parallel region per call, no barrier, no
-// per-step dispatch, W_hh packed once per call instead of once per step; a row gets the same bits
-// whatever the thread count. The StepProduct path runs where this does not (float64, no AVX-512,
-// proj_size, or switched off by use_panel_products(false)).
+// Panel products: the recurrences' step products (every cell) and the dense cells' input
+// projection (panel_matmul) by a register-blocked AVX-512 kernel of our own (float32). A weight is
+// packed once per call into panels of NV * 16 output columns (panel p: for each k, its columns'
+// weights contiguous); one kernel call multiplies R rows of x by one panel in R x NV zmm
+// accumulators (24 of the 32 registers) held for the whole K loop and stores them where the
+// caller wants them. The gated forward's panels hold all G gates of 16 units (NV = G) and store
+// the product as the [rows, G*H] rows the cell's pointwise step reads, for a group of rows still
+// in L1/L2; every other product has panels of 64 consecutive columns (NV = 4). Every batch row is
+// independent of the others in the forward loops and the gated backward, so there each thread
+// runs the whole time loop on its own rows: one parallel region per call, no barrier, no per-step
+// dispatch, the weight packed once per call instead of once per step; a row gets the same bits
+// whatever the thread count. (The one-gate cells' backward sums over rows every chunk of steps: one
+// region per step there.) The StepProduct / at::mm path runs where this does not (float64, no
+// AVX-512, proj_size, or switched off by use_panel_products(false)).
 constexpr int64_t kLanes = 16;  // floats per zmm
 constexpr int64_t kAccumulators = 24;
 bool panel_products_on = true;
