@@ -38,7 +38,7 @@ fused function):
   gate) and the cell's pointwise maths in torch ops; autograd for the backward.
 * ``compiled``: ``torch.compile`` of ``loop`` (of one step for T > 64, as above).
 * ``fused``: ``fused_rnn.elman_rnn`` / ``lstm`` / ``gru``; ``fused-blocked`` / ``fused-persistent``
-  as above (elman only: the gated cells have one Triton family).
+  as above.
 * ``gemm``: the input projection ``[B*T, I] x [I, G*H]`` and one ``[B, H] x [H, G*H]`` per step
   (forward); backward adds one ``[B, G*H] x [G*H, H]`` per step, the ``[G*H, B*T] x [B*T, H]`` and
   ``[G*H, B*T] x [B*T, I]`` weight gradients and ``dx = dz W_ih``.
@@ -213,11 +213,10 @@ class DenseCell:
     reference: Callable  # fused_rnn.reference's ground truth, the same signature
     states: int = 1  # 1: h; 2: h and c (the LSTM)
     fold_b_hh: bool = True  # b_hh folds into the projection q (not the GRU's: it enters with the product)
-    forced_kernels: bool = False  # FUSED_RNN_TRITON_KERNEL picks its Triton family (fused-blocked/-persistent)
 
 
 DENSE_CELLS = {
-    "elman": DenseCell(1, torch.nn.RNN, elman_step, fused_rnn.elman_rnn, elman_reference, forced_kernels=True),
+    "elman": DenseCell(1, torch.nn.RNN, elman_step, fused_rnn.elman_rnn, elman_reference),
     "lstm": DenseCell(4, torch.nn.LSTM, lstm_step, fused_rnn.lstm, lstm_reference, states=2),
     "gru": DenseCell(3, torch.nn.GRU, gru_step, fused_rnn.gru, gru_reference, fold_b_hh=False),
 }
@@ -293,8 +292,8 @@ def make_dense_providers(cell_name, names, params, x):
         elif name == "fused":
             out[name] = (fused, weights)
         elif name in ("fused-blocked", "fused-persistent"):
-            if device.type != "cuda" or not cell.forced_kernels:
-                continue  # the gated cells have one Triton family: FUSED_RNN_TRITON_KERNEL is not read
+            if device.type != "cuda":
+                continue  # FUSED_RNN_TRITON_KERNEL picks a Triton family: CUDA only
             kernel = name.split("-")[1]
             out[name] = (lambda x, kernel=kernel: _with_kernel(kernel, fused, x), weights)
         elif name == "gemm":

@@ -69,8 +69,10 @@ record environment "$env_rc" 0 env.log
 
 # -- compile check for sm_90, in the background (CPU only): every kernel the planner would pick
 cc_t0=$SECONDS
-timeout -k 5 300 python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,300,384,512,1000,1024 \
-    --dtypes fp32,bf16,fp16 --batch-sizes 64,256 --cells course > "$out/compile_check.log" 2>&1 &
+timeout -k 5 300 sh -c 'python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,300,384,512,1000,1024 \
+    --dtypes fp32,bf16,fp16 --batch-sizes 64,256 --cells course; rc=$?
+    python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 100,256,512 --dtypes fp32 \
+    --batch-sizes 64,256 --cells lstm,gru --families persistent || rc=1; exit $rc' > "$out/compile_check.log" 2>&1 &
 cc_pid=$!
 
 # -- the CUDA test suite, both kernel families (the cpu backend's tests ran in CI)
@@ -79,7 +81,7 @@ cc_pid=$!
 tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests/test_properties.py
        tests/test_ecosystem.py tests/test_reference.py tests/test_self_check.py tests/test_inputs.py
        tests/test_elman.py tests/test_nn_rnn.py tests/test_edges.py tests/test_gated.py
-       tests/test_triton_gated.py tests/test_gated_modules.py"
+       tests/test_triton_gated.py tests/test_gated_persistent.py tests/test_gated_modules.py"
 # (the first stage pays the cold Triton cache: ~1-3 s per kernel configuration)
 FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 150 pytest_persistent.log \
     python -m pytest -q -x -p no:cacheprovider --tier all -k "not cpu" --durations=10 \
@@ -100,11 +102,12 @@ gpu_stage "bench elman" 90 bench_elman.log \
     python benchmarks/bench_rnn.py --cell elman --shapes "$elman_shapes" \
     --providers nnrnn,fused-blocked,fused-persistent --modes fwd,fwd+bwd --dtypes fp32,bf16 \
     --csv "$out/results.csv" --plot "$out/speedup_elman.png"
-# the LSTM and GRU (blocked kernels only, so far) against cuDNN's nn.LSTM / nn.GRU
+# the LSTM and GRU against cuDNN's nn.LSTM / nn.GRU, each Triton family
 gated_shapes="64,512,256,256;256,512,256,256;256,512,512,512"
 for cell in lstm gru; do
     gpu_stage "bench $cell" 60 "bench_$cell.log" \
-        python benchmarks/bench_rnn.py --cell $cell --shapes "$gated_shapes" --providers nnrnn,fused \
+        python benchmarks/bench_rnn.py --cell $cell --shapes "$gated_shapes" \
+        --providers nnrnn,fused-blocked,fused-persistent \
         --modes fwd,fwd+bwd --dtypes fp32,bf16 --csv "$out/results.csv" --plot "$out/speedup_$cell.png"
 done
 gpu_stage "bench loop" 25 bench_loop.log \

@@ -1,7 +1,8 @@
 """Compile every Triton kernel configuration the launchers would pick, for a named GPU, without one.
 
     python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,1024 \
-        --dtypes fp32,bf16,fp16 [--batch-sizes 64,256] [--sm-count 132] [--cells course,elman_tanh,lstm]
+        --dtypes fp32,bf16,fp16 [--batch-sizes 64,256] [--sm-count 132] [--cells course,elman_tanh,lstm] \
+        [--families persistent,blocked]
 
 For each (B, H, dtype, cell) it asks the planner for the persistent forward and backward tilings (and
 says when they do not fit) and takes the blocked kernels' configuration, compiles each distinct
@@ -9,9 +10,11 @@ kernel for the target (Triton compiles for a named GPU on a CPU-only machine), r
 spills and shared memory from the bundled ``ptxas -v``, and prints one markdown row per kernel.
 It exits non-zero when a compile fails, shared memory passes the target's limit, a persistent
 kernel spills (the planner counts on none), or the compiled kernel's registers and shared memory
-hold fewer programs per SM than the plan's co-residency assumes. The blocked kernels' spills are
-reported, not failed: they have no co-residency to keep. The gated cells (lstm, gru) have blocked
-kernels only (`ops/triton_gated.py`), compiled with and without each switch of their code.
+hold fewer programs per SM than the plan's co-residency assumes, or its PTX lacks the barrier's
+release arrival or acquire read (a relaxed barrier passes every interpreter test). The blocked
+kernels' spills are reported, not failed: they have no co-residency to keep. The gated cells (lstm,
+gru) have both families too (`ops/triton_gated_persistent.py`, `ops/triton_gated.py`), compiled
+with and without each switch of their code; ``--families`` limits the run to one family.
 
 TRITON_INTERPRET must not be set (the interpreter's kernels cannot be compiled).
 """
@@ -51,6 +54,11 @@ class KernelConfig:
     planned_programs_per_sm: int = 0  # 0: no co-residency assumed (blocked kernels)
     num_stages: int = 3  # Triton's default; the persistent launchers use triton_persistent.NUM_STAGES
     P: int = 0  # the gated kernels' projection width (proj_size, else H); 0: the kernel has no P
+
+    @property
+    def family(self) -> str:
+        """"persistent" or "blocked" (the token-table gradient runs with both: "blocked")."""
+        return "persistent" if self.kernel.startswith("persistent") else "blocked"
 
     def key(self):
         """Configurations with equal keys compile to the same code: H (and P) enter only through
@@ -96,7 +104,7 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
 
     cell = cell_specs.get(cell)
     if cell.gated:
-        return gated_kernel_configs(B, H, dtype, cell, arch), []
+        return gated_kernel_configs(B, H, dtype, cell, arch, sm_count)
     tag = "" if cell == cell_specs.COURSE else f"[{cell.name}]"
     t = name = DTYPE_NAMES[dtype]
     inputs = (True, False) if cell.token_input else (False,)  # token ids, dense
@@ -146,47 +154,76 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
     return configs, notes
 
 
-def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 90) -> list:
-    """The LSTM's or GRU's blocked kernels (`ops/triton_gated.py`) as the launchers run them:
-    with and without what switches their code (the GRU's b_hh; the LSTM's projection, at
-    P = H // 2, and a gradient at c_t)."""
-    from .ops import triton_gated
+def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 90,
+                         sm_count: int | None = None) -> tuple[list, list]:
+    """(configs, notes) of the LSTM's or GRU's kernels as the launchers run them: the persistent
+    ones (`ops/triton_gated_persistent.py`) where the planner plans them for ``sm_count`` SMs (the
+    arch's default when None), else a note; the blocked ones (`ops/triton_gated.py`); each with
+    and without what switches its code (the GRU's b_hh; the LSTM's gradient at c_t and, blocked
+    only, its projection at P = H // 2)."""
+    from .ops import planner, triton_gated, triton_gated_persistent, triton_persistent
     from .ops.triton_cells import tanh_small
 
     cell = cell_specs.get(cell)
     t = name = DTYPE_NAMES[dtype]
     lstm = "c" in cell.state
     weights = {"q_ptr": f"*{t}", "w_hh_ptr": f"*{t}", "b_hh_ptr": f"*{t}", "w_hr_ptr": f"*{t}"}
-    projections = (False, True) if cell.projection and H > 1 else (False,)
-    configs = []
-    for proj in projections:
+    small = tanh_small(torch.float32)  # the fp32 state of every GPU dtype
+    biases = (True, False) if cell.hidden_bias else (False,)
+    grads_cs = (True, False) if lstm else (False,)
+    configs, notes = [], []
+    plan = planner.plan_persistent(B, H, dtype, sm_count or SM_COUNT.get(arch, 108), arch=arch, gates=cell.gates)
+    if plan.fits:
+        tiling = dict(G=cell.gates, HAS_C=lstm, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
+                      TANH_SMALL=small, DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell.name)
+        signature = dict(weights, arrivals_ptr="*i32", error_ptr="*i32")
+        persistent = dict(num_warps=plan.num_warps, planned_programs_per_sm=plan.programs_per_sm,
+                          num_stages=triton_persistent.NUM_STAGES)
+        for bias in biases:
+            configs.append(KernelConfig(
+                "persistent_fwd" + ("" if bias or not cell.hidden_bias else "_nobias") + f"[{cell.name}]", name, B, H,
+                plan.describe(), triton_gated_persistent.gated_persistent_fwd_kernel, signature,
+                dict(tiling, HAS_BIAS=bias), **persistent))
+        for grad_cs in grads_cs:
+            configs.append(KernelConfig(
+                "persistent_bwd" + ("_grad_cs" if grad_cs else "") + f"[{cell.name}]", name, B, H, plan.describe(),
+                triton_gated_persistent.gated_persistent_bwd_kernel, signature,
+                dict(tiling, HAS_GRAD_CS=grad_cs, N_ROWS_SCALED=cell is cell_specs.GRU), **persistent))
+    else:
+        notes.append(f"{name} B={B} H={H}[{cell.name}]: persistent {plan.describe()}")
+    for proj in (False, True) if cell.projection and H > 1 else (False,):
         P = H // 2 if proj else H
         tiles = triton_gated.gated_config(B, H, P, dtype, arch, interpret=False)
         config = f"{tiles.block_b}x{tiles.block_n}x{tiles.block_k}, 4 warps, {tiles.num_stages} stages"
         common = dict(G=cell.gates, HAS_C=lstm, BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n,
-                      BLOCK_K=tiles.block_k, TANH_SMALL=tanh_small(torch.float32), DOT_PRECISION="ieee",
-                      CELL=cell.name)
+                      BLOCK_K=tiles.block_k, TANH_SMALL=small, DOT_PRECISION="ieee", CELL=cell.name)
         tag = ("_proj" if proj else "") + f"[{cell.name}]"
-        for bias in (True, False) if cell.hidden_bias else (False,):
+        for bias in biases:
             configs.append(KernelConfig(
                 "gated_fwd" + ("" if bias or not cell.hidden_bias else "_nobias") + tag, name, B, H,
                 config + (f", P={P}" if proj else ""), triton_gated.gated_fwd_kernel, weights,
                 dict(common, HAS_BIAS=bias, PROJ=proj), num_stages=tiles.num_stages, P=P))
-        for grad_cs in (True, False) if lstm else (False,):
+        for grad_cs in grads_cs:
             configs.append(KernelConfig(
                 "gated_bwd" + ("_grad_cs" if grad_cs else "") + tag, name, B, H,
                 config + (f", P={P}" if proj else ""), triton_gated.gated_bwd_kernel, weights,
                 dict(common, HAS_GRAD_CS=grad_cs, PROJ=proj, N_ROWS_SCALED=cell is cell_specs.GRU),
                 num_stages=tiles.num_stages, P=P))
-    return configs
+    return configs, notes
 
 
+# The group barrier as the GPU runs it: a release arrival (this step's stores ordered before it)
+# and acquire reads of the counter (the siblings' stores ordered before what follows). Only the
+# compiled code can show a relaxed barrier: the interpreter's atomics are sequentially consistent.
+_PTX_RELEASE = re.compile(r"\batom\.global\.gpu\.(?:release|acq_rel)\.add\b")
+_PTX_ACQUIRE = re.compile(r"\b(?:ld|atom)\.global\.gpu\.(?:acquire|acq_rel)\b")
 _PTXAS_USAGE = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def compile_config(cfg: KernelConfig, arch: int) -> dict:
-    """Compiles for sm_<arch>; returns registers, spill_bytes and shared_bytes."""
+    """Compiles for sm_<arch>; returns registers, spill_bytes, shared_bytes and release_acquire
+    (whether the PTX has a release atomic add and an acquire read, as the barrier needs)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -208,7 +245,8 @@ def compile_config(cfg: KernelConfig, arch: int) -> dict:
     spills = _PTXAS_SPILL.search(log)
     return {"registers": int(_PTXAS_USAGE.search(log).group(1)),
             "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else 0,
-            "shared_bytes": int(compiled.metadata.shared)}
+            "shared_bytes": int(compiled.metadata.shared),
+            "release_acquire": bool(_PTX_RELEASE.search(ptx) and _PTX_ACQUIRE.search(ptx))}
 
 
 def check(configs_by_problem, arch: int, out=sys.stdout) -> list:
@@ -247,6 +285,8 @@ def check(configs_by_problem, arch: int, out=sys.stdout) -> list:
             if per_sm < cfg.planned_programs_per_sm:
                 failures.append(f"{label}: {per_sm} programs fit per SM, the plan assumes "
                                 f"{cfg.planned_programs_per_sm}")
+            if not res["release_acquire"]:
+                failures.append(f"{label}: the barrier's PTX lacks a release arrival or an acquire read")
     return failures
 
 
@@ -262,6 +302,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", default="64,256", type=_ints)
     parser.add_argument("--cells", default=",".join(cell_specs.CELLS),
                         help="the recurrence cells to compile (fused_rnn.cells)")
+    parser.add_argument("--families", default="persistent,blocked",
+                        help="the kernel families to compile: persistent, blocked (with the token-table "
+                             "gradient)")
     parser.add_argument("--sm-count", type=int, default=None,
                         help="SMs the planner plans for (default: 132 for sm_90, 108 for sm_80)")
     args = parser.parse_args(argv)
@@ -280,6 +323,9 @@ def main(argv=None) -> int:
     for c in cells:
         if c not in cell_specs.CELLS:
             parser.error(f"--cells: {c!r} is not one of {tuple(cell_specs.CELLS)}")
+    families = {f.strip() for f in args.families.split(",") if f.strip()}
+    if not families or not families <= {"persistent", "blocked"}:
+        parser.error(f"--families: expected persistent and/or blocked, got {args.families!r}")
     configs, notes = [], []
     for cell in cells:
         for d in dtypes:
@@ -287,8 +333,8 @@ def main(argv=None) -> int:
                 for B in args.batch_sizes:
                     c, n = kernel_configs(B, H, DTYPES[d], sm_count, arch, cell=cell,
                                           token_grad=d == dtypes[0] and B == args.batch_sizes[0])
-                    configs += c
-                    notes += n
+                    configs += [cfg for cfg in c if cfg.family in families]
+                    notes += n if "persistent" in families else []
     print(f"Triton kernels compiled for sm_{arch} ({sm_count} SMs planned for)\n")
     failures = check(configs, arch)
     for note in notes:

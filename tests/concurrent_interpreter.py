@@ -13,6 +13,9 @@ facts of Triton 3.6's interpreter make a concurrent run possible:
 * ``tl.atomic_add`` / ``tl.atomic_cas`` go to C atomics on the host memory that every program
   shares, so a program's spin sees its siblings' arrivals. ``sys.setswitchinterval`` is lowered
   so that a spinning thread hands the GIL on quickly.
+* Not thread-safe there: the first call of a ``@triton.jit`` helper rewrites it and adds names to
+  its module's globals, which another program's call of a helper iterates (``_patch_lang``:
+  "dictionary changed size during iteration"). Both run under one lock here.
 
 The patch touches the interpreter's internals, so it is applied only inside
 :func:`concurrent_programs` (a context manager), and only on the Triton releases it has been run on
@@ -25,6 +28,11 @@ Extras for the tests:
   yields (its own seeded generator), so the tests see many interleavings of the arrivals.
 * ``lost_arrivals``: program ids whose atomic *adds of 1* (their barrier arrivals) are dropped,
   a barrier that can never complete, to drive the failure path.
+* ``stragglers``: ``{program id: seconds}``: each sleeps that long before every store it makes,
+  so its siblings run ahead of it whatever the scheduling: a barrier that lets them read its
+  values before it wrote them shows (as NaN, in workspaces filled with NaN) in every run.
+* ``poll_interval``: seconds a program sleeps at every atomic *add of 0* (a barrier's poll of its
+  counter), so that a spin limit stands for a time (spin limit x poll interval, at least).
 * ``timeout``: a deadline for everything inside the context; a launch still running then is
   cancelled (each program stops at its next atomic) and raises ``TimeoutError``, so a hang
   fails the test instead of stalling CI.
@@ -53,7 +61,8 @@ class LaunchCancelled(Exception):
 
 @contextlib.contextmanager
 def concurrent_programs(*, timeout: float = 60.0, shake_seed: int | None = None,
-                        lost_arrivals: frozenset = frozenset(), switch_interval: float = 2e-4):
+                        lost_arrivals: frozenset = frozenset(), stragglers: dict | None = None,
+                        poll_interval: float = 0.0, switch_interval: float = 2e-4):
     """Inside the context, every interpreter launch runs its programs concurrently (see the
     module docstring). Raises ``RuntimeError`` on a Triton it has not been run on (``UNTESTED``)."""
     if UNTESTED:
@@ -83,14 +92,35 @@ def concurrent_programs(*, timeout: float = 60.0, shake_seed: int | None = None,
                 time.sleep(0)  # yield the GIL
 
     original_rmw, original_cas = builder_cls.create_atomic_rmw, builder_cls.create_atomic_cas
+    original_store = builder_cls.create_masked_store
+    original_patch_lang, original_rewrite = interpreter._patch_lang, interpreter.InterpretedFunction.rewrite
+    globals_lock = threading.RLock()
+
+    def patch_lang(fn):
+        with globals_lock:
+            return original_patch_lang(fn)
+
+    def rewrite(self):
+        with globals_lock:
+            return original_rewrite(self)
+    stragglers = dict(stragglers or {})
 
     def create_atomic_rmw(self, rmw_op, ptr, val, mask, sem, scope):
         _shake()
         if self.grid_idx in lost_arrivals and (val.data == 1).all():
             val = interpreter.TensorHandle(val.data * 0, val.dtype)  # this arrival is lost
+        if poll_interval and (val.data == 0).all():
+            time.sleep(poll_interval)
         result = original_rmw(self, rmw_op, ptr, val, mask, sem, scope)
         _shake()
         return result
+
+    def create_masked_store(self, ptrs, value, mask, cache_modifier, eviction_policy):
+        if self.grid_idx in stragglers:
+            if cancelled.is_set():
+                raise LaunchCancelled("the launch ran past its deadline")
+            time.sleep(stragglers[self.grid_idx])
+        return original_store(self, ptrs, value, mask, cache_modifier, eviction_policy)
 
     def create_atomic_cas(self, ptr, cmp, val, sem, scope):
         _shake()
@@ -147,6 +177,8 @@ def concurrent_programs(*, timeout: float = 60.0, shake_seed: int | None = None,
     saved_call = executor_cls.__call__
     builder_cls.grid_idx = property(_program_id, _set_program_id)
     builder_cls.create_atomic_rmw, builder_cls.create_atomic_cas = create_atomic_rmw, create_atomic_cas
+    builder_cls.create_masked_store = create_masked_store
+    interpreter._patch_lang, interpreter.InterpretedFunction.rewrite = patch_lang, rewrite
     executor_cls.__call__ = concurrent_call
     sys.setswitchinterval(switch_interval)
     try:
@@ -155,4 +187,6 @@ def concurrent_programs(*, timeout: float = 60.0, shake_seed: int | None = None,
         sys.setswitchinterval(saved_interval)
         executor_cls.__call__ = saved_call
         builder_cls.create_atomic_rmw, builder_cls.create_atomic_cas = original_rmw, original_cas
+        builder_cls.create_masked_store = original_store
+        interpreter._patch_lang, interpreter.InterpretedFunction.rewrite = original_patch_lang, original_rewrite
         del builder_cls.grid_idx

@@ -75,19 +75,72 @@ def check_parity(args, dtype, backend, function=fused_rnn, reference=rnn_referen
         assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
-def count_persistent_launches(monkeypatch) -> dict:
-    """Counts the persistent kernels' launches from here on: ``{"fwd": n, "bwd": n}``."""
-    from fused_rnn.ops import triton_persistent
+def count_persistent_launches(monkeypatch, gated=False) -> dict:
+    """Counts the persistent kernels' launches from here on (the one-gate cells', or with ``gated``
+    the LSTM's and GRU's): ``{"fwd": n, "bwd": n}``."""
+    from fused_rnn.ops import triton_gated_persistent, triton_persistent
 
+    module, prefix = (triton_gated_persistent, "gated_persistent_") if gated else (triton_persistent, "persistent_")
     calls = {"fwd": 0, "bwd": 0}
-    for name, key in (("persistent_fwd", "fwd"), ("persistent_bwd", "bwd")):
-        original = getattr(triton_persistent, name)
+    for key in calls:
+        original = getattr(module, prefix + key)
 
         def spy(*args, _original=original, _key=key, **kwargs):
             calls[_key] += 1
             return _original(*args, **kwargs)
-        monkeypatch.setattr(triton_persistent, name, spy)
+        monkeypatch.setattr(module, prefix + key, spy)
     return calls
+
+
+def gated_problem(cell, T, B, H, P=0, state="both", bias=True, dtype=torch.float64, seed=0, device="cpu"):
+    """The LSTM's or GRU's kernel-interface inputs (``P`` the LSTM's projection, 0: none;
+    ``state`` which of h0 / c0 are given: "both", "h0", "c0", "none"), float64 values that
+    ``dtype`` holds exactly."""
+    from fused_rnn import cells
+
+    g = torch.Generator().manual_seed(seed)
+    G, Pw = cell.gates, P or H
+
+    def rand(*shape, scale=1.0):
+        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(dtype).to(device)
+
+    lstm = cell is cells.LSTM
+    return dict(q=rand(T, B, G * H, scale=2.0), w_hh=rand(G * H, Pw, scale=1.5 * Pw ** -0.5),
+                b_hh=rand(G * H, scale=0.5) if bias and cell.hidden_bias else None,
+                h0=rand(B, Pw) if state in ("both", "h0") else None,
+                c0=rand(B, H, scale=2.0) if lstm and state in ("both", "c0") else None,
+                w_hr=rand(P, H, scale=H ** -0.5) if P else None)
+
+
+GATED_NAMES = ("q", "w_hh", "b_hh", "h0", "c0", "w_hr")
+
+
+def compare_gated(cell, args, grad_cs=True, tol=1e-12):
+    """The Triton kernels' (`ops/triton_gated.py`) forward and backward against the reference
+    loop's (`ops/loop.py`) on the same inputs (the loop in float64): every output, ``saved``
+    included, and every gradient of a given input."""
+    from fused_rnn import cells
+    from fused_rnn.ops import loop, triton_gated
+
+    dtype, device = args["w_hh"].dtype, args["q"].device
+    wide = {k: None if v is None else v.double() for k, v in args.items()}
+    got = triton_gated.gated_fwd(**args, allow_tf32=False, cell=cell.name)
+    want = loop.gated_fwd(**wide, allow_tf32=False, cell=cell.name)
+    for name, o, w in zip(("out", "cs", "saved"), got, want):
+        assert o.shape == w.shape and o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
+        assert o.numel() == 0 or rel_err(o, w) < tol, (name, rel_err(o, w))
+    g = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(want[0].shape, generator=g, dtype=torch.float64).to(device)
+    lstm = cell is cells.LSTM
+    grad_c = torch.randn(want[1].shape, generator=g, dtype=torch.float64).to(device) if lstm and grad_cs else None
+    w_grads = loop.gated_bwd(grad_out, grad_c, *want, **wide, allow_tf32=False, cell=cell.name)
+    low = [None if t is None else t.to(got[0].dtype) for t in (grad_out, grad_c)]
+    o_grads = triton_gated.gated_bwd(*low, *got, **args, allow_tf32=False, cell=cell.name)
+    for name, o, w in zip(GATED_NAMES, o_grads, w_grads):
+        if args[name] is None:
+            assert o is None, name
+        else:
+            assert o.shape == args[name].shape and rel_err(o, w) < tol, (name, rel_err(o, w))
 
 
 def assert_same(got, want, tol=1e-9):

@@ -109,7 +109,10 @@ def test_a_class_named_char_loop_model_that_computes_something_else_is_left_alon
     with pytest.warns(UserWarning, match=f"left CharLoopModel alone: .*{why}"):
         convert(tree)
     assert isinstance(tree[0], cls)
-    torch.testing.assert_close(outputs(tree[0], chars()), want, rtol=0, atol=0)
+    # the same outputs; the nested model's inner course model is converted (next test), so its
+    # sums run in another order: equal to fp32 rounding there, bit for bit elsewhere
+    exact = cls is not NestedModel
+    torch.testing.assert_close(outputs(tree[0], chars()), want, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
 
 
 def test_the_nested_course_model_of_a_refused_one_is_still_converted():

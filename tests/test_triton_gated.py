@@ -17,7 +17,7 @@ from fused_rnn import cells
 from fused_rnn.gated_op import gated_recurrence
 from fused_rnn.ops import loop
 from conftest import TRITON_DEVICE as DEVICE, exhaustive, requires_triton, tiered
-from helpers import TOLERANCE, rel_err
+from helpers import GATED_NAMES as NAMES, TOLERANCE, compare_gated as compare, gated_problem, rel_err
 
 triton_gated = pytest.importorskip("fused_rnn.ops.triton_gated")
 import triton  # noqa: E402
@@ -26,48 +26,10 @@ import triton.language as tl  # noqa: E402
 from fused_rnn.ops.triton_cells import _sigmoid, _tanh, tanh_small  # noqa: E402
 
 pytestmark = requires_triton
-NAMES = ("q", "w_hh", "b_hh", "h0", "c0", "w_hr")
 
 
 def problem(cell, T, B, H, P=0, state="both", bias=True, dtype=torch.float64, seed=0):
-    """Kernel-interface inputs (``P`` the LSTM's projection, 0: none; ``state`` which of h0 / c0
-    are given: "both", "h0", "c0", "none"), float64 values that ``dtype`` holds exactly."""
-    g = torch.Generator().manual_seed(seed)
-    G, Pw = cell.gates, P or H
-
-    def rand(*shape, scale=1.0):
-        return ((torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(dtype).to(DEVICE)
-
-    lstm = cell is cells.LSTM
-    return dict(q=rand(T, B, G * H, scale=2.0), w_hh=rand(G * H, Pw, scale=1.5 * Pw ** -0.5),
-                b_hh=rand(G * H, scale=0.5) if bias and cell.hidden_bias else None,
-                h0=rand(B, Pw) if state in ("both", "h0") else None,
-                c0=rand(B, H, scale=2.0) if lstm and state in ("both", "c0") else None,
-                w_hr=rand(P, H, scale=H ** -0.5) if P else None)
-
-
-def compare(cell, args, grad_cs=True, tol=1e-12):
-    """Our forward and backward against the loop's on the same inputs (the loop in float64):
-    every output, ``saved`` included, and every gradient of a given input."""
-    dtype = args["w_hh"].dtype
-    wide = {k: None if v is None else v.double() for k, v in args.items()}
-    got = triton_gated.gated_fwd(**args, allow_tf32=False, cell=cell.name)
-    want = loop.gated_fwd(**wide, allow_tf32=False, cell=cell.name)
-    for name, o, w in zip(("out", "cs", "saved"), got, want):
-        assert o.shape == w.shape and o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), name
-        assert o.numel() == 0 or rel_err(o, w) < tol, (name, rel_err(o, w))
-    g = torch.Generator().manual_seed(7)
-    grad_out = torch.randn(want[0].shape, generator=g, dtype=torch.float64).to(DEVICE)
-    lstm = cell is cells.LSTM
-    grad_c = torch.randn(want[1].shape, generator=g, dtype=torch.float64).to(DEVICE) if lstm and grad_cs else None
-    w_grads = loop.gated_bwd(grad_out, grad_c, *want, **wide, allow_tf32=False, cell=cell.name)
-    low = [None if t is None else t.to(got[0].dtype) for t in (grad_out, grad_c)]
-    o_grads = triton_gated.gated_bwd(*low, *got, **args, allow_tf32=False, cell=cell.name)
-    for name, o, w in zip(NAMES, o_grads, w_grads):
-        if args[name] is None:
-            assert o is None, name
-        else:
-            assert o.shape == args[name].shape and rel_err(o, w) < tol, (name, rel_err(o, w))
+    return gated_problem(cell, T, B, H, P, state, bias, dtype, seed, device=DEVICE)
 
 
 # (cell, T, B, H, P, state, bias, grad_cs)
@@ -225,8 +187,9 @@ def compile_rows(*args):
             if line.startswith("| gated_")]
 
 
-# The launcher's tilings compile without a spill (ptxas -v): one cell, one size in the fast tier;
-# both cells, both targets, the three GPU dtypes, aligned and odd H in the exhaustive one.
+# The launcher's blocked tilings compile without a spill (ptxas -v): one cell, one size in the fast
+# tier; both cells, both targets, the three GPU dtypes, aligned and odd H in the exhaustive one.
+# (The persistent ones: tests/test_compile_check.py.)
 COMPILES = [
     ("sm_90", "256", "fp32", "gru", 3),
     ("sm_90", "100,512", "fp32,bf16,fp16", "lstm,gru", 54),
@@ -238,6 +201,6 @@ COMPILES = [
     COMPILES, fast=COMPILES[:1], ids=lambda c: "-".join(c[:4]), several_names=True))
 def test_the_kernels_compile_without_spills(arch, hidden, dtypes, cell_names, kernels):
     rows = compile_rows("--arch", arch, "--hidden-sizes", hidden, "--dtypes", dtypes, "--cells", cell_names,
-                        "--batch-sizes", "64")
+                        "--batch-sizes", "64", "--families", "blocked")
     assert len(rows) == kernels
     assert all(int(row[6]) == 0 for row in rows), [row for row in rows if row[6] != "0"]

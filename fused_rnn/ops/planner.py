@@ -1,6 +1,7 @@
 """Which persistent split-H tiling runs a problem, or why none does.
 
-The persistent kernels (`triton_persistent.py`) need every program of the grid resident at once:
+The persistent kernels (`triton_persistent.py`; the LSTM's and GRU's: `triton_gated_persistent.py`,
+their own tables below) need every program of the grid resident at once:
 a program waits each step for its group's siblings. So a plan is a tiling plus the co-residency it
 counts on: ``programs_per_sm`` programs of ``num_warps`` warps fit on one SM by the registers and
 shared memory the compiled kernels use, and ``groups * col_blocks <= sm_count * programs_per_sm``. `fused_rnn.compile_check`
@@ -10,7 +11,7 @@ or spill. One function, :func:`plan_persistent`, is used by the launchers and by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -33,22 +34,83 @@ def shared_per_block(arch: int) -> int:
     """The most shared memory one block may use on ``arch``; an unknown one gets the smallest."""
     return SHARED_PER_BLOCK.get(arch, min(SHARED_PER_BLOCK.values()))
 
-# Tilings in order of preference, per padded H: (rows per group, columns per program, warps,
-# programs per SM the grid counts on). Smaller column blocks spread a step over more SMs; a
-# larger one is the fallback when the grid would not be resident. The kernels multiply in fp32
-# for fp32, bf16 and fp16 weights alike (half weights are upcast once, on chip), so one table
-# serves all three. Compiled for sm_90 (Triton 3.6, ptxas -v; registers fwd / bwd):
+class Tiling(NamedTuple):
+    """One persistent tiling and the co-residency a grid of it counts on."""
+    block_b: int  # batch rows per group
+    block_n: int  # columns (hidden units) per program
+    warps: int
+    per_sm: int  # programs per SM where H is a multiple of 16
+    per_sm_odd: int  # where it is not (rows not 16-byte aligned: scalar loads, more registers); 0: not used
+
+
+# Tilings in order of preference, per padded H. Smaller column blocks spread a step over more
+# SMs; a larger one is the fallback when the grid would not be resident. The kernels multiply in
+# fp32 for fp32, bf16 and fp16 weights alike (half weights are upcast once, on chip), so one
+# table serves all three. `python -m fused_rnn.compile_check` re-checks every plan against these
+# assumptions. An H_PAD not in a table: the persistent path does not fit and the blocked kernels run.
+#
+# One gate (course, Elman), compiled for sm_90 (Triton 3.6, ptxas -v; registers fwd / bwd):
 #   H=256  16x16 4 warps: 136 / 114 registers, 32 KB shared -> 3 per SM;  16x32 4 warps: 136 / 109, 48 KB -> 3
 #   H=512  16x16 8 warps: 112 / 94, 64 KB -> 2;    16x32 4 warps: 186 / 160, 96 KB -> 2
 #   H=1024 16x16 8 warps: 186 / 126, 128 KB -> 1;  16x32 8 warps: 186 / 122, 192 KB -> 1
 # Spilled, so left out: 32x16 at H=512, 16x64 (bwd) at H=256, 16x16 4 warps at H=1024; and bf16
 # tensor-core (mma) tiles with all of H as K: 250 registers at H=256, 500-1600 bytes of spills at
-# H=512. `python -m fused_rnn.compile_check` re-checks every plan against these assumptions.
-# An H_PAD not in the table: the persistent path does not fit and the blocked kernels run.
-_SMALL = [(16, 16, 4, 3), (16, 32, 4, 3)]
-_TILINGS = {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _SMALL, 256: _SMALL,
-            512: [(16, 16, 8, 2), (16, 32, 4, 2)],
-            1024: [(16, 16, 8, 1), (16, 32, 8, 1)]}
+# H=512. H not a multiple of 16: one program per SM fewer (fwd at H=100: 184 registers against
+# 136 at H=128), none at H_PAD=1024 (16x32 spills at H=1000).
+_SMALL = [Tiling(16, 16, 4, 3, 2), Tiling(16, 32, 4, 3, 2)]
+_ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _SMALL, 256: _SMALL,
+             512: [Tiling(16, 16, 8, 2, 1), Tiling(16, 32, 4, 2, 1)],
+             1024: [Tiling(16, 16, 8, 1, 0), Tiling(16, 32, 8, 1, 0)]}
+
+# The LSTM (G = 4) and GRU (G = 3): G W_hh tiles [H_PAD, BLOCK_N] in shared memory, 4*H_PAD*(G*BLOCK_N
+# + 16) bytes (LSTM 16x16: 20 KB at H_PAD=64, 80 KB at 256, 160 KB at 512; H_PAD=1024 does not fit).
+# Compiled (Triton 3.6, ptxas -v) at H = 16, 32, 64, 128, 256, 512 and, not multiples of 16, at
+# H = 13, 20, 50, 100, 200, 300: registers fwd / bwd (odd H in brackets) -> programs per SM, the
+# lower of the two directions (and of H_PAD 16, 32, 64 for "<=64"):
+#   sm_90          LSTM                              GRU
+#   <=64  16x16 4w 86/64 (96/76) -> 5 (5)            80/70 (104/72) -> 6 (4)
+#         16x32 4w 114/71 (140/138) -> 4 (3)         120/72 (162/95) -> 4 (3)
+#   128   16x16 8w 76/48 (80/60) -> 3 (3)            78/64 (80/64, without b_hh 84/64) -> 3 (2)
+#         16x16 4w                                   140/80 (142/116, without b_hh 148) -> 3 (3)
+#         16x32 4w 162/70 (168/153) -> 3 (3)         156/80 (166/127) -> 3 (3)
+#   256   16x16 4w 166/96 (166/160) -> 2 (2)         156/150 (158/194) -> 3 (2)
+#         16x16 8w 113/63 (113/80) -> 2 (2)          116/76 (116/80) -> 2 (2)
+#   512   16x16 8w 128/108 (128/154) -> 1 (1)        128/128 (128/150) -> 1 (1)
+#   sm_80
+#   <=64  16x16 4w 108/64 (110/80) -> 4 (4)          106/72 (108/78; H=20 without b_hh: 8 B spilled)
+#         16x16 8w                                   64/64 (80/64) -> 4 (3)
+#         16x32 4w 128/64 (160/127) -> 4 (3)         128/72 (156/95) -> 4 (3)
+#   128   16x16 8w 80/63 (80/64) -> 3 (3)            90/64 (90/64) -> 2 (2)
+#         16x32 8w 124/60 (128/80) -> 2 (2)          126/64 (112/80) -> 2 (2)
+#   256   16x16 4w 210/152 (254/168, 48 B spilled)   214/154 (233/168, 24 B spilled)
+#                  -> 2 (-)                          -> 2 (-)
+#         16x16 8w 178/64 (178/121) -> 1 (1)         172/80 (172/124) -> 1 (1)
+#   512   16x16 8w 206/120 (255/183) -> 1 (1)        204/128 (221/218) -> 1 (1)
+# (The GRU's forward without b_hh and the LSTM's backward without a gradient at c_t compile apart;
+# python -m fused_rnn.compile_check checks them too.) Of 4 and 8 warps, the one that holds more
+# programs, 8 at a tie (a thread computes one output instead of two). Left out:
+# 16x32 from H_PAD=256 (sm_90 LSTM fwd: 16 B spilled at 8 warps, 41 KB at 4; GRU 8 B, 36 KB) and
+# 16x16 4 warps at H_PAD=512 (3-60 KB spilled: ptxas falls back to 32 registers).
+_LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 5), Tiling(16, 32, 4, 4, 3)]),
+              128: [Tiling(16, 16, 8, 3, 3), Tiling(16, 32, 4, 3, 3)],
+              256: [Tiling(16, 16, 8, 2, 2)],
+              512: [Tiling(16, 16, 8, 1, 1)]}
+_GRU_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 6, 4), Tiling(16, 32, 4, 4, 3)]),
+             128: [Tiling(16, 16, 4, 3, 3), Tiling(16, 32, 4, 3, 3)],
+             256: [Tiling(16, 16, 4, 3, 0), Tiling(16, 16, 8, 2, 2)],  # odd H: 8 warps hold as many
+             512: [Tiling(16, 16, 8, 1, 1)]}
+_LSTM_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 4, 4), Tiling(16, 32, 4, 4, 3)]),
+              128: [Tiling(16, 16, 8, 3, 3), Tiling(16, 32, 8, 2, 2)],
+              256: [Tiling(16, 16, 4, 2, 0), Tiling(16, 16, 8, 1, 1)],
+              512: [Tiling(16, 16, 8, 1, 1)]}
+_GRU_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 8, 4, 3), Tiling(16, 32, 4, 4, 3)]),
+             128: [Tiling(16, 16, 8, 2, 2), Tiling(16, 32, 8, 2, 2)],
+             256: [Tiling(16, 16, 4, 2, 0), Tiling(16, 16, 8, 1, 1)],
+             512: [Tiling(16, 16, 8, 1, 1)]}
+# By (gates, 90 or 80): sm_90 and newer take sm_90's table, older GPUs sm_80's (its ptxas takes
+# more registers for the gated kernels); the shared memory per SM is each arch's own (below).
+_TABLES = {(1, 90): _ONE_GATE, (1, 80): _ONE_GATE, (4, 90): _LSTM_SM90, (4, 80): _LSTM_SM80,
+           (3, 90): _GRU_SM90, (3, 80): _GRU_SM80}
 
 
 def _next_power_of_2(n: int) -> int:
@@ -90,16 +152,21 @@ class Plan:
                 f"{self.precision}, grid {self.groups}x{self.col_blocks}")
 
 
-def shared_bytes(block_b: int, block_n: int, h_pad: int) -> int:
-    """Shared memory the kernels take (what the compiler reported for every tiling above): the
-    fp32 W_h slice [H_PAD, BLOCK_N] and the fp32 operand tile [BLOCK_B, H_PAD]."""
-    return 4 * h_pad * (block_n + block_b)
+def shared_bytes(block_b: int, block_n: int, h_pad: int, gates: int = 1) -> int:
+    """Shared memory the kernels take (what the compiler reported for every tiling above and
+    below): the fp32 W_h slice, one [H_PAD, BLOCK_N] tile per gate, and one fp32 operand tile
+    [BLOCK_B, H_PAD] (the gated backward multiplies one gate at a time through it)."""
+    return 4 * h_pad * (gates * block_n + block_b)
 
 
 def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int], *,
-                    allow_tf32: bool = False, stepwise: bool = False, arch: int = 90) -> Plan:
+                    allow_tf32: bool = False, stepwise: bool = False, arch: int = 90,
+                    gates: int = 1, projection: bool = False) -> Plan:
     """The persistent tiling for a ``[B, H]`` state in ``dtype`` on a GPU with ``sm_count`` SMs
-    of compute capability ``arch`` (90: H100/H200, 80: A100; it sets the shared memory per SM).
+    of compute capability ``arch`` (90: H100/H200, 80: A100; it sets the shared memory per SM),
+    for a cell of ``gates`` gates (1: `triton_persistent.py`; the LSTM's 4 and the GRU's 3:
+    `triton_gated_persistent.py`); ``projection``: the LSTM's proj_size, which has no persistent
+    kernel.
 
     ``stepwise=True`` (the interpreter: one launch per step, no barrier, no co-residency): the
     smallest tiles, for every float dtype, so tests see many groups and column blocks.
@@ -108,6 +175,10 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
     """
     if B < 1 or H < 1:
         raise ValueError(f"B and H must be >= 1, got B={B}, H={H}")
+    if (gates, 90) not in _TABLES:
+        raise ValueError(f"gates must be one of {sorted({g for g, _ in _TABLES})}, got {gates}")
+    if projection:
+        return Plan(False, "proj_size has no persistent kernel (the blocked kernels project)")
     h_pad = max(16, _next_power_of_2(H))
     if stepwise:
         precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
@@ -118,29 +189,25 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
     if dtype == torch.float32 and allow_tf32:
         # tf32x3 tiles spilled at H=256 and 512 in the compile probe; TF32 is opt-in
         return Plan(False, "allow_tf32 has no persistent tiling yet")
-    tilings = _TILINGS.get(h_pad)
+    tilings = _TABLES[(gates, 90 if arch >= 90 else 80)].get(h_pad)
     if tilings is None:
-        return Plan(False, f"H={H} (padded {h_pad}) has no tiling that keeps W_h on chip")
+        return Plan(False, f"H={H} (padded {h_pad}) has no tiling that keeps W_h on chip"
+                           + (f" for {gates} gates" if gates > 1 else ""))
     if sm_count is None or sm_count < 1:
         raise ValueError(f"sm_count must be a positive int for a persistent plan, got {sm_count}")
     smem_per_sm, smem_per_block = shared_per_sm(arch), shared_per_block(arch)
-    for block_b, block_n, warps, per_sm in tilings:
-        shared = shared_bytes(block_b, block_n, h_pad)
-        if block_n > h_pad or shared > smem_per_block:
+    for block_b, block_n, warps, per_sm_aligned, per_sm_odd in tilings:
+        shared = shared_bytes(block_b, block_n, h_pad, gates)
+        per_sm = per_sm_odd if H % 16 else per_sm_aligned
+        if block_n > h_pad or shared > smem_per_block or per_sm < 1:
             continue
-        if H % 16:
-            # Rows not 16-byte aligned: scalar loads, more registers (fwd at H=100: 184 against
-            # 136 at H=128; at H=1000 16x32 spills). One program per SM fewer, none at H_PAD=1024.
-            per_sm -= 1
-            if per_sm < 1:
-                continue
         per_sm = min(per_sm, smem_per_sm // (shared + SHARED_RESERVED_PER_BLOCK))
         groups, col_blocks = -(-B // block_b), -(-H // block_n)
         if groups * col_blocks <= sm_count * per_sm:
             return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm)
-    if H % 16 and h_pad >= 1024:
+    if H % 16 and not any(t.per_sm_odd for t in tilings):
         return Plan(False, f"H={H} is not a multiple of 16: its tilings at H_PAD={h_pad} spill")
-    block_b, block_n, warps, _ = tilings[-1]
+    block_b, block_n = tilings[-1].block_b, tilings[-1].block_n
     need = -(-B // block_b) * -(-H // block_n)
     return Plan(False, f"B={B}, H={H} needs {need} resident programs with the largest tiling "
                        f"({block_b}x{block_n}); {sm_count} SMs hold fewer")

@@ -23,12 +23,17 @@ W_hh is re-read from L2 every step. One kernel body serves both cells: ``G`` (ga
               the carry into h_{t-1} = da_t @ W_hh (+ the GRU's share), da = dz but for the GRU's
               n rows, da_n = dz_n * r.
 
+With ``FUSED_RNN_TRITON_KERNEL=persistent`` the launchers run the persistent split-H kernels of
+`triton_gated_persistent.py` instead where `planner.plan_persistent` plans them (no projection),
+through `triton_rnn`'s plan, timeout flag and fallback: a failed persistent run is rerun here.
 The weight gradients (``sum_t da_t^T h_{t-1}``, ``sum_t da_t``, ``sum_t gh_t^T m_t``) are large
-GEMMs/reductions over all T*B rows after the loop, in PyTorch. On CUDA each kernel path answers
-only after its first-use self-check (`self_check.py`) passed; else the reference loop answers.
+GEMMs/reductions over all T*B rows after the loop, in PyTorch, whichever family ran the chain. On
+CUDA each kernel path answers only after its first-use self-check (`self_check.py`) passed; else
+the next one down (persistent -> blocked -> the reference loop) answers.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -36,22 +41,10 @@ import triton
 import triton.language as tl
 
 from .. import cells
-from . import loop, self_check, workspace_dtype
+from . import loop, self_check, triton_rnn, workspace_dtype
 from .triton_cells import _gated_step, _gated_step_backward, tanh_small
-from .triton_common import INTERPRET
-from .triton_rnn import _check_runnable, _dot_precision, _gpu, _on_device
-
-
-@triton.jit
-def _rows_before(first_ptr, seq_ptr, t, B, rows64, W):
-    # Row pointers of a state before step t: the initial state ([B, W]) at t = 0, else step
-    # t-1's row of the time-major sequence ([T, B, W]). No copy of the sequence with the initial
-    # state in front.
-    if t == 0:
-        ptrs = first_ptr + rows64 * W
-    else:
-        ptrs = seq_ptr + ((t - 1) * B + rows64) * W
-    return ptrs
+from .triton_common import INTERPRET, _rows_before
+from .triton_rnn import _check_runnable, _dot_precision, _gpu, _on_device, _persistent_plan, _run_persistent
 
 
 @triton.jit(do_not_specialize=["B", "T"])
@@ -331,17 +324,19 @@ def _initial(t, shape, like):
 
 def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name, keep_saved=True):
     """The forward recurrence: ``(out [T, B, P], cs [T, B, H] (the GRU: empty), saved [T, B, 4H])``
-    in the workspace dtype, from ``q [T, B, G*H]`` (contiguous, as every input). The reference
-    loop answers instead where these kernels failed their first-use self-check. ``saved`` is
-    written whatever ``keep_saved`` (the op drops it for inference)."""
+    in the workspace dtype, from ``q [T, B, G*H]`` (contiguous, as every input). The persistent
+    kernels (`triton_gated_persistent.py`) run it where selected and planned, else the blocked
+    ones; the reference loop answers where no kernel path passed its first-use self-check.
+    ``saved`` is written whatever ``keep_saved`` (the op drops it for inference)."""
     _check_runnable(w_hh)
     spec = cells.get(cell)
-    if not _kernels_pass(q, w_hh, b_hh, w_hr, allow_tf32, spec):
+    family, plan = _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, spec)
+    if family == "loop":
         return loop.gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, spec)
-    return _fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, spec)
+    return _fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, spec, plan)
 
 
-def _fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell):
+def _fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell, plan=None):
     T, B, H, P = _dims(q, w_hh, cell)
     ws = workspace_dtype(w_hh.dtype)
     out = torch.empty(T, B, P, device=q.device, dtype=ws)
@@ -352,9 +347,13 @@ def _fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell):
         return out, cs, saved
     h_first = _initial(h0, (B, P), out)
     c_first = _initial(c0, (B, H), out) if lstm else h_first
-    m = out.new_empty(B, H) if w_hr is not None else out
-    cfg = gated_config(B, H, P, w_hh.dtype, _gpu(q.device)[1])
     with _on_device(q):
+        if plan is not None and _run_persistent(lambda error: _persistent_ops().gated_persistent_fwd(
+                q, w_hh, b_hh, h_first, c_first, out, cs, saved, plan, error,
+                stepwise=triton_rnn.PERSISTENT_STEPWISE, cell=cell), out):
+            return out, cs, saved
+        m = out.new_empty(B, H) if w_hr is not None else out
+        cfg = gated_config(B, H, P, w_hh.dtype, _gpu(q.device)[1])
         gated_fwd_kernel[(triton.cdiv(B, cfg.block_b),)](
             q, w_hh, b_hh if b_hh is not None else w_hh, h_first, c_first,
             w_hr if w_hr is not None else w_hh, out, cs if lstm else out, saved, m,
@@ -373,12 +372,13 @@ def gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, al
     _check_runnable(w_hh)
     spec = cells.get(cell)
     args = (grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, spec)
-    if not _kernels_pass(q, w_hh, b_hh, w_hr, allow_tf32, spec):  # the loop saves alike
+    family, plan = _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, spec)
+    if family == "loop":  # the loop saves alike
         return loop.gated_bwd(*args)
-    return _bwd(*args)
+    return _bwd(*args, plan)
 
 
-def _bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell):
+def _bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell, plan=None):
     T, B, H, P = _dims(q, w_hh, cell)
     G, lstm = cell.gates, "c" in cell.state
     ws = out.dtype
@@ -390,17 +390,23 @@ def _bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_t
     carry_h = out.new_empty(T + 1, B, P)
     carry_h[T].zero_()
     share = out.new_zeros(2, B, H)
-    cfg = gated_config(B, H, P, w_hh.dtype, _gpu(q.device)[1])
     with _on_device(q):
-        gated_bwd_kernel[(triton.cdiv(B, cfg.block_b),)](
-            grad_out, grad_cs if grad_cs is not None else grad_out, out, cs if lstm else out, saved,
-            h_first, c_first, w_hh, w_hr if w_hr is not None else w_hh, grad_q, carry_h, share,
-            B, T, H, P,
-            G=G, HAS_C=lstm, HAS_GRAD_CS=grad_cs is not None, PROJ=w_hr is not None,
-            N_ROWS_SCALED=cell is cells.GRU,
-            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TANH_SMALL=tanh_small(ws),
-            DOT_PRECISION=_dot_precision(w_hh.dtype, allow_tf32), CELL=cell.name, num_stages=cfg.num_stages,
-        )
+        ran = plan is not None and _run_persistent(lambda error: _persistent_ops().gated_persistent_bwd(
+            grad_out, grad_cs, out, cs, saved, h_first, c_first, w_hh, grad_q, carry_h, share, plan, error,
+            stepwise=triton_rnn.PERSISTENT_STEPWISE, cell=cell), out)
+        if not ran:
+            if plan is not None:
+                share.zero_()  # the failed run's (NaN) shares
+            cfg = gated_config(B, H, P, w_hh.dtype, _gpu(q.device)[1])
+            gated_bwd_kernel[(triton.cdiv(B, cfg.block_b),)](
+                grad_out, grad_cs if grad_cs is not None else grad_out, out, cs if lstm else out, saved,
+                h_first, c_first, w_hh, w_hr if w_hr is not None else w_hh, grad_q, carry_h, share,
+                B, T, H, P,
+                G=G, HAS_C=lstm, HAS_GRAD_CS=grad_cs is not None, PROJ=w_hr is not None,
+                N_ROWS_SCALED=cell is cells.GRU,
+                BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TANH_SMALL=tanh_small(ws),
+                DOT_PRECISION=_dot_precision(w_hh.dtype, allow_tf32), CELL=cell.name, num_stages=cfg.num_stages,
+            )
     # Everything else is parallel over all T*B rows: large GEMMs and reductions.
     da = grad_q
     if cell is cells.GRU:  # the gradient at the product: da_n = dq_n * r
@@ -426,23 +432,42 @@ def _bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_t
 # a process only after a small problem of the same tiling matched the float64 reference loop.
 
 
-def _kernels_pass(q, w_hh, b_hh, w_hr, allow_tf32, cell) -> bool:
+def _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, cell):
+    """(family, persistent plan or None) that answers this call: the persistent kernels if
+    selected (``FUSED_RNN_TRITON_KERNEL=persistent``) and planned, else the blocked ones; each
+    only once its path has passed its first-use self-check, else the next one down, at the
+    bottom the reference loop."""
     T, B, H, P = _dims(q, w_hh, cell)
+    plan = _persistent_plan(B, H, w_hh, allow_tf32, gates=cell.gates, projection=w_hr is not None)
+    candidates = [("gated-persistent", plan)] if plan is not None else []
+    candidates.append(("gated-blocked", None))
+    for family, p in candidates:
+        if _path_passes(family, p, B, H, P, w_hh, b_hh is not None, w_hr is not None, allow_tf32, cell):
+            return family, p
+    return "loop", None
+
+
+def _path_passes(family, plan, B, H, P, w_hh, has_bias, proj, allow_tf32, cell) -> bool:
     dtype = w_hh.dtype
     precision = "tf32" if _dot_precision(dtype, allow_tf32) == "tf32" else str(dtype)[6:]
-    path = ("gated-blocked", f"{cell.name}-cell", precision, f"H_PAD={max(16, triton.next_power_of_2(H))}",
-            "H%16=0" if H % 16 == 0 else "H%16>0", "bias" if b_hh is not None else "no-bias",
-            f"proj P%16={P % 16}" if w_hr is not None else "no-proj",
-            "tiles={}x{}x{} stages={}".format(*gated_config(B, H, P, dtype, _gpu(w_hh.device)[1])))
+    if plan is not None:
+        tiles = (f"tiles={plan.block_b}x{plan.block_n}", f"warps={plan.num_warps}")
+    else:
+        tiles = ("tiles={}x{}x{} stages={}".format(*gated_config(B, H, P, dtype, _gpu(w_hh.device)[1])),)
+    path = (family, f"{cell.name}-cell", precision, f"H_PAD={max(16, triton.next_power_of_2(H))}",
+            "H%16=0" if H % 16 == 0 else "H%16>0", "bias" if has_bias else "no-bias",
+            f"proj P%16={P % 16}" if proj else "no-proj") + tiles
     return self_check.passes(path, w_hh.device, lambda: _check(
-        cell, B, H, P, dtype, w_hh.device, allow_tf32, b_hh is not None, w_hr is not None, precision))
+        cell, B, H, P, dtype, w_hh.device, allow_tf32, has_bias, proj, precision, plan))
 
 
-def _check(cell, B, H, P, dtype, device, allow_tf32, has_bias, proj, precision):
-    """Our kernels against the reference loop in float64 on T = 4 steps of at most 33 rows, with
-    every optional input given: None if every output and gradient is within the precision's
-    tolerance, else why not."""
+def _check(cell, B, H, P, dtype, device, allow_tf32, has_bias, proj, precision, plan=None):
+    """Our kernels (the persistent ones with ``plan``'s tiling, else the blocked ones) against the
+    reference loop in float64 on T = 4 steps of at most 33 rows, with every optional input
+    given: None if every output and gradient is within the precision's tolerance, else why not."""
     B, T, G = min(B, self_check.CHECK_MAX_ROWS), self_check.CHECK_STEPS, cell.gates
+    if plan is not None:  # the same tiling on this problem's batch groups
+        plan = dataclasses.replace(plan, groups=-(-B // plan.block_b))
     g = torch.Generator(device=device).manual_seed(1234)  # drawn on the device: no copy
 
     def rand(*shape, scale=1.0):  # float64 values that the kernels' dtype holds exactly
@@ -457,14 +482,22 @@ def _check(cell, B, H, P, dtype, device, allow_tf32, has_bias, proj, precision):
     want = loop.gated_fwd(**args, allow_tf32=False, cell=cell)
     want += loop.gated_bwd(grad_out, grad_cs, *want, **args, allow_tf32=False, cell=cell)
     low = {k: None if v is None else v.to(dtype) for k, v in args.items()}
-    got = _fwd(**low, allow_tf32=allow_tf32, cell=cell)
+    got = _fwd(**low, allow_tf32=allow_tf32, cell=cell, plan=plan)
     ws = got[0].dtype
     got += _bwd(grad_out.to(ws), None if grad_cs is None else grad_cs.to(ws), *got, **low,
-                allow_tf32=allow_tf32, cell=cell)
+                allow_tf32=allow_tf32, cell=cell, plan=plan)
     names = ("out", "cs", "saved", "grad_q", "grad_w_hh", "grad_b_hh", "grad_h0", "grad_c0", "grad_w_hr")
     pairs = [(n, a, b) for n, a, b in zip(names, got, want) if b is not None and b.numel()]
     errors = torch.stack([(a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)
                           for _, a, b in pairs]).tolist()  # the check's one host sync
+    if plan is not None and triton_rnn.persistent_disabled_reason() is not None:
+        return triton_rnn.persistent_disabled_reason()  # it failed; the blocked kernels answered
     tolerance = self_check.TOLERANCE[precision]
     bad = [f"{n} relative error {e:.1e}" for (n, _, _), e in zip(pairs, errors) if not e <= tolerance]
     return f"{', '.join(bad)} (tolerance {tolerance:.0e})" if bad else None
+
+
+def _persistent_ops():
+    # Imported on first use: compiling its kernels' definitions costs import time.
+    from . import triton_gated_persistent
+    return triton_gated_persistent

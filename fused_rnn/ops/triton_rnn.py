@@ -32,6 +32,10 @@ Two kernel families run the sequential part; ``FUSED_RNN_TRITON_KERNEL`` (read o
   chip, synchronising per batch group each step; `planner.py` says whether a problem fits.
   Not yet validated on a GPU, so ``auto`` does not pick it.
 
+The variable, the plan, the timeout flag and the fallback to the blocked kernels below
+(`_persistent_plan`, `_run_persistent`) serve the LSTM's and GRU's persistent kernels too
+(`triton_gated_persistent.py`, launched from `triton_gated.py`).
+
 The weight/bias gradients and dL/dp are large parallel GEMMs/reductions done after the loop
 (with PyTorch, in `rnn_bwd`; the token-table gradient has a deterministic kernel below for
 ``torch.use_deterministic_algorithms(True)``).
@@ -287,8 +291,9 @@ def _gpu(device: torch.device):
     return _gpus[index]
 
 
-def _persistent_plan(B, H, w_h, allow_tf32):
-    """The persistent plan to run, or None for the blocked kernels."""
+def _persistent_plan(B, H, w_h, allow_tf32, gates=1, projection=False):
+    """The persistent plan to run (for a cell of ``gates`` gates, with or without the LSTM's
+    projection), or None for the blocked kernels."""
     if selected_kernel() != "persistent":
         return None
     if _persistent.disabled_reason is None:
@@ -297,7 +302,8 @@ def _persistent_plan(B, H, w_h, allow_tf32):
         return None
     sm_count, arch = _gpu(w_h.device)
     plan = planner.plan_persistent(B, H, w_h.dtype, sm_count, allow_tf32=allow_tf32,
-                                   stepwise=PERSISTENT_STEPWISE, arch=arch)
+                                   stepwise=PERSISTENT_STEPWISE, arch=arch, gates=gates,
+                                   projection=projection)
     if not plan.fits:
         _persistent.warn_once("does not fit", f"{KERNEL_ENV}=persistent: {plan.reason}; the blocked "
                               f"kernels run (warned once)", UserWarning)
@@ -330,6 +336,12 @@ def _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell):
                 broken=lambda: _persistent.disabled_reason if family == "persistent" else None)):
             return family, p
     return "loop", None
+
+
+def persistent_disabled_reason():
+    """Why the persistent kernels are off for this process (a launch failed, a barrier timed
+    out), or None."""
+    return _persistent.disabled_reason
 
 
 def _error_flag(device):
