@@ -525,7 +525,7 @@ bool panel_products_here() {
 // 64-byte aligned; zmm v of row r goes to y + r * y_stride + v * v_stride. Only the panel's first
 // `valid` columns are stored (a last panel's padding never is): each zmm's first `valid` floats
 // where they are one gate each of the same units (Gates), else the panel's first `valid` columns
-// (and `bias`, if not null, holds those columns' biases).
+// (and `bias`, if not null, holds those columns' biases, laid out as a row of y).
 template <int R, int NV, bool Gates, bool Accumulate>
 __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, int64_t x_stride,
                                                    const float* __restrict__ panel, int64_t K, float* __restrict__ y,
@@ -543,7 +543,7 @@ __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, 
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       acc[r][v] = Accumulate ? _mm512_maskz_loadu_ps(mask[v], y + r * y_stride + v * v_stride)
-                  : bias      ? _mm512_maskz_loadu_ps(mask[v], bias + v * kLanes)
+                  : bias      ? _mm512_maskz_loadu_ps(mask[v], bias + v * v_stride)
                               : _mm512_setzero_ps();
     }
   }
@@ -1027,26 +1027,42 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const
   });
 }
 
-// The gated forward on panel products (see "Panel products"; float32, P == H): each thread runs
-// all T steps on its rows; per step and panel of 16 units, the tile a = h_{t-1} W_hh^T of those
-// units' G gates, then the cell's pointwise step on it.
-template <typename Cell>
-void gated_fwd_panels(const at::Tensor& q, const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h0,
-                      bool has_h0, const at::Tensor& c0, at::Tensor& out, at::Tensor& cs, at::Tensor& saved,
-                      int64_t saved_step) {
-  constexpr int64_t G = Cell::kGates, rows_per_call = kAccumulators / G, width = G * kLanes;
-  const int64_t GH = w_hh.size(0), H = GH / G, T = q.size(0), B = q.size(1);
-  const int64_t panels = (H + kLanes - 1) / kLanes;
-  const float* w = w_hh.data_ptr<float>();
-  const at::Tensor packed = pack_panels(
-      panels, G, H,
-      [&](int64_t p, int64_t v) {  // column v of panel p: gate v / 16 of unit 16 p + v % 16
+// A gated weight [G*H, K] packed for y = x W^T in panels of all G gates of 16 units (column v of
+// panel p: gate v / 16 of unit 16 p + v % 16).
+at::Tensor pack_gate_panels(const at::Tensor& w, int64_t G) {
+  const int64_t H = w.size(0) / G, K = w.size(1);
+  const float* w_p = w.data_ptr<float>();
+  return pack_panels(
+      (H + kLanes - 1) / kLanes, G, K,
+      [&](int64_t p, int64_t v) {
         const int64_t unit = p * kLanes + v % kLanes;
         return unit < H ? (v / kLanes) * H + unit : int64_t(-1);
       },
-      [&](int64_t row, int64_t k) { return w[row * H + k]; });
+      [&](int64_t row, int64_t k) { return w_p[row * K + k]; });
+}
+
+// A gated step's input q_t: the rows of q [T, B, G*H], or for inference x_t W_ih^T + bias formed
+// inside the loop (x [T, B, I], W_ih packed like W_hh, `q` the bias row [G*H]): then no
+// [T, B, G*H] tensor is written and read back.
+struct GatedInput {
+  const float* q;
+  const float* x = nullptr;
+  int64_t I = 0;
+  const float* packed_w_ih = nullptr;
+};
+
+// The gated forward on panel products (see "Panel products"; float32, P == H): each thread runs
+// all T steps on its rows; per step and panel of 16 units, the tile a = h_{t-1} W_hh^T (+ x_t W_ih^T)
+// of those units' G gates, then the cell's pointwise step on it.
+template <typename Cell>
+void gated_fwd_panels(const GatedInput& input, const at::Tensor& w_hh, const at::Tensor& b_hh, const at::Tensor& h0,
+                      bool has_h0, const at::Tensor& c0, at::Tensor& out, at::Tensor& cs, at::Tensor& saved,
+                      int64_t saved_step) {
+  constexpr int64_t G = Cell::kGates, rows_per_call = kAccumulators / G, width = G * kLanes;
+  const int64_t GH = w_hh.size(0), H = GH / G, T = out.size(0), B = out.size(1), I = input.I;
+  const int64_t panels = (H + kLanes - 1) / kLanes;
+  const at::Tensor packed = pack_gate_panels(w_hh, G);
   const float* pk = packed.data_ptr<float>();
-  const float* q_p = q.data_ptr<float>();
   const float* b_p = b_hh.data_ptr<float>();
   const float* h0_p = h0.data_ptr<float>();
   const float* c0_p = c0.data_ptr<float>();
@@ -1054,30 +1070,35 @@ void gated_fwd_panels(const at::Tensor& q, const at::Tensor& w_hh, const at::Ten
   float* cs_p = cs.data_ptr<float>();
   float* saved_p = saved.data_ptr<float>();
   for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
-    // a = h_{t-1} W_hh^T of up to kGroupRows rows at a time, as the [rows, G*H] rows the
-    // pointwise step reads (each panel then serves several kernel calls from L1).
+    // a = h_{t-1} W_hh^T (+ x_t W_ih^T) of up to kGroupRows rows at a time, as the [rows, G*H]
+    // rows the pointwise step reads (each panel then serves several kernel calls from L1).
     constexpr int64_t kGroupRows = 4 * rows_per_call;
-    std::vector<float> a(kGroupRows * GH);
+    std::vector<float> a(kGroupRows * GH), q(input.x != nullptr ? kGroupRows * GH : 0);
     for (int64_t t = 0; t < T; ++t) {
       const float* hp = t == 0 ? h0_p : out_p + (t - 1) * B * H;
       const float* cp = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
+      const bool recurrent = t > 0 || has_h0;  // h_0 = 0: no product
       for (int64_t g0 = b0; g0 < b1; g0 += kGroupRows) {
         const int64_t g1 = std::min(b1, g0 + kGroupRows);
-        if (t == 0 && !has_h0) {  // h_0 = 0: no product
-          std::fill(a.begin(), a.begin() + (g1 - g0) * GH, 0.0f);
-        } else {
-          for (int64_t p = 0; p < panels; ++p) {
-            const int64_t u = p * kLanes;
-            for_each_row_call(g0, g1, rows_per_call, [&](int64_t b, int64_t rows) {
-              panel_product<G, true>(hp + b * H, H, rows, pk + p * H * width, H, a.data() + (b - g0) * GH + u, GH,
-                                     H, H - u);
-            });
-          }
+        if (!recurrent) std::fill(a.begin(), a.begin() + (g1 - g0) * GH, 0.0f);
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t u = p * kLanes;
+          for_each_row_call(g0, g1, rows_per_call, [&](int64_t b, int64_t rows) {
+            if (input.x != nullptr) {  // q_t = x_t W_ih^T + bias
+              panel_product<G, true>(input.x + (t * B + b) * I, I, rows, input.packed_w_ih + p * I * width, I,
+                                     q.data() + (b - g0) * GH + u, GH, H, H - u, input.q + u);
+            }
+            if (recurrent) {
+              panel_product<G, true>(hp + b * H, H, rows, pk + p * H * width, H, a.data() + (b - g0) * GH + u, GH, H,
+                                     H - u);
+            }
+          });
         }
         for (int64_t b = g0; b < g1; ++b) {
           const int64_t at = (t * B + b) * H;
-          Cell::forward_row(a.data() + (b - g0) * GH, q_p + (t * B + b) * GH, b_p, hp + b * H, cp + b * H,
-                            out_p + at, cs_p + at, saved_p + t * saved_step + b * 4 * H, H);
+          const float* q_row = input.x != nullptr ? q.data() + (b - g0) * GH : input.q + (t * B + b) * GH;
+          Cell::forward_row(a.data() + (b - g0) * GH, q_row, b_p, hp + b * H, cp + b * H, out_p + at, cs_p + at,
+                            saved_p + t * saved_step + b * 4 * H, H);
         }
       }
     }
@@ -1171,7 +1192,8 @@ std::vector<at::Tensor> gated_fwd_cell(const at::Tensor& q_in, const at::Tensor&
   at::Tensor m = proj ? at::empty({B, H}, w_hh.options()) : at::Tensor();
 
   if (w_hh.scalar_type() == at::kFloat && !proj && panel_products_here()) {
-    gated_fwd_panels<Cell>(q, w_hh.contiguous(), b_hh, h0, h0_in.has_value(), c0, out, cs, saved, saved_step);
+    gated_fwd_panels<Cell>(GatedInput{q.data_ptr<float>()}, w_hh.contiguous(), b_hh, h0, h0_in.has_value(), c0,
+                           out, cs, saved, saved_step);
     return {out, cs, keep_saved ? saved : at::empty({0}, w_hh.options())};
   }
   const StepProduct recurrent(w_hh, B);  // a = h_{t-1} W_hh^T
@@ -1320,6 +1342,52 @@ std::vector<at::Tensor> gated_fwd(const at::Tensor& q, const at::Tensor& w_hh, c
   return with_gated_cell(cell, [&](auto c) { return gated_fwd_cell<decltype(c)>(q, w_hh, b_hh, h0, c0, w_hr, keep_saved); });
 }
 
+// The gated cells' inference with the input projection inside the time loop (no backward to
+// come, float32, panel products here, no proj_size): gated_infer(x [T, B, I], w_ih [G*H, I], bias
+// [G*H] (the biases that fold into q) or None, w_hh, b_hh (the GRU's), h0, c0) -> (out, cs) as
+// gated_fwd's, without the [T, B, G*H] q between a projection GEMM and the loop.
+template <typename Cell>
+std::vector<at::Tensor> gated_infer_cell(const at::Tensor& x_in, const at::Tensor& w_ih_in,
+                                         const c10::optional<at::Tensor>& bias_in, const at::Tensor& w_hh_in,
+                                         const c10::optional<at::Tensor>& b_hh_in,
+                                         const c10::optional<at::Tensor>& h0_in,
+                                         const c10::optional<at::Tensor>& c0_in) {
+  TORCH_CHECK_VALUE(panel_products_here(), "gated_infer needs the panel products (a CPU with AVX-512)");
+  TORCH_CHECK_TYPE(w_hh_in.scalar_type() == at::kFloat, "gated_infer takes float32, got ", w_hh_in.scalar_type());
+  TORCH_CHECK_VALUE(w_hh_in.device().is_cpu() && w_hh_in.dim() == 2 && w_hh_in.size(0) % Cell::kGates == 0 &&
+                        w_hh_in.size(0) == Cell::kGates * w_hh_in.size(1),
+                    "w_hh must be a CPU tensor [G*H, H], got ", w_hh_in.sizes());
+  const int64_t GH = w_hh_in.size(0), H = GH / Cell::kGates;
+  TORCH_CHECK_VALUE(x_in.dim() == 3 && x_in.size(0) > 0 && x_in.size(1) > 0, "x must be a non-empty [T, B, I], got ",
+                    x_in.sizes());
+  const int64_t T = x_in.size(0), B = x_in.size(1), I = x_in.size(2);
+  check_like("x", x_in, w_hh_in, x_in.sizes());
+  check_like("w_ih", w_ih_in, w_hh_in, {GH, I});
+  if (bias_in) check_like("bias", *bias_in, w_hh_in, {GH});
+  if (b_hh_in) check_like("b_hh", *b_hh_in, w_hh_in, {GH});
+  if (h0_in) check_like("h0", *h0_in, w_hh_in, {B, H});
+  if (c0_in) check_like("c0", *c0_in, w_hh_in, {B, H});
+  const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor bias = bias_in ? bias_in->contiguous() : at::zeros({GH}, w_hh.options());
+  const at::Tensor b_hh = b_hh_in ? b_hh_in->contiguous() : at::zeros({GH}, w_hh.options());
+  const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::zeros({B, H}, w_hh.options());
+  const at::Tensor c0 = c0_in ? c0_in->contiguous() : at::zeros({B, H}, w_hh.options());
+  at::Tensor out = cached_empty({T, B, H}, w_hh.options());
+  at::Tensor cs = Cell::kCellState ? cached_empty({T, B, H}, w_hh.options()) : at::empty({0}, w_hh.options());
+  at::Tensor saved = at::empty({B, 4 * H}, w_hh.options());  // one step's scratch rows
+  const at::Tensor packed_w_ih = pack_gate_panels(w_ih_in.contiguous(), Cell::kGates);
+  const GatedInput input{bias.data_ptr<float>(), x.data_ptr<float>(), I, packed_w_ih.data_ptr<float>()};
+  gated_fwd_panels<Cell>(input, w_hh, b_hh, h0, h0_in.has_value(), c0, out, cs, saved, 0);
+  return {out, cs};
+}
+
+std::vector<at::Tensor> gated_infer(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                                    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+                                    const std::string& cell) {
+  return with_gated_cell(cell, [&](auto c) { return gated_infer_cell<decltype(c)>(x, w_ih, bias, w_hh, b_hh, h0, c0); });
+}
+
 std::vector<c10::optional<at::Tensor>> gated_bwd(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_cs,
                                                  const at::Tensor& out, const at::Tensor& cs, const at::Tensor& saved,
                                                  const at::Tensor& w_hh, bool has_hidden_bias,
@@ -1408,6 +1476,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_fwd", &gated_fwd, "the LSTM's or GRU's forward over all steps; returns (out, cs, saved)",
         py::arg("q"), py::arg("w_hh"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("w_hr"), py::arg("cell"),
         py::arg("keep_saved") = true);
+  m.def("gated_infer", &gated_infer,
+        "the LSTM's or GRU's inference with the input projection inside the loop; returns (out, cs)",
+        py::arg("x"), py::arg("w_ih"), py::arg("bias"), py::arg("w_hh"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"),
+        py::arg("cell"));
   m.def("gated_bwd", &gated_bwd,
         "the LSTM's or GRU's backward; returns (grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr)",
         py::arg("grad_out"), py::arg("grad_cs"), py::arg("out"), py::arg("cs"), py::arg("saved"), py::arg("w_hh"),

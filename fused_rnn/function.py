@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import cells
 from .checks import FLOAT_DTYPES, as_index, check_elman_inputs, check_gated_inputs, check_inputs
 from .dispatch import backend_for
-from .ops import elman_q_time_major, output_view, projection
+from .ops import cpu_ext, elman_q_time_major, output_view, projection
 from .gated_op import gated_recurrence
 from .recurrence_op import recurrence
 from .reference import elman_reference, gated_loop, rnn_reference
@@ -186,8 +186,16 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
     # q = x W_ih^T with the biases that fold into it, time-major: one GEMM over all B*T rows.
     # The GRU's b_hh stays with the product (its n rows sit inside the reset gate).
     hidden_bias = b_hh if cell.hidden_bias else None
+    folded_bias = b_ih if cell.hidden_bias else _bias_sum(b_ih, b_hh)
+    inputs = (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
+    if backend == "cpu" and _infers_inside_the_loop(inputs, w_hr):
+        # Inference on the C++ panel products: the input projection runs inside the time loop
+        # (no [T, B, G*H] q written and read back).
+        out, cs = cpu_ext.load().gated_infer(x.transpose(0, 1), w_ih, folded_bias, w_hh, hidden_bias, h0, c0,
+                                             cell.name)
+        return _gated_results(out, cs if cs.numel() else None, x, lengths)
     project = F.linear if backend == "reference" else projection.linear
-    q = project(x.transpose(0, 1), w_ih, b_ih if cell.hidden_bias else _bias_sum(b_ih, b_hh))
+    q = project(x.transpose(0, 1), w_ih, folded_bias)
     if backend == "reference":
         out, cs, _ = gated_loop(cell, q, w_hh, hidden_bias, h0, c0, w_hr)
     else:
@@ -199,6 +207,21 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
         out, cs, _ = gated_recurrence(*(contiguous(t) for t in inputs), backend, allow_tf32, cell.name, keep_saved)
         out = out.to(w_hh.dtype)
         cs = cs.to(w_hh.dtype) if cs.numel() else None
+    return _gated_results(out, cs, x, lengths)
+
+
+def _infers_inside_the_loop(inputs, w_hr) -> bool:
+    """Whether the C++ gated inference with the projection inside the loop answers this call: no
+    gradient wanted, float32, no proj_size, in eager mode, the panel products here."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return False
+    return (w_hr is None and all(t is None or t.dtype == torch.float32 for t in inputs)
+            and not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
+            and projection.panel_products() is not None)
+
+
+def _gated_results(out, cs, x, lengths):
+    """``(output [B, T, P], h_n, c_n or None)`` from the time-major states (and the LSTM's c)."""
     output = out.transpose(0, 1)  # [B, T, P], a view of the time-major states
     if lengths is None:
         return output, out[-1], None if cs is None else cs[-1]

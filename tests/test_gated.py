@@ -300,3 +300,35 @@ def test_inference_keeps_no_gates_and_gives_the_same_results(kind):
     w = params[1].detach()
     b = params[3].detach() if cell.hidden_bias else None
     assert gated_recurrence(q, w, b, None, None, None, "cpu", False, cell.name, False)[2].numel() == 0
+
+
+@pytest.mark.skipif(cpu_ext.unavailable_reason() is not None or not panel_products_here(),
+                    reason="the panel products need the C++ extension on a CPU with AVX-512")
+@pytest.mark.parametrize("kind,config", [(k, c) for k, c in _CASES if not c[4]][:6],
+                         ids=lambda v: v if isinstance(v, str) else "B{}-T{}-I{}-H{}-P{}-{}-{}-{}".format(*v))
+def test_cpu_inference_projects_inside_the_loop(kind, config, monkeypatch):
+    """Float32 inference on the C++ backend (no gradient wanted) runs the input projection inside
+    the time loop (gated_infer): outputs and final states within fp32 rounding of torch's module in
+    float64, and the same as the training path's to rounding."""
+    B, T, I, H, P, h0, bias, lengths = config
+    module = make_module(kind, I, H, P, bias, seed=7)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64)
+    shapes = [(B, H), (B, H)] if kind == "lstm" else [(B, H)]
+    states = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes] if h0 else [None] * len(shapes)
+    lens = torch.randint(1, T + 1, (B,), generator=g) if lengths else None
+    want = torch_call(module, kind, x, states, lens)
+    params = [None if w is None else w.detach().float() for w in weights(module, kind)]
+    low = [None if s is None else s.float() for s in states]
+    calls = []
+    ext = cpu_ext.load()
+    monkeypatch.setattr(cpu_ext, "load", lambda: type("Spy", (), {
+        "gated_infer": lambda self, *a: calls.append(1) or ext.gated_infer(*a)})())
+    with torch.no_grad():
+        got = call(kind, x.float(), params, low, lens, "cpu")
+    assert calls, "gated_infer did not run"
+    monkeypatch.undo()
+    trained = call(kind, x.float(), [None if p is None else p.requires_grad_() for p in params], low, lens, "cpu")
+    for a, b, c in zip([got[0], *got[1]], [want[0], *want[1]], [trained[0], *trained[1]]):
+        assert rel_err(a, b) < TOLERANCE[torch.float32]
+        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)
