@@ -182,13 +182,13 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
     x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr = (t[k] for k in names)
     lengths = as_index(lengths)
     check_gated_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths)
-    backend = backend_for(backend, w_hh, (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
+    given = (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
+    backend = backend_for(backend, w_hh, given)
     # q = x W_ih^T with the biases that fold into it, time-major: one GEMM over all B*T rows.
     # The GRU's b_hh stays with the product (its n rows sit inside the reset gate).
     hidden_bias = b_hh if cell.hidden_bias else None
     folded_bias = b_ih if cell.hidden_bias else _bias_sum(b_ih, b_hh)
-    inputs = (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
-    if backend == "cpu" and _infers_inside_the_loop(inputs, w_hr):
+    if backend == "cpu" and _infers_inside_the_loop(given, w_hr):
         # Inference on the C++ panel products: the input projection runs inside the time loop
         # (no [T, B, G*H] q written and read back).
         out, cs = cpu_ext.load().gated_infer(x.transpose(0, 1), w_ih, folded_bias, w_hh, hidden_bias, h0, c0,

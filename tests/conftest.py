@@ -37,6 +37,19 @@ def backend_device(backend: str) -> str:
 
 
 @pytest.fixture
+def checked(monkeypatch):
+    """The Triton paths' first-use self-check on for this device (it runs on CUDA only by default),
+    nothing checked yet (a test module may override it: test_self_check.py counts the checks)."""
+    from fused_rnn.ops import self_check
+
+    monkeypatch.setattr(self_check, "CHECKED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.delenv(self_check.ENV, raising=False)
+    self_check.reset()
+    yield self_check
+    self_check.reset()
+
+
+@pytest.fixture
 def device():
     return DEVICE
 

@@ -191,17 +191,6 @@ def test_a_timed_out_barrier_reruns_on_the_blocked_kernels(cell, monkeypatch, pe
 # First-use self-check of the persistent path (on CUDA by default; switched on here for CPU)
 
 
-@pytest.fixture
-def checked(monkeypatch):
-    from fused_rnn.ops import self_check
-
-    monkeypatch.setattr(self_check, "CHECKED_DEVICES", ("cuda", "cpu"))
-    monkeypatch.delenv(self_check.ENV, raising=False)
-    self_check.reset()
-    yield self_check
-    self_check.reset()
-
-
 @stepwise_only
 def test_self_check_passes_the_persistent_path(checked, persistent):
     args = problem(cells.GRU, 3, 4, 6, seed=5)

@@ -138,18 +138,6 @@ def test_sigmoid_and_tanh_are_accurate_to_fp32_rounding():
     assert sig2[0].isnan() and th2[0].isnan() and sig2[1] == 0.0 and th2[1] == -1.0
 
 
-@pytest.fixture
-def checked(monkeypatch):
-    """The first-use self-check on for this device (it runs on CUDA only by default)."""
-    from fused_rnn.ops import self_check
-
-    monkeypatch.setattr(self_check, "CHECKED_DEVICES", ("cuda", "cpu"))
-    monkeypatch.delenv(self_check.ENV, raising=False)
-    self_check.reset()
-    yield self_check
-    self_check.reset()
-
-
 @pytest.mark.parametrize("cell", [cells.LSTM, cells.GRU], ids=str)
 def test_self_check_passes_the_kernels(cell, checked):
     args = problem(cell, T=3, B=4, H=6, seed=5)
