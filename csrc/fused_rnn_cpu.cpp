@@ -520,17 +520,34 @@ bool panel_products_here() {
 #endif
 }
 
+// Splits n rows into calls of at most `most` rows, as even as possible (5 x 6 + 2 would leave the
+// last call with 2 rows: 6, 6, 5, 5, 5, 5 keeps every call's accumulators busy).
+template <typename F>
+void for_each_row_call(int64_t begin, int64_t end, int64_t most, const F& fn) {
+  const int64_t n = end - begin, calls = (n + most - 1) / most;
+  for (int64_t i = 0, b = begin; i < calls; ++i) {
+    const int64_t rows = n / calls + (i < n % calls ? 1 : 0);
+    fn(b, rows);
+    b += rows;
+  }
+}
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 // y[r, :] (+)= x[r, :K] @ panel (+ bias) for r < R: x rows `x_stride` apart, the panel [K, NV * 16]
 // 64-byte aligned; zmm v of row r goes to y + r * y_stride + v * v_stride. Only the panel's first
 // `valid` columns are stored (a last panel's padding never is): each zmm's first `valid` floats
 // where they are one gate each of the same units (Gates), else the panel's first `valid` columns
-// (and `bias`, if not null, holds those columns' biases, laid out as a row of y).
-template <int R, int NV, bool Gates, bool Accumulate>
+// (and `bias`, if not null, holds those columns' biases, laid out as a row of y). Accumulate adds
+// the product to y at the end (a sum of K terms, then one rounding into y).
+// Transposed, the weight gradient's form y (+)= x^T panel: row r of the product is column r of x
+// (x[k * x_stride + r]), and the panel is a plain row-major matrix, its row k at panel +
+// k * panel_stride, read only in its first `valid` columns (nothing packed: see
+// add_transposed_product).
+template <int R, int NV, bool Gates, bool Accumulate, bool Transposed = false>
 __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, int64_t x_stride,
-                                                   const float* __restrict__ panel, int64_t K, float* __restrict__ y,
-                                                   int64_t y_stride, int64_t v_stride, int64_t valid,
-                                                   const float* __restrict__ bias) {
+                                                   const float* __restrict__ panel, int64_t panel_stride, int64_t K,
+                                                   float* __restrict__ y, int64_t y_stride, int64_t v_stride,
+                                                   int64_t valid, const float* __restrict__ bias) {
   __mmask16 mask[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
@@ -541,19 +558,17 @@ __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, 
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      acc[r][v] = Accumulate ? _mm512_maskz_loadu_ps(mask[v], y + r * y_stride + v * v_stride)
-                  : bias      ? _mm512_maskz_loadu_ps(mask[v], bias + v * v_stride)
-                              : _mm512_setzero_ps();
-    }
+    for (int v = 0; v < NV; ++v) acc[r][v] = bias ? _mm512_maskz_loadu_ps(mask[v], bias + v * v_stride) : _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) w[v] = _mm512_load_ps(panel + (k * NV + v) * kLanes);
+    for (int v = 0; v < NV; ++v) {
+      w[v] = _mm512_load_ps(panel + k * panel_stride + v * kLanes);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * x_stride + k]);
+      const __m512 xr = _mm512_set1_ps(Transposed ? x[k * x_stride + r] : x[r * x_stride + k]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xr, w[v], acc[r][v]);
     }
@@ -561,31 +576,94 @@ __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, 
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(y + r * y_stride + v * v_stride, mask[v], acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      float* out = y + r * y_stride + v * v_stride;
+      if (Accumulate) acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(mask[v], out));
+      _mm512_mask_storeu_ps(out, mask[v], acc[r][v]);
+    }
   }
 }
 
-// The same for `rows` rows (1 .. 24 / NV).
-template <int NV, bool Gates, bool Accumulate = false>
-void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* panel, int64_t K, float* y,
-                   int64_t y_stride, int64_t v_stride, int64_t valid, const float* bias = nullptr) {
+// Calls fn(std::integral_constant<int, R>{}) for R = rows (1 .. 24 / NV): the tiles' row counts
+// are template parameters.
+template <int NV, typename F>
+void with_tile_rows(int64_t rows, const F& fn) {
   switch (rows) {
 #define FUSED_RNN_PANEL_ROWS(R)                                                                    \
   case R:                                                                                          \
-    if constexpr (NV * R <= kAccumulators) {                                                      \
-      return panel_tile<R, NV, Gates, Accumulate>(x, x_stride, panel, K, y, y_stride, v_stride, valid, bias); \
-    }                                                                                              \
+    if constexpr (NV * R <= kAccumulators) return fn(std::integral_constant<int, R>{});           \
     break;
     FUSED_RNN_PANEL_ROWS(1) FUSED_RNN_PANEL_ROWS(2) FUSED_RNN_PANEL_ROWS(3) FUSED_RNN_PANEL_ROWS(4)
     FUSED_RNN_PANEL_ROWS(5) FUSED_RNN_PANEL_ROWS(6) FUSED_RNN_PANEL_ROWS(7) FUSED_RNN_PANEL_ROWS(8)
 #undef FUSED_RNN_PANEL_ROWS
   }
-  TORCH_CHECK(false, "panel_product: ", rows, " rows");
+  TORCH_CHECK(false, "panel products: ", rows, " rows");
+}
+
+// panel_tile for `rows` rows (1 .. 24 / NV), the panel packed (pack_panels).
+template <int NV, bool Gates, bool Accumulate = false>
+void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* panel, int64_t K, float* y,
+                   int64_t y_stride, int64_t v_stride, int64_t valid, const float* bias = nullptr) {
+  with_tile_rows<NV>(rows, [&](auto R) {
+    panel_tile<R.value, NV, Gates, Accumulate>(x, x_stride, panel, NV * kLanes, K, y, y_stride, v_stride, valid, bias);
+  });
+}
+
+// dst[:n] = src[:n] for n <= 16 floats: one masked load and store.
+__attribute__((target("avx512f"))) inline void copy_floats(const float* src, float* dst, int64_t n) {
+  const __mmask16 mask = __mmask16((1u << n) - 1);
+  _mm512_mask_storeu_ps(dst, mask, _mm512_maskz_loadu_ps(mask, src));
+}
+
+// c[M, N] += a^T b for float32 a [K, M] and b [K, N], rows a_stride, b_stride, c_stride apart:
+// the weight gradients sum_t dz_t^T h_t. Each thread takes its share of c's rows and runs all of K
+// over them in blocks of kDepth steps: per block it packs b's rows into panels of 64 columns (as
+// pack_columns does a weight: 32 KB each) and its rows of a into strips of each tile's columns,
+// k-major (the tile's broadcasts, read in order, 3 KB), then multiplies each strip (in L1) by
+// every panel (from L2), adding a sum of kDepth terms to c. c's bits do not depend on the thread count, and a sum's rounding grows with
+// kDepth + K / kDepth terms, not K.
+constexpr int64_t kDepth = 128;
+void add_transposed_product(const float* a, int64_t a_stride, const float* b, int64_t b_stride, int64_t K, int64_t M,
+                            int64_t N, float* c, int64_t c_stride) {
+  constexpr int64_t NV = 4, width = NV * kLanes, rows_per_call = kAccumulators / NV;
+  const int64_t panels = (N + width - 1) / width;
+  at::parallel_for(0, M, rows_per_call, [&](int64_t m0, int64_t m1) {
+    at::Tensor packed = at::empty({panels, kDepth, width}, at::kFloat), strips = at::empty({m1 - m0, kDepth}, at::kFloat);
+    float* pk = packed.data_ptr<float>();
+    float* st = strips.data_ptr<float>();
+    for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, K - k0);
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t n0 = p * width, n = std::min(width, N - n0);
+        for (int64_t k = 0; k < depth; ++k) {
+          float* dst = pk + (p * depth + k) * width;
+          std::copy(b + (k0 + k) * b_stride + n0, b + (k0 + k) * b_stride + n0 + n, dst);
+          std::fill(dst + n, dst + width, 0.0f);
+        }
+      }
+      for_each_row_call(m0, m1, rows_per_call, [&](int64_t m, int64_t rows) {
+        float* strip = st + (m - m0) * depth;
+        for (int64_t k = 0; k < depth; ++k) copy_floats(a + (k0 + k) * a_stride + m, strip + k * rows, rows);
+      });
+      for_each_row_call(m0, m1, rows_per_call, [&](int64_t m, int64_t rows) {
+        with_tile_rows<NV>(rows, [&](auto R) {
+          for (int64_t p = 0; p < panels; ++p) {
+            panel_tile<R.value, NV, false, true, true>(st + (m - m0) * depth, rows, pk + p * depth * width, width,
+                                                       depth, c + m * c_stride + p * width, c_stride, kLanes,
+                                                       N - p * width, nullptr);
+          }
+        });
+      });
+    }
+  });
 }
 #else
 template <int NV, bool Gates, bool Accumulate = false>
 void panel_product(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t,
                    const float* = nullptr) {
+  TORCH_CHECK(false, "panel products need AVX-512");
+}
+void add_transposed_product(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {
   TORCH_CHECK(false, "panel products need AVX-512");
 }
 #endif
@@ -596,6 +674,19 @@ template <int NV, bool Gates, bool Accumulate = false>
 void panel_product(const double*, int64_t, int64_t, const float*, int64_t, double*, int64_t, int64_t, int64_t,
                    const double* = nullptr) {
   TORCH_CHECK(false, "panel products are float32 only");
+}
+
+// grad_w [M, N] += d^T x for d [K, M] and x [K, N]: the weight gradients. On the panel products
+// where they run (float32, AVX-512; rows with unit stride), else addmm_.
+void add_weight_gradient(at::Tensor& grad_w, const at::Tensor& d, const at::Tensor& x) {
+  if (d.size(0) == 0) return;
+  if (grad_w.scalar_type() == at::kFloat && panel_products_here() && grad_w.is_contiguous() && d.stride(1) == 1 &&
+      x.stride(1) == 1) {
+    add_transposed_product(d.data_ptr<float>(), d.stride(0), x.data_ptr<float>(), x.stride(0), d.size(0), d.size(1),
+                           x.size(1), grad_w.data_ptr<float>(), grad_w.size(1));
+  } else {
+    grad_w.addmm_(d.t(), x);
+  }
 }
 
 // Packs a weight into panels of NV * 16 columns: packed[p, k, v] = value(column_of(p, v), k), zeros
@@ -615,18 +706,6 @@ at::Tensor pack_panels(int64_t panels, int64_t NV, int64_t K, const ColumnOf& co
     }
   });
   return packed;
-}
-
-// Splits n rows into calls of at most `most` rows, as even as possible (5 x 6 + 2 would leave the
-// last call with 2 rows: 6, 6, 5, 5, 5, 5 keeps every call's accumulators busy).
-template <typename F>
-void for_each_row_call(int64_t begin, int64_t end, int64_t most, const F& fn) {
-  const int64_t n = end - begin, calls = (n + most - 1) / most;
-  for (int64_t i = 0, b = begin; i < calls; ++i) {
-    const int64_t rows = n / calls + (i < n % calls ? 1 : 0);
-    fn(b, rows);
-    b += rows;
-  }
 }
 
 // Products with panels of 64 consecutive output columns (NV = 4): rows per kernel call.
@@ -975,13 +1054,13 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
           // The states' share here (the course's input share after the loop): step t multiplies
           // h_t, which is out[t - 1], or h0 for t = 0 (nothing to add without h0).
           const int64_t lo = first == 0 ? 1 : 0;
-          if (first == 0 && has_h0) grad_w_h.addmm_(dz[0].t(), h0);  // (slot 0 is step 0 either way)
+          if (first == 0 && has_h0) add_weight_gradient(grad_w_h, dz[0], h0);  // (slot 0 is step 0 either way)
           if (steps > lo) {
-            grad_w_h.addmm_(dz_rows.narrow(0, lo * B, (steps - lo) * B).t(),
-                            states.narrow(0, (first + lo - 1) * B, (steps - lo) * B));
+            add_weight_gradient(grad_w_h, dz_rows.narrow(0, lo * B, (steps - lo) * B),
+                                states.narrow(0, (first + lo - 1) * B, (steps - lo) * B));
           }
         } else {
-          grad_w_h.addmm_(dz_rows.t(), a.view({chunk * B, H}).narrow(0, 0, steps * B));
+          add_weight_gradient(grad_w_h, dz_rows, a.view({chunk * B, H}).narrow(0, 0, steps * B));
         }
       }
     }
@@ -993,7 +1072,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
     if (by_token) {
       at::Tensor dz_by_token = at::empty({V, H}, out.options());
       sum_blocks(sums_p, nblocks, V * H, dz_by_token.data_ptr<scalar_t>());
-      grad_w_h.addmm_(dz_by_token.t(), at::relu(proj));
+      add_weight_gradient(grad_w_h, dz_by_token, at::relu(proj));
       grad_proj = at::mm(dz_by_token, w_h);
       scalar_t* g_p = grad_proj.data_ptr<scalar_t>();
       for (int64_t i = 0; i < V * H; ++i) g_p[i] = proj_p[i] <= scalar_t(0) ? scalar_t(0) : g_p[i];
@@ -1298,7 +1377,7 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
             add_rows(g_p + b * P, carry_p + b * P, gh_p + b * P, P);
             lstm_m_row(sv_p + b * 4 * H, cs_p + (t * B + b) * H, m_p + b * H, H);
           });
-          grad_w_hr.addmm_(gh.t(), m);  // h_t = m_t W_hr^T
+          add_weight_gradient(grad_w_hr, gh, m);  // h_t = m_t W_hr^T
           gm_t = (*projection_back)(gh, gm);
           g_p = gm_t.data_ptr<scalar_t>();
           carry_p = zeros_row.data_ptr<scalar_t>();
@@ -1326,8 +1405,11 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
   }
   // dW_hh = sum_t da_t^T h_{t-1}: h_1..h_{T-1} are out[0..T-2], one block; h_0 on its own.
   at::Tensor grad_w_hh = at::zeros({GH, P}, w_hh.options());
-  if (T > 1) grad_w_hh.addmm_(da.narrow(0, 1, T - 1).view({(T - 1) * B, GH}).t(), out.narrow(0, 0, T - 1).view({(T - 1) * B, P}));
-  if (has_h0) grad_w_hh.addmm_(da[0].t(), h0);
+  if (T > 1) {
+    add_weight_gradient(grad_w_hh, da.narrow(0, 1, T - 1).view({(T - 1) * B, GH}),
+                        out.narrow(0, 0, T - 1).view({(T - 1) * B, P}));
+  }
+  if (has_h0) add_weight_gradient(grad_w_hh, da[0], h0);
   c10::optional<at::Tensor> grad_b_hh, grad_h0, grad_c0, grad_w_hr_out;
   if (has_hidden_bias) grad_b_hh = da.view({T * B, GH}).sum(0);
   grad_h0 = has_h0 ? carry_h : at::zeros({B, P}, w_hh.options());
@@ -1452,6 +1534,21 @@ at::Tensor panel_matmul(const at::Tensor& x_in, const at::Tensor& w_in, const c1
   return y;
 }
 
+// d^T x for float32 d [K, M] and x [K, N] on the panel products: a linear layer's weight gradient
+// (fused_rnn/ops/projection.py).
+at::Tensor weight_gradient(const at::Tensor& d_in, const at::Tensor& x_in) {
+  TORCH_CHECK_VALUE(panel_products_here(), "weight_gradient needs a CPU with AVX-512 (and the panel products on)");
+  TORCH_CHECK_TYPE(d_in.scalar_type() == at::kFloat && x_in.scalar_type() == at::kFloat,
+                   "weight_gradient takes float32, got ", d_in.scalar_type(), " and ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(d_in.dim() == 2 && x_in.dim() == 2 && d_in.device().is_cpu() && x_in.device().is_cpu() &&
+                        d_in.size(0) == x_in.size(0),
+                    "weight_gradient takes 2-d CPU tensors with as many rows, got ", d_in.sizes(), " and ", x_in.sizes());
+  const at::Tensor d = d_in.contiguous(), x = x_in.contiguous();
+  at::Tensor grad_w = at::zeros({d.size(1), x.size(1)}, d.options());
+  if (grad_w.numel() > 0) add_weight_gradient(grad_w, d, x);
+  return grad_w;
+}
+
 size_t release_cached_buffers() { return buffer_cache().release(); }
 
 size_t cached_buffer_bytes() { return buffer_cache().idle_bytes(); }
@@ -1467,6 +1564,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_products_here", &panel_products_here, "whether the panel products run on this machine now");
   m.def("panel_matmul", &panel_matmul, "x W^T + b (transpose_w) or x W + b in float32 on the panel products",
         py::arg("x"), py::arg("w"), py::arg("b"), py::arg("transpose_w"));
+  m.def("weight_gradient", &weight_gradient, "d^T x in float32 on the panel products (a weight gradient)",
+        py::arg("d"), py::arg("x"));
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course");
   m.def("rnn_bwd", &rnn_bwd,

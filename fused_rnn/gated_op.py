@@ -67,6 +67,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved)
     ctx.backend, ctx.allow_tf32, ctx.cell = backend, allow_tf32, cell
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no [T, B, 4H] of zeros for saved (nor for an unused cs): None
 
 
 def _double_backward_grads(ctx, grad_out, grad_cs):

@@ -64,6 +64,7 @@ def _recurrence_setup_context(ctx, inputs, output):
     proj, ids, w_h, b_h, h0, backend, allow_tf32, cell = inputs
     ctx.save_for_backward(proj, ids, w_h, b_h, output[0], h0)
     ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell = b_h is not None, backend, allow_tf32, cell
+    ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not zeros
 
 
 def _recomputed(proj, ids, w_h, b_h, h0, backend, cell, dtype):

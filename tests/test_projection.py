@@ -71,3 +71,31 @@ def test_panel_matmul_refuses_what_it_cannot_multiply():
         ext.panel_matmul(torch.ones(2, 3), torch.ones(4, 3), torch.ones(5), True)
     assert torch.equal(ext.panel_matmul(torch.ones(2, 0), torch.ones(4, 0), torch.arange(4.0), True),
                        torch.arange(4.0).expand(2, 4))
+
+
+@pytest.mark.parametrize("shape", [(300, 77, 70), (1, 1, 1), (129, 6, 64), (5, 200, 3)], ids=lambda s: "K{}-M{}-N{}".format(*s))
+def test_weight_gradient_is_dT_x_whatever_the_thread_count(shape):
+    """The panel products' weight gradient d^T x: within fp32 rounding of float64 (K over several
+    blocks of rows, M in uneven tiles, N over a padded panel), non-contiguous inputs, the same bits
+    on one thread and on two; and one-line refusals."""
+    if cpu_ext.unavailable_reason() is not None or not cpu_ext.load().panel_products_here():
+        pytest.skip("the panel products need the C++ extension on a CPU with AVX-512")
+    ext = cpu_ext.load()
+    K, M, N = shape
+    g = torch.Generator().manual_seed(K)
+    d, x = torch.randn(M, K, generator=g).t(), torch.randn(K, N, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(ext.weight_gradient(d, x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    assert rel_err(results[0], d.double().t() @ x.double()) < 1e-6
+    with pytest.raises(ValueError, match="as many rows"):
+        ext.weight_gradient(torch.ones(2, 3), torch.ones(4, 3))
+    with pytest.raises(TypeError, match="float32"):
+        ext.weight_gradient(torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
+    assert torch.equal(ext.weight_gradient(torch.ones(0, 3), torch.ones(0, 2)), torch.zeros(3, 2))

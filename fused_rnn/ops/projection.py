@@ -5,8 +5,9 @@ Float32 CPU tensors take, in order of preference, the C++ extension's panel prod
 is already loaded) or torch's own oneDNN ops (``mkldnn::_reorder_linear_weight`` and
 ``mkldnn::_linear_pointwise``, the ops inductor's CPU path uses; private, so probed once). Every
 other case (other devices and dtypes, torch.compile, torch.func transforms, neither provider)
-takes ``F.linear``. The backward is F.linear's; its ``grad @ W`` on the panel products too, except
-under ``create_graph`` (double backward), where it stays in plain differentiable ops.
+takes ``F.linear``. The backward is F.linear's; its ``grad @ W`` and ``grad^T x`` on the panel
+products too, except under ``create_graph`` (double backward), where it stays in plain
+differentiable ops.
 Timings: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -66,14 +67,16 @@ class _PackedLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
+        ext = None if torch.is_grad_enabled() else panel_products()  # create_graph: differentiable ops
+        if ext is not None and grad.dtype != torch.float32:
+            ext = None
         if ctx.needs_input_grad[0]:
-            ext = None if torch.is_grad_enabled() else panel_products()  # create_graph: differentiable ops
-            if ext is not None and grad.dtype == torch.float32:
+            if ext is not None:
                 grad_x = ext.panel_matmul(grad_rows, w, None, False).reshape(*grad.shape[:-1], w.shape[1])
             else:
                 grad_x = grad @ w
         if ctx.needs_input_grad[1]:
-            grad_w = grad_rows.t() @ rows
+            grad_w = ext.weight_gradient(grad_rows, rows) if ext is not None else grad_rows.t() @ rows
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_rows.sum(0)
         return grad_x, grad_w, grad_b
