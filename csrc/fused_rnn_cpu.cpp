@@ -39,6 +39,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -50,6 +51,7 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #include <immintrin.h>
+#include <x86intrin.h>
 #endif
 
 namespace {
@@ -584,14 +586,26 @@ __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, 
   }
 }
 
+// Product timing (benchmarks/product_rate.py): while timing_products is on, every panel tile adds
+// the time stamp counter ticks it took to product_ticks (all threads), so that a benchmark can
+// tell the products' own FLOP rate inside a recurrence from the time of the work around them.
+std::atomic<bool> timing_products{false};
+std::atomic<uint64_t> product_ticks{0};
+
 // Calls fn(std::integral_constant<int, R>{}) for R = rows (1 .. 24 / NV): the tiles' row counts
 // are template parameters.
 template <int NV, typename F>
 void with_tile_rows(int64_t rows, const F& fn) {
+  const bool timed = timing_products.load(std::memory_order_relaxed);
+  const uint64_t start = timed ? __rdtsc() : 0;
   switch (rows) {
 #define FUSED_RNN_PANEL_ROWS(R)                                                                    \
   case R:                                                                                          \
-    if constexpr (NV * R <= kAccumulators) return fn(std::integral_constant<int, R>{});           \
+    if constexpr (NV * R <= kAccumulators) {                                                      \
+      fn(std::integral_constant<int, R>{});                                                        \
+      if (timed) product_ticks.fetch_add(__rdtsc() - start, std::memory_order_relaxed);           \
+      return;                                                                                      \
+    }                                                                                              \
     break;
     FUSED_RNN_PANEL_ROWS(1) FUSED_RNN_PANEL_ROWS(2) FUSED_RNN_PANEL_ROWS(3) FUSED_RNN_PANEL_ROWS(4)
     FUSED_RNN_PANEL_ROWS(5) FUSED_RNN_PANEL_ROWS(6) FUSED_RNN_PANEL_ROWS(7) FUSED_RNN_PANEL_ROWS(8)
@@ -609,10 +623,18 @@ void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* 
   });
 }
 
-// dst[:n] = src[:n] for n <= 16 floats: one masked load and store.
-__attribute__((target("avx512f"))) inline void copy_floats(const float* src, float* dst, int64_t n) {
-  const __mmask16 mask = __mmask16((1u << n) - 1);
-  _mm512_mask_storeu_ps(dst, mask, _mm512_maskz_loadu_ps(mask, src));
+// strip[k * rows + r] = a[k * a_stride + r] for k < depth, r < rows (<= 16), and, if sums is not
+// null, sums[r] += the sum of those `depth` values (a bias gradient's share of the block).
+__attribute__((target("avx512f"))) void pack_strip(const float* a, int64_t a_stride, int64_t depth, int64_t rows,
+                                                   float* strip, float* sums) {
+  const __mmask16 mask = __mmask16((1u << rows) - 1);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < depth; ++k) {
+    const __m512 v = _mm512_maskz_loadu_ps(mask, a + k * a_stride);
+    _mm512_mask_storeu_ps(strip + k * rows, mask, v);
+    sum = _mm512_add_ps(sum, v);
+  }
+  if (sums != nullptr) _mm512_mask_storeu_ps(sums, mask, _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, sums)));
 }
 
 // c[M, N] += a^T b for float32 a [K, M] and b [K, N], rows a_stride, b_stride, c_stride apart:
@@ -620,11 +642,13 @@ __attribute__((target("avx512f"))) inline void copy_floats(const float* src, flo
 // over them in blocks of kDepth steps: per block it packs b's rows into panels of 64 columns (as
 // pack_columns does a weight: 32 KB each) and its rows of a into strips of each tile's columns,
 // k-major (the tile's broadcasts, read in order, 3 KB), then multiplies each strip (in L1) by
-// every panel (from L2), adding a sum of kDepth terms to c. c's bits do not depend on the thread count, and a sum's rounding grows with
-// kDepth + K / kDepth terms, not K.
+// every panel (from L2), adding a sum of kDepth terms to c. c's bits do not depend on the thread
+// count, and a sum's rounding grows with kDepth + K / kDepth terms, not K. With column_sums (not
+// null), column_sums[m] += sum_k a[k, m] too, summed alike while a is packed: the bias gradient
+// that goes with the weight gradient, without another pass over a.
 constexpr int64_t kDepth = 128;
 void add_transposed_product(const float* a, int64_t a_stride, const float* b, int64_t b_stride, int64_t K, int64_t M,
-                            int64_t N, float* c, int64_t c_stride) {
+                            int64_t N, float* c, int64_t c_stride, float* column_sums) {
   constexpr int64_t NV = 4, width = NV * kLanes, rows_per_call = kAccumulators / NV;
   const int64_t panels = (N + width - 1) / width;
   at::parallel_for(0, M, rows_per_call, [&](int64_t m0, int64_t m1) {
@@ -642,8 +666,8 @@ void add_transposed_product(const float* a, int64_t a_stride, const float* b, in
         }
       }
       for_each_row_call(m0, m1, rows_per_call, [&](int64_t m, int64_t rows) {
-        float* strip = st + (m - m0) * depth;
-        for (int64_t k = 0; k < depth; ++k) copy_floats(a + (k0 + k) * a_stride + m, strip + k * rows, rows);
+        pack_strip(a + k0 * a_stride + m, a_stride, depth, rows, st + (m - m0) * depth,
+                   column_sums != nullptr ? column_sums + m : nullptr);
       });
       for_each_row_call(m0, m1, rows_per_call, [&](int64_t m, int64_t rows) {
         with_tile_rows<NV>(rows, [&](auto R) {
@@ -663,7 +687,8 @@ void panel_product(const float*, int64_t, int64_t, const float*, int64_t, float*
                    const float* = nullptr) {
   TORCH_CHECK(false, "panel products need AVX-512");
 }
-void add_transposed_product(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t) {
+void add_transposed_product(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
+                            float*) {
   TORCH_CHECK(false, "panel products need AVX-512");
 }
 #endif
@@ -676,16 +701,19 @@ void panel_product(const double*, int64_t, int64_t, const float*, int64_t, doubl
   TORCH_CHECK(false, "panel products are float32 only");
 }
 
-// grad_w [M, N] += d^T x for d [K, M] and x [K, N]: the weight gradients. On the panel products
-// where they run (float32, AVX-512; rows with unit stride), else addmm_.
-void add_weight_gradient(at::Tensor& grad_w, const at::Tensor& d, const at::Tensor& x) {
+// grad_w [M, N] += d^T x for d [K, M] and x [K, N]: the weight gradients; and, if grad_b is given
+// ([M], contiguous), grad_b += d's column sums (the bias gradient). On the panel products where
+// they run (float32, AVX-512; rows with unit stride), else addmm_ and sum.
+void add_weight_gradient(at::Tensor& grad_w, const at::Tensor& d, const at::Tensor& x, at::Tensor* grad_b = nullptr) {
   if (d.size(0) == 0) return;
   if (grad_w.scalar_type() == at::kFloat && panel_products_here() && grad_w.is_contiguous() && d.stride(1) == 1 &&
       x.stride(1) == 1) {
     add_transposed_product(d.data_ptr<float>(), d.stride(0), x.data_ptr<float>(), x.stride(0), d.size(0), d.size(1),
-                           x.size(1), grad_w.data_ptr<float>(), grad_w.size(1));
+                           x.size(1), grad_w.data_ptr<float>(), grad_w.size(1),
+                           grad_b != nullptr ? grad_b->data_ptr<float>() : nullptr);
   } else {
     grad_w.addmm_(d.t(), x);
+    if (grad_b != nullptr) grad_b->add_(d.sum(0));
   }
 }
 
@@ -1403,15 +1431,22 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
       }
     });
   }
-  // dW_hh = sum_t da_t^T h_{t-1}: h_1..h_{T-1} are out[0..T-2], one block; h_0 on its own.
+  // dW_hh = sum_t da_t^T h_{t-1}: h_1..h_{T-1} are out[0..T-2], one block; h_0 on its own;
+  // and db_hh = sum_t da_t, summed with it.
   at::Tensor grad_w_hh = at::zeros({GH, P}, w_hh.options());
+  at::Tensor grad_b = has_hidden_bias ? at::zeros({GH}, w_hh.options()) : at::Tensor();
+  at::Tensor* db = has_hidden_bias ? &grad_b : nullptr;
   if (T > 1) {
     add_weight_gradient(grad_w_hh, da.narrow(0, 1, T - 1).view({(T - 1) * B, GH}),
-                        out.narrow(0, 0, T - 1).view({(T - 1) * B, P}));
+                        out.narrow(0, 0, T - 1).view({(T - 1) * B, P}), db);
   }
-  if (has_h0) add_weight_gradient(grad_w_hh, da[0], h0);
+  if (has_h0) {
+    add_weight_gradient(grad_w_hh, da[0], h0, db);
+  } else if (has_hidden_bias) {
+    grad_b.add_(da[0].sum(0));
+  }
   c10::optional<at::Tensor> grad_b_hh, grad_h0, grad_c0, grad_w_hr_out;
-  if (has_hidden_bias) grad_b_hh = da.view({T * B, GH}).sum(0);
+  if (has_hidden_bias) grad_b_hh = grad_b;
   grad_h0 = has_h0 ? carry_h : at::zeros({B, P}, w_hh.options());
   if (Cell::kCellState) grad_c0 = carry_c;
   if (proj) grad_w_hr_out = grad_w_hr;
@@ -1534,9 +1569,9 @@ at::Tensor panel_matmul(const at::Tensor& x_in, const at::Tensor& w_in, const c1
   return y;
 }
 
-// d^T x for float32 d [K, M] and x [K, N] on the panel products: a linear layer's weight gradient
-// (fused_rnn/ops/projection.py).
-at::Tensor weight_gradient(const at::Tensor& d_in, const at::Tensor& x_in) {
+// (d^T x, d's column sums if bias) for float32 d [K, M] and x [K, N] on the panel products: a
+// linear layer's weight (and bias) gradient (fused_rnn/ops/projection.py).
+std::vector<c10::optional<at::Tensor>> weight_gradient(const at::Tensor& d_in, const at::Tensor& x_in, bool bias) {
   TORCH_CHECK_VALUE(panel_products_here(), "weight_gradient needs a CPU with AVX-512 (and the panel products on)");
   TORCH_CHECK_TYPE(d_in.scalar_type() == at::kFloat && x_in.scalar_type() == at::kFloat,
                    "weight_gradient takes float32, got ", d_in.scalar_type(), " and ", x_in.scalar_type());
@@ -1545,8 +1580,32 @@ at::Tensor weight_gradient(const at::Tensor& d_in, const at::Tensor& x_in) {
                     "weight_gradient takes 2-d CPU tensors with as many rows, got ", d_in.sizes(), " and ", x_in.sizes());
   const at::Tensor d = d_in.contiguous(), x = x_in.contiguous();
   at::Tensor grad_w = at::zeros({d.size(1), x.size(1)}, d.options());
-  if (grad_w.numel() > 0) add_weight_gradient(grad_w, d, x);
-  return grad_w;
+  at::Tensor grad_b = bias ? at::zeros({d.size(1)}, d.options()) : at::Tensor();
+  if (grad_w.numel() > 0) {
+    add_weight_gradient(grad_w, d, x, bias ? &grad_b : nullptr);
+  } else if (bias) {
+    grad_b.add_(d.sum(0));
+  }
+  return {grad_w, bias ? c10::make_optional(grad_b) : c10::nullopt};
+}
+
+// Switches the product timing on or off; returns the ticks counted since the last call (and
+// starts again from zero).
+uint64_t time_products(bool on) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  timing_products = on;
+  return product_ticks.exchange(0);
+#else
+  return 0;
+#endif
+}
+
+uint64_t ticks_now() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  return __rdtsc();
+#else
+  return 0;
+#endif
 }
 
 size_t release_cached_buffers() { return buffer_cache().release(); }
@@ -1564,8 +1623,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_products_here", &panel_products_here, "whether the panel products run on this machine now");
   m.def("panel_matmul", &panel_matmul, "x W^T + b (transpose_w) or x W + b in float32 on the panel products",
         py::arg("x"), py::arg("w"), py::arg("b"), py::arg("transpose_w"));
-  m.def("weight_gradient", &weight_gradient, "d^T x in float32 on the panel products (a weight gradient)",
-        py::arg("d"), py::arg("x"));
+  m.def("time_products", &time_products,
+        "switch the panel products' tick count on or off (benchmarks); returns the ticks counted since "
+        "the last call, all threads together", py::arg("on"));
+  m.def("ticks_now", &ticks_now, "the time stamp counter now (to convert ticks to seconds)");
+  m.def("weight_gradient", &weight_gradient,
+        "(d^T x, d.sum(0) if bias else None) in float32 on the panel products (a weight and bias gradient)",
+        py::arg("d"), py::arg("x"), py::arg("bias") = false);
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course");
   m.def("rnn_bwd", &rnn_bwd,

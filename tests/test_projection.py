@@ -73,11 +73,12 @@ def test_panel_matmul_refuses_what_it_cannot_multiply():
                        torch.arange(4.0).expand(2, 4))
 
 
-@pytest.mark.parametrize("shape", [(300, 77, 70), (1, 1, 1), (129, 6, 64), (5, 200, 3)], ids=lambda s: "K{}-M{}-N{}".format(*s))
+@pytest.mark.parametrize("shape", [(300, 77, 70), (1, 1, 1), (129, 6, 64), (5, 200, 3), (7, 3, 0)],
+                         ids=lambda s: "K{}-M{}-N{}".format(*s))
 def test_weight_gradient_is_dT_x_whatever_the_thread_count(shape):
-    """The panel products' weight gradient d^T x: within fp32 rounding of float64 (K over several
-    blocks of rows, M in uneven tiles, N over a padded panel), non-contiguous inputs, the same bits
-    on one thread and on two; and one-line refusals."""
+    """The panel products' weight and bias gradients (d^T x, d.sum(0)): within fp32 rounding of
+    float64 (K over several blocks of rows, M in uneven tiles, N over a padded panel, or none),
+    non-contiguous inputs, the same bits on one thread and on two; and one-line refusals."""
     if cpu_ext.unavailable_reason() is not None or not cpu_ext.load().panel_products_here():
         pytest.skip("the panel products need the C++ extension on a CPU with AVX-512")
     ext = cpu_ext.load()
@@ -89,13 +90,17 @@ def test_weight_gradient_is_dT_x_whatever_the_thread_count(shape):
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(ext.weight_gradient(d, x))
+            results.append(ext.weight_gradient(d, x, True))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
-    assert rel_err(results[0], d.double().t() @ x.double()) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    grad_w, grad_b = results[0]
+    assert grad_w.shape == (M, N) and (N == 0 or rel_err(grad_w, d.double().t() @ x.double()) < 1e-6)
+    assert rel_err(grad_b, d.double().sum(0)) < 1e-6
+    assert ext.weight_gradient(d, x)[1] is None
     with pytest.raises(ValueError, match="as many rows"):
         ext.weight_gradient(torch.ones(2, 3), torch.ones(4, 3))
     with pytest.raises(TypeError, match="float32"):
         ext.weight_gradient(torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
-    assert torch.equal(ext.weight_gradient(torch.ones(0, 3), torch.ones(0, 2)), torch.zeros(3, 2))
+    empty_w, empty_b = ext.weight_gradient(torch.ones(0, 3), torch.ones(0, 2), True)
+    assert torch.equal(empty_w, torch.zeros(3, 2)) and torch.equal(empty_b, torch.zeros(3))

@@ -75,10 +75,12 @@ class _PackedLinear(torch.autograd.Function):
                 grad_x = ext.panel_matmul(grad_rows, w, None, False).reshape(*grad.shape[:-1], w.shape[1])
             else:
                 grad_x = grad @ w
-        if ctx.needs_input_grad[1]:
-            grad_w = ext.weight_gradient(grad_rows, rows) if ext is not None else grad_rows.t() @ rows
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_rows.sum(0)
+        bias = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1] and ext is not None:  # the bias gradient summed while grad is packed
+            grad_w, grad_b = ext.weight_gradient(grad_rows, rows, bias)
+        else:
+            grad_w = grad_rows.t() @ rows if ctx.needs_input_grad[1] else None
+            grad_b = grad_rows.sum(0) if bias else None
         return grad_x, grad_w, grad_b
 
 
