@@ -26,11 +26,12 @@
 // way, h W^T + relu(p) W^T, was measured to cost fp32 accuracy on saturated states: up to 11x
 // the eager loop's error; not done.)
 //
-// Per step: fused elementwise passes split over batch rows (at::parallel_for) around one GEMM
-// over the whole batch (multithreaded BLAS). Measured on 2 cores, this beat giving each thread
-// a block of rows and its own time loop by 10% in the backward and tied in the forward (twice),
-// but then the passes still ran on one thread (built without -fopenmp, at::parallel_for is
-// serial); with them on torch's threads it is 1-19% faster again (benchmarks/RESULTS.md).
+// The products: in float32 on an AVX-512 CPU the extension's own register-blocked kernel ("Panel
+// products" below): the forwards run each thread's batch rows through all T steps in one
+// parallel region, the backward's chain and weight gradients run on the same kernel. Elsewhere
+// (float64, no AVX-512, proj_size) per step fused elementwise passes split over batch rows
+// (at::parallel_for) around one GEMM over the whole batch (oneDNN with the weight packed once,
+// or at::mm). Measurements: benchmarks/RESULTS.md.
 #include <torch/extension.h>
 
 #include <ATen/Context.h>
