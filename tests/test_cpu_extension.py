@@ -254,3 +254,23 @@ def test_large_buffers_are_reused_and_released():
     out.resize_(T + 1, B, 4 * H)
     out[-1] = 1.0
     assert ext.release_cached_buffers() > 0 and ext.cached_buffer_bytes() == 0
+
+
+@pytest.mark.skipif(not _panels_here(), reason="the panel products need the C++ extension on a CPU with AVX-512")
+def test_product_timing_counts_only_while_on():
+    """benchmarks/product_rate.py's tick count: nothing while off, the panel tiles' ticks while on,
+    and each call hands over what it counted and starts again from zero."""
+    ext = cpu_ext.load()
+    q, w = torch.randn(4, 8, 4 * 16), torch.randn(4 * 16, 16)
+
+    def run():
+        ext.gated_fwd(q, w, None, torch.zeros(8, 16), None, None, "lstm", True)
+
+    ext.time_products(False)
+    run()
+    assert ext.time_products(False) == 0
+    ext.time_products(True)
+    run()
+    assert ext.time_products(False) > 0
+    run()
+    assert ext.time_products(False) == 0

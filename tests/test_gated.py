@@ -334,25 +334,27 @@ def test_cpu_inference_projects_inside_the_loop(kind, config, monkeypatch):
         torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,used", [("lstm", "output"), ("lstm", "h_n"), ("lstm", "c_n"), ("gru", "output"),
                                        ("gru", "h_n")])
-def test_gradient_through_one_result_alone(kind, used):
+def test_gradient_through_one_result_alone(kind, used, backend):
     """A loss on one result alone: the others' gradients reach the op as None (not materialized
     zeros), and every gradient is still torch's (float64)."""
     B, T, I, H = 3, 5, 4, 7
-    module = make_module(kind, I, H, 0, True, seed=5)
+    device = backend_device(backend)
+    module = make_module(kind, I, H, 0, True, seed=5).to(device)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(B, T, I, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, T, I, generator=g, dtype=torch.float64).to(device).requires_grad_()
     params = weights(module, kind)
     leaves = [x] + [t for t in params if t is not None]
     states = [None] if kind == "gru" else [None, None]
 
     def grads(out, finals):
         result = {"output": out, "h_n": finals[0], "c_n": finals[-1]}[used]
-        return torch.autograd.grad((result * torch.linspace(-1, 1, result.numel(), dtype=torch.float64)
-                                    .view(result.shape)).sum(), leaves)
+        weights = torch.linspace(-1, 1, result.numel(), dtype=torch.float64, device=device).view(result.shape)
+        return torch.autograd.grad((result * weights).sum(), leaves)
 
-    ours = grads(*call(kind, x, params, states, None, "cpu"))
+    ours = grads(*call(kind, x, params, states, None, backend))
     want = grads(*torch_call(module, kind, x, states, None))
     for got, expected in zip(ours, want):
         assert rel_err(got, expected) < 1e-10
