@@ -543,9 +543,8 @@ void for_each_row_call(int64_t begin, int64_t end, int64_t most, const F& fn) {
 // (and `bias`, if not null, holds those columns' biases, laid out as a row of y). Accumulate adds
 // the product to y at the end (a sum of K terms, then one rounding into y).
 // Transposed, the weight gradient's form y (+)= x^T panel: row r of the product is column r of x
-// (x[k * x_stride + r]), and the panel is a plain row-major matrix, its row k at panel +
-// k * panel_stride, read only in its first `valid` columns (nothing packed: see
-// add_transposed_product).
+// (x[k * x_stride + r]: a strip packed k-major, see add_transposed_product). The panel's row k is
+// at panel + k * panel_stride.
 template <int R, int NV, bool Gates, bool Accumulate, bool Transposed = false>
 __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, int64_t x_stride,
                                                    const float* __restrict__ panel, int64_t panel_stride, int64_t K,
@@ -566,9 +565,7 @@ __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, 
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      w[v] = _mm512_load_ps(panel + k * panel_stride + v * kLanes);
-    }
+    for (int v = 0; v < NV; ++v) w[v] = _mm512_load_ps(panel + k * panel_stride + v * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xr = _mm512_set1_ps(Transposed ? x[k * x_stride + r] : x[r * x_stride + k]);
