@@ -1026,67 +1026,100 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
     // c_{t+1} (the carry) and c_t: only two steps are ever live.
     at::Tensor c_next = grad_h_n.clone(at::MemoryFormat::Contiguous);
     at::Tensor c_t = at::empty({B, H}, out.options());
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
-      const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
-      const int64_t dz_slot = elman ? t : slot;
-      scalar_t* dz_t = dz_p + dz_slot * B * H;
-      auto gradient_row = [&](int64_t b, int64_t k) {
-        const scalar_t* g_out = go_p + b * go_sb + t * go_st;
-        scalar_t* db_k = has_bias ? db_p + k * H : nullptr;
-        Cell::gradient(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
-        if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
-      };
-      auto input_row = [&](const scalar_t* c_p, int64_t b) {  // the course's dp_t and a_t from c_t
-        const int64_t row = b * T + t;
-        relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
-                      a_p + (slot * B + b) * H, H);
-      };
-      const bool product = t > 0 || need_c0;
-      if (packed_w_h.defined()) {
-        // One region per step: per block of rows dz_t, then c_t = dz_t @ W_h on the panel products
-        // (W_h packed once per call), then the course's input rows.
-        const float* pk = packed_w_h.data_ptr<float>();
-        scalar_t* ct_p = c_t.data_ptr<scalar_t>();
-        for_each_block(B, block_rows, [&](int64_t b0, int64_t b1, int64_t k) {
-          for (int64_t b = b0; b < b1; ++b) gradient_row(b, k);
-          if (!product) return;
+    // The elman cells on the panel products: every row's chain is independent of the other rows',
+    // so each thread runs all T steps on its own rows in one parallel region (as the gated
+    // backward does); dz holds every step, so the weight gradient is one product after the loop.
+    if (elman && packed_w_h.defined()) {
+      const float* pk = packed_w_h.data_ptr<float>();
+      scalar_t* const carry[2] = {c_next.data_ptr<scalar_t>(), c_t.data_ptr<scalar_t>()};
+      for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
+        int live = 0;  // carry[live] holds c_{t+1} of these rows
+        for (int64_t t = T - 1; t >= 0; --t) {
+          scalar_t* dz_t = dz_p + t * B * H;
+          const scalar_t* cn = carry[live];
+          scalar_t* ct = carry[1 - live];
+          for (int64_t b = b0; b < b1; ++b) {
+            Cell::gradient(go_p + b * go_sb + t * go_st, cn + b * H, h_row(t + 1, b), dz_t + b * H,
+                           static_cast<scalar_t*>(nullptr), H);
+          }
+          if (t == 0 && !need_c0) break;
           for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
             for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
-              panel_product<4, false>(dz_t + b * H, H, rows, pk + p * H * kPanelColumns, H, ct_p + b * H + c, H,
+              panel_product<4, false>(dz_t + b * H, H, rows, pk + p * H * kPanelColumns, H, ct + b * H + c, H,
                                       kLanes, H - c);
             });
           }
-          if (!states_partner) {
-            for (int64_t b = b0; b < b1; ++b) input_row(ct_p, b);
-          }
-        });
-        if (product) std::swap(c_next, c_t);
-      } else {
-        for_each_row_by_block(B, gradient_row, block_rows);
-        if (product) {
-          at::mm_out(c_t, dz[dz_slot], w_h);  // c_t = dz_t @ W_h
-          std::swap(c_next, c_t);
+          live = 1 - live;
         }
-        if (!states_partner) {
-          const scalar_t* c_p = c_next.data_ptr<scalar_t>();
-          for_each_row_by_block(B, [&](int64_t b, int64_t) { input_row(c_p, b); });
-        }
+      });
+      if ((T - 1 + (need_c0 ? 1 : 0)) % 2 == 1) std::swap(c_next, c_t);  // c_0 where every thread left it
+      if (T > 1) {
+        add_weight_gradient(grad_w_h, dz.narrow(0, 1, T - 1).view({(T - 1) * B, H}), states.narrow(0, 0, (T - 1) * B));
       }
-      if (slot == 0) {  // the chunk's steps first..min(T, first + chunk) - 1 are done
-        const int64_t steps = std::min(T, first + chunk) - first;
-        const at::Tensor dz_rows = dz.view({dz.size(0) * B, H}).narrow(0, (elman ? first : 0) * B, steps * B);
-        if (states_partner) {
-          // The states' share here (the course's input share after the loop): step t multiplies
-          // h_t, which is out[t - 1], or h0 for t = 0 (nothing to add without h0).
-          const int64_t lo = first == 0 ? 1 : 0;
-          if (first == 0 && has_h0) add_weight_gradient(grad_w_h, dz[0], h0);  // (slot 0 is step 0 either way)
-          if (steps > lo) {
-            add_weight_gradient(grad_w_h, dz_rows.narrow(0, lo * B, (steps - lo) * B),
-                                states.narrow(0, (first + lo - 1) * B, (steps - lo) * B));
-          }
+      if (has_h0) add_weight_gradient(grad_w_h, dz[0], h0);
+    } else {
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
+        const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
+        const int64_t dz_slot = elman ? t : slot;
+        scalar_t* dz_t = dz_p + dz_slot * B * H;
+        auto gradient_row = [&](int64_t b, int64_t k) {
+          const scalar_t* g_out = go_p + b * go_sb + t * go_st;
+          scalar_t* db_k = has_bias ? db_p + k * H : nullptr;
+          Cell::gradient(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
+          if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
+        };
+        auto input_row = [&](const scalar_t* c_p, int64_t b) {  // the course's dp_t and a_t from c_t
+          const int64_t row = b * T + t;
+          relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
+                        a_p + (slot * B + b) * H, H);
+        };
+        const bool product = t > 0 || need_c0;
+        if (packed_w_h.defined()) {
+          // One region per step: per block of rows dz_t, then c_t = dz_t @ W_h on the panel products
+          // (W_h packed once per call), then the course's input rows.
+          const float* pk = packed_w_h.data_ptr<float>();
+          scalar_t* ct_p = c_t.data_ptr<scalar_t>();
+          for_each_block(B, block_rows, [&](int64_t b0, int64_t b1, int64_t k) {
+            for (int64_t b = b0; b < b1; ++b) gradient_row(b, k);
+            if (!product) return;
+            for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
+              for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
+                panel_product<4, false>(dz_t + b * H, H, rows, pk + p * H * kPanelColumns, H, ct_p + b * H + c, H,
+                                        kLanes, H - c);
+              });
+            }
+            if (!states_partner) {
+              for (int64_t b = b0; b < b1; ++b) input_row(ct_p, b);
+            }
+          });
+          if (product) std::swap(c_next, c_t);
         } else {
-          add_weight_gradient(grad_w_h, dz_rows, a.view({chunk * B, H}).narrow(0, 0, steps * B));
+          for_each_row_by_block(B, gradient_row, block_rows);
+          if (product) {
+            at::mm_out(c_t, dz[dz_slot], w_h);  // c_t = dz_t @ W_h
+            std::swap(c_next, c_t);
+          }
+          if (!states_partner) {
+            const scalar_t* c_p = c_next.data_ptr<scalar_t>();
+            for_each_row_by_block(B, [&](int64_t b, int64_t) { input_row(c_p, b); });
+          }
+        }
+        if (slot == 0) {  // the chunk's steps first..min(T, first + chunk) - 1 are done
+          const int64_t steps = std::min(T, first + chunk) - first;
+          const at::Tensor dz_rows = dz.view({dz.size(0) * B, H}).narrow(0, (elman ? first : 0) * B, steps * B);
+          if (states_partner) {
+            // The states' share here (the course's input share after the loop): step t multiplies
+            // h_t, which is out[t - 1], or h0 for t = 0 (nothing to add without h0).
+            const int64_t lo = first == 0 ? 1 : 0;
+            if (first == 0 && has_h0) add_weight_gradient(grad_w_h, dz[0], h0);  // (slot 0 is step 0 either way)
+            if (steps > lo) {
+              add_weight_gradient(grad_w_h, dz_rows.narrow(0, lo * B, (steps - lo) * B),
+                                  states.narrow(0, (first + lo - 1) * B, (steps - lo) * B));
+            }
+          } else {
+            add_weight_gradient(grad_w_h, dz_rows, a.view({chunk * B, H}).narrow(0, 0, steps * B));
+          }
         }
       }
     }

@@ -206,9 +206,9 @@ VANILLA_CELLS = {
 def test_panel_products_and_step_products_match_the_reference(cell, h0):
     """The one-gate cells' float32 forward and backward with the AVX-512 panel products and with
     the per-step GEMMs, each within fp32 rounding of the float64 reference: H = 70 (two 64-column
-    panels, the last padded), 23 rows (uneven kernel calls). The panel forward's bits do not
-    depend on the thread count (the course cell's input table comes from torch's own GEMM, whose
-    bits may: there, to rounding)."""
+    panels, the last padded), 23 rows (uneven kernel calls). The panel forward's and (the elman
+    cells) backward's bits do not depend on the thread count (the course cell's input table comes
+    from torch's own GEMM, whose bits may: there, to rounding)."""
     function, reference, problem = VANILLA_CELLS[cell]
     args = problem(23, 5, 70, h0)
     for on in (True, False):
@@ -216,17 +216,21 @@ def test_panel_products_and_step_products_match_the_reference(cell, h0):
             check_parity(args, torch.float32, "cpu", function, reference)
     threads = torch.get_num_threads()
     try:
-        outputs = []
+        results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            with torch.no_grad():
-                outputs.append(function(**args, backend="cpu")[0])
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()
+                      if torch.is_tensor(v) and v.is_floating_point()}
+            out = function(**{**args, **leaves}, backend="cpu")[0]
+            weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
+            results.append([out, *torch.autograd.grad((out * weights).sum(), list(leaves.values()))])
     finally:
         torch.set_num_threads(threads)
-    if cell.startswith("elman"):
-        assert torch.equal(outputs[0], outputs[1])
-    else:
-        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for one, two in zip(*results):
+        if cell.startswith("elman"):
+            assert torch.equal(one, two)
+        else:
+            assert rel_err(one, two) < 1e-5
 
 
 def test_large_buffers_are_reused_and_released():
