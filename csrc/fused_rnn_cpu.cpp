@@ -504,12 +504,13 @@ class StepProduct {
 // caller wants them. The gated forward's panels hold all G gates of 16 units (NV = G) and store
 // the product as the [rows, G*H] rows the cell's pointwise step reads, for a group of rows still
 // in L1/L2; every other product has panels of 64 consecutive columns (NV = 4). Every batch row is
-// independent of the others in the forward loops and the gated backward, so there each thread
-// runs the whole time loop on its own rows: one parallel region per call, no barrier, no per-step
-// dispatch, the weight packed once per call instead of once per step; a row gets the same bits
-// whatever the thread count. (The one-gate cells' backward sums over rows every chunk of steps: one
-// region per step there.) The StepProduct / at::mm path runs where this does not (float64, no
-// AVX-512, proj_size, or switched off by use_panel_products(false)).
+// independent of the others in the forward loops and in the gated and elman backwards, so there
+// each thread runs the whole time loop on its own rows: one parallel region per call, no barrier,
+// no per-step dispatch, the weight packed once per call instead of once per step; a row gets the
+// same bits whatever the thread count. (The course cell's backward sums over rows every chunk of
+// steps: one region per step there.) The weight gradients, after the loops, are products of the
+// same kernel (add_transposed_product). The StepProduct / at::mm path runs where this does not
+// (float64, no AVX-512, proj_size, or switched off by use_panel_products(false)).
 constexpr int64_t kLanes = 16;  // floats per zmm
 constexpr int64_t kAccumulators = 24;
 bool panel_products_on = true;
