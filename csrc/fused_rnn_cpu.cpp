@@ -716,6 +716,23 @@ void add_weight_gradient(at::Tensor& grad_w, const at::Tensor& d, const at::Tens
   }
 }
 
+// grad_w += sum_t d_t^T h_{t-1} for time-major d [T, B, M] and states out [T, B, N] (h_t =
+// out[t - 1]; h_0 = h0, or zeros without it): h_1..h_{T-1} are one block, h_0 on its own. And,
+// if grad_b is given, grad_b += sum_t d_t's column sums, summed with it.
+void add_recurrent_weight_gradient(at::Tensor& grad_w, const at::Tensor& d, const at::Tensor& out,
+                                   const at::Tensor& h0, bool has_h0, at::Tensor* grad_b = nullptr) {
+  const int64_t T = d.size(0), B = d.size(1);
+  if (T > 1) {
+    add_weight_gradient(grad_w, d.narrow(0, 1, T - 1).view({(T - 1) * B, d.size(2)}),
+                        out.narrow(0, 0, T - 1).view({(T - 1) * B, out.size(2)}), grad_b);
+  }
+  if (has_h0) {
+    add_weight_gradient(grad_w, d[0], h0, grad_b);
+  } else if (grad_b != nullptr) {
+    grad_b->add_(d[0].sum(0));
+  }
+}
+
 // Packs a weight into panels of NV * 16 columns: packed[p, k, v] = value(column_of(p, v), k), zeros
 // where column_of says -1 (the last panel's padding).
 template <typename ColumnOf, typename Value>
@@ -1054,10 +1071,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
         }
       });
       if ((T - 1 + (need_c0 ? 1 : 0)) % 2 == 1) std::swap(c_next, c_t);  // c_0 where every thread left it
-      if (T > 1) {
-        add_weight_gradient(grad_w_h, dz.narrow(0, 1, T - 1).view({(T - 1) * B, H}), states.narrow(0, 0, (T - 1) * B));
-      }
-      if (has_h0) add_weight_gradient(grad_w_h, dz[0], h0);
+      add_recurrent_weight_gradient(grad_w_h, dz, out, h0, has_h0);
     } else {
       for (int64_t t = T - 1; t >= 0; --t) {
         const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
@@ -1463,20 +1477,10 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
       }
     });
   }
-  // dW_hh = sum_t da_t^T h_{t-1}: h_1..h_{T-1} are out[0..T-2], one block; h_0 on its own;
-  // and db_hh = sum_t da_t, summed with it.
+  // dW_hh = sum_t da_t^T h_{t-1}, and db_hh = sum_t da_t summed with it.
   at::Tensor grad_w_hh = at::zeros({GH, P}, w_hh.options());
   at::Tensor grad_b = has_hidden_bias ? at::zeros({GH}, w_hh.options()) : at::Tensor();
-  at::Tensor* db = has_hidden_bias ? &grad_b : nullptr;
-  if (T > 1) {
-    add_weight_gradient(grad_w_hh, da.narrow(0, 1, T - 1).view({(T - 1) * B, GH}),
-                        out.narrow(0, 0, T - 1).view({(T - 1) * B, P}), db);
-  }
-  if (has_h0) {
-    add_weight_gradient(grad_w_hh, da[0], h0, db);
-  } else if (has_hidden_bias) {
-    grad_b.add_(da[0].sum(0));
-  }
+  add_recurrent_weight_gradient(grad_w_hh, da, out, h0, has_h0, has_hidden_bias ? &grad_b : nullptr);
   c10::optional<at::Tensor> grad_b_hh, grad_h0, grad_c0, grad_w_hr_out;
   if (has_hidden_bias) grad_b_hh = grad_b;
   grad_h0 = has_h0 ? carry_h : at::zeros({B, P}, w_hh.options());
@@ -1613,11 +1617,7 @@ std::vector<c10::optional<at::Tensor>> weight_gradient(const at::Tensor& d_in, c
   const at::Tensor d = d_in.contiguous(), x = x_in.contiguous();
   at::Tensor grad_w = at::zeros({d.size(1), x.size(1)}, d.options());
   at::Tensor grad_b = bias ? at::zeros({d.size(1)}, d.options()) : at::Tensor();
-  if (grad_w.numel() > 0) {
-    add_weight_gradient(grad_w, d, x, bias ? &grad_b : nullptr);
-  } else if (bias) {
-    grad_b.add_(d.sum(0));
-  }
+  add_weight_gradient(grad_w, d, x, bias ? &grad_b : nullptr);
   return {grad_w, bias ? c10::make_optional(grad_b) : c10::nullopt};
 }
 

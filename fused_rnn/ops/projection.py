@@ -67,9 +67,8 @@ class _PackedLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
-        ext = None if torch.is_grad_enabled() else panel_products()  # create_graph: differentiable ops
-        if ext is not None and grad.dtype != torch.float32:
-            ext = None
+        # create_graph: differentiable ops
+        ext = None if torch.is_grad_enabled() or grad.dtype != torch.float32 else panel_products()
         if ctx.needs_input_grad[0]:
             if ext is not None:
                 grad_x = ext.panel_matmul(grad_rows, w, None, False).reshape(*grad.shape[:-1], w.shape[1])
