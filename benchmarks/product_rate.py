@@ -6,8 +6,9 @@ backward, float32, with h0, so that every step has its product) with the count o
 beside the call's wall time the products' share of it and their FLOP rate while they run:
     products' seconds per thread = ticks / tick rate / threads
     products' rate = product FLOPs / products' seconds per thread
-The forward's products are h_{t-1} W_hh^T (and, for inference, x_t W_ih^T inside the loop); the
-backward's the carry da_t W_hh and the weight gradient sum_t da_t^T h_{t-1}.
+The forward's products are h_{t-1} W_hh^T (and, for the gated cells' inference and the Elman
+cell's "x inside", x_t W_ih^T inside the loop); the backward's the carry da_t W_hh and the weight
+gradient sum_t da_t^T h_{t-1}.
 
     python benchmarks/product_rate.py [--rounds 5] [--threads 2]
 """
@@ -38,21 +39,23 @@ def problems(cell: str, B: int, T: int, I: int, H: int):
         G = cells.get(cell).gates
         q, w_hh, b_hh = rand(T, B, G * H), rand(G * H, H, scale=H ** -0.5), rand(G * H)
         h0, c0 = rand(B, H), rand(B, H) if cell == "lstm" else None
-        x, w_ih = rand(T, B, I), rand(G * H, I, scale=I ** -0.5)
+        x, w_ih = rand(B, T, I), rand(G * H, I, scale=I ** -0.5)
         out, cs, saved = ext.gated_fwd(q, w_hh, b_hh, h0, c0, None, cell, True)
         grad_out = rand(T, B, H)
         step = 2 * B * H * G * H
         yield "forward", lambda: ext.gated_fwd(q, w_hh, b_hh, h0, c0, None, cell, True), T * step
-        yield "inference", (lambda: ext.gated_infer(x, w_ih, b_hh, w_hh, b_hh, h0, c0, cell)), \
+        yield "inference", (lambda: ext.gated_fwd(x, w_hh, b_hh, h0, c0, None, cell, False, w_ih, b_hh)), \
             T * step + 2 * T * B * I * G * H
         yield "backward", (lambda: ext.gated_bwd(grad_out, None, out, cs, saved, w_hh, True, h0, c0, None, cell)), \
             2 * T * step
     else:  # the Elman cell: q time-major [T, B, H]
         q, w_h, h0 = rand(T, B, H), rand(H, H, scale=H ** -0.5), rand(B, H)
+        x, w_ih, b = rand(B, T, I), rand(H, I, scale=I ** -0.5), rand(H)
         states = ext.rnn_fwd(q, None, w_h, None, h0, cell)
         grad_out, grad_h_n = rand(T, B, H).transpose(0, 1), torch.zeros(B, H)  # the states as [B, T, H]
         step = 2 * B * H * H
         yield "forward", lambda: ext.rnn_fwd(q, None, w_h, None, h0, cell), T * step
+        yield "forward, x inside", (lambda: ext.rnn_fwd(x, None, w_h, b, h0, cell, w_ih)), T * step + 2 * T * B * I * H
         yield "backward", (lambda: ext.rnn_bwd(grad_out, grad_h_n, states, h0, q, None, w_h, False, cell)), 2 * T * step
 
 

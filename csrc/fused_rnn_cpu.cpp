@@ -15,6 +15,9 @@
 //       course: grad_w_h = sum_t dz_t^T (h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
 //               grad_p_t = c_t * (p_t > 0) (summed into rows of proj for token input);
 //       elman:  grad_w_h = sum_t dz_t^T h_{t-1}, grad_proj = dz ([T, B, H], like proj), no grad_b_h.
+//   The elman cells also take w_in: proj is then the dense input x [B, T, I] and b_h the bias of
+//   q = x W_in^T + b_h, formed inside the time loop; rnn_bwd adds grad_w_in and returns dL/dx as
+//   grad_proj ("The input projection inside the recurrence", below).
 //
 // The states are time-major: each step's are one contiguous [B, H] block, so every GEMM writes
 // its output in place, and the backward's weight gradient reads a chunk of steps' states as one
@@ -646,8 +649,15 @@ __attribute__((target("avx512f"))) void pack_strip(const float* a, int64_t a_str
 // null), column_sums[m] += sum_k a[k, m] too, summed alike while a is packed: the bias gradient
 // that goes with the weight gradient, without another pass over a.
 constexpr int64_t kDepth = 128;
+// b_group > 0: b's rows come in groups of b_group rows b_stride apart, the groups b_group_stride
+// apart (row k at b + (k / b_group) b_group_stride + (k % b_group) b_stride: a time-major walk
+// over a batch-first [B, T, N] input).
 void add_transposed_product(const float* a, int64_t a_stride, const float* b, int64_t b_stride, int64_t K, int64_t M,
-                            int64_t N, float* c, int64_t c_stride, float* column_sums) {
+                            int64_t N, float* c, int64_t c_stride, float* column_sums, int64_t b_group = 0,
+                            int64_t b_group_stride = 0) {
+  auto b_row = [&](int64_t k) {
+    return b_group > 0 ? b + (k / b_group) * b_group_stride + (k % b_group) * b_stride : b + k * b_stride;
+  };
   constexpr int64_t NV = 4, width = NV * kLanes, rows_per_call = kAccumulators / NV;
   const int64_t panels = (N + width - 1) / width;
   at::parallel_for(0, M, rows_per_call, [&](int64_t m0, int64_t m1) {
@@ -660,7 +670,7 @@ void add_transposed_product(const float* a, int64_t a_stride, const float* b, in
         const int64_t n0 = p * width, n = std::min(width, N - n0);
         for (int64_t k = 0; k < depth; ++k) {
           float* dst = pk + (p * depth + k) * width;
-          std::copy(b + (k0 + k) * b_stride + n0, b + (k0 + k) * b_stride + n0 + n, dst);
+          std::copy(b_row(k0 + k) + n0, b_row(k0 + k) + n0 + n, dst);
           std::fill(dst + n, dst + width, 0.0f);
         }
       }
@@ -687,7 +697,7 @@ void panel_product(const float*, int64_t, int64_t, const float*, int64_t, float*
   TORCH_CHECK(false, "panel products need AVX-512");
 }
 void add_transposed_product(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*, int64_t,
-                            float*) {
+                            float*, int64_t = 0, int64_t = 0) {
   TORCH_CHECK(false, "panel products need AVX-512");
 }
 #endif
@@ -982,7 +992,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   at::Tensor ids;
   if (elman) {
     TORCH_CHECK_VALUE(!tokens && !has_bias, "the elman cells take neither ids nor a bias (the biases are in q)");
-    check_like("q", proj_in, w_h, {T, B, H});
+    // q itself is never read: dL/dq = dz
   } else if (tokens) {
     ids = ids_in->contiguous();
     TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong && ids.sizes() == at::IntArrayRef({B, T}),
@@ -994,7 +1004,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   // grad_out may be strided (the output is a transposed view); only its rows must be contiguous.
   const at::Tensor grad_out = grad_out_in.stride(2) == 1 ? grad_out_in : grad_out_in.contiguous();
   const int64_t go_sb = grad_out.stride(0), go_st = grad_out.stride(1);
-  const at::Tensor proj = proj_in.contiguous();
+  const at::Tensor proj = elman ? at::Tensor() : proj_in.contiguous();
   const int64_t block_rows = sum_block_rows(B), nblocks = (B + block_rows - 1) / block_rows;
   const int64_t V = tokens ? proj.size(0) : 0;
   // Token input with small tables: each block sums its dz rows per token into its own [V, H]
@@ -1034,7 +1044,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
     const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
     const scalar_t* h0_p = h0.data_ptr<scalar_t>();
     const scalar_t* out_p = out.data_ptr<scalar_t>();
-    const scalar_t* proj_p = proj.data_ptr<scalar_t>();
+    const scalar_t* proj_p = elman ? nullptr : proj.data_ptr<scalar_t>();
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     scalar_t* dz_p = dz.data_ptr<scalar_t>();
     scalar_t* a_p = states_partner ? nullptr : a.data_ptr<scalar_t>();
@@ -1165,18 +1175,141 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   return {grad_proj, grad_w_h, has_bias ? c10::optional<at::Tensor>(grad_b_h) : c10::nullopt, grad_h0};
 }
 
+// The input projection inside the recurrence (rnn_fwd / rnn_bwd given w_in: the elman cells;
+// gated_fwd / gated_bwd given w_ih): the input is the dense x [B, T, I] (batch-first or any
+// strides, rows of unit stride) and q_t = x_t W_in^T + b is formed inside the time loop on the
+// panel products (float32, AVX-512), so q is never written out and x is read where it lies (no
+// transposed copy). The backward's dL/dq (every step, as the loops leave it) then gives
+// dL/dx_t = dL/dq_t W_in, written batch-first, and dW_in = sum_t dL/dq_t^T x_t with db beside it,
+// on the panel products too. Elsewhere (float64, no AVX-512, proj_size) q and those gradients are
+// ATen products around the q path.
+void check_dense_input(const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b,
+                       const c10::optional<at::Tensor>& ids, const at::Tensor& w_h) {
+  TORCH_CHECK_VALUE(!ids, "the projection inside the recurrence takes dense input x [B, T, I], not ids");
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) > 0 && x.size(1) > 0,
+                    "the projection inside the recurrence needs a non-empty x [B, T, I], got ", x.sizes());
+  check_like("x", x, w_h, x.sizes());
+  check_like("w_in", w_in, w_h, {w_h.size(0), x.size(2)});
+  if (b) check_like("the input bias", *b, w_h, {w_h.size(0)});
+}
+
+// Whether products with w run on the panel products.
+bool on_panels(const at::Tensor& w) { return w.scalar_type() == at::kFloat && panel_products_here(); }
+
+// q [T, B, M] = x_t W_in^T + b (the path without the panel products)
+at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b) {
+  const at::Tensor q = at::matmul(x.transpose(0, 1), w_in.t());
+  return (b ? q.add_(*b) : q).contiguous();
+}
+
+// The elman forward with the projection inside: per thread and step each tile is x_t W_in^T,
+// then h_{t-1} W_h^T added to it, then the activation with b, for rows still in cache.
+template <typename Cell>
+at::Tensor elman_input_fwd(const at::Tensor& x_in, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
+                           const at::Tensor& w_h, const c10::optional<at::Tensor>& h0_in) {
+  const int64_t B = x_in.size(0), T = x_in.size(1), I = x_in.size(2), H = w_h.size(0);
+  if (h0_in) check_like("h0", *h0_in, w_h, {B, H});
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  const int64_t x_sb = x.stride(0), x_st = x.stride(1);
+  const at::Tensor bias = b_in ? b_in->contiguous() : at::zeros({H}, w_h.options());
+  const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::Tensor();
+  at::Tensor out = cached_empty({T, B, H}, w_h.options());
+  const at::Tensor packed_h = pack_columns(w_h.contiguous(), true), packed_in = pack_columns(w_in.contiguous(), true);
+  const float* ph = packed_h.data_ptr<float>();
+  const float* pi = packed_in.data_ptr<float>();
+  const float* x_p = x.data_ptr<float>();
+  const float* b_p = bias.data_ptr<float>();
+  const float* h0_p = h0_in ? h0.data_ptr<float>() : nullptr;
+  float* out_p = out.data_ptr<float>();
+  for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = 0; t < T; ++t) {
+      const float* hp = t == 0 ? h0_p : out_p + (t - 1) * B * H;  // null: h_0 = 0, no product
+      float* ht = out_p + t * B * H;
+      for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
+        for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
+          panel_product<4, false>(x_p + b * x_sb + t * x_st, x_sb, rows, pi + p * I * kPanelColumns, I,
+                                  ht + b * H + c, H, kLanes, H - c);
+          if (hp != nullptr) {
+            panel_product<4, false, true>(hp + b * H, H, rows, ph + p * H * kPanelColumns, H, ht + b * H + c, H,
+                                          kLanes, H - c);
+          }
+        });
+      }
+      for (int64_t b = b0; b < b1; ++b) Cell::activate(ht + b * H, b_p, H);
+    }
+  });
+  return out;
+}
+
+// (dL/dx [B, T, I], dW_in, db or undefined) from dz = dL/dq [T, B, M].
+std::vector<at::Tensor> input_projection_bwd(const at::Tensor& dz, const at::Tensor& x_in, const at::Tensor& w_in,
+                                             bool has_bias) {
+  const int64_t T = dz.size(0), B = dz.size(1), H = dz.size(2), I = x_in.size(2);
+  if (!on_panels(w_in)) {
+    const at::Tensor x_rows = x_in.transpose(0, 1).reshape({T * B, I});
+    return {at::matmul(dz, w_in).transpose(0, 1), dz.view({T * B, H}).t().mm(x_rows),
+            has_bias ? dz.sum(at::IntArrayRef{0, 1}) : at::Tensor()};
+  }
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous();
+  at::Tensor grad_x = cached_empty({B, T, I}, dz.options());
+  const at::Tensor packed = pack_columns(w_in.contiguous(), false);  // (dz W_in)[:, col] = dz . W_in[:, col]
+  const float* pk = packed.data_ptr<float>();
+  const float* dz_p = dz.data_ptr<float>();
+  float* gx_p = grad_x.data_ptr<float>();
+  for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t p = 0, c = 0; c < I; ++p, c += kPanelColumns) {
+        for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
+          panel_product<4, false>(dz_p + (t * B + b) * H, H, rows, pk + p * H * kPanelColumns, H,
+                                  gx_p + (b * T + t) * I + c, T * I, kLanes, I - c);
+        });
+      }
+    }
+  });
+  at::Tensor grad_w = at::zeros({H, I}, dz.options());
+  at::Tensor grad_b = has_bias ? at::zeros({H}, dz.options()) : at::Tensor();
+  add_transposed_product(dz_p, H, x.data_ptr<float>(), x.stride(0), T * B, H, I, grad_w.data_ptr<float>(), I,
+                         has_bias ? grad_b.data_ptr<float>() : nullptr, B, x.stride(1));
+  return {grad_x, grad_w, grad_b};
+}
+
 at::Tensor rnn_fwd(const at::Tensor& proj, const c10::optional<at::Tensor>& ids, const at::Tensor& w_h,
                    const c10::optional<at::Tensor>& b_h, const c10::optional<at::Tensor>& h0,
-                   const std::string& cell) {
-  return with_cell(cell, [&](auto c) { return rnn_fwd_cell<decltype(c)>(proj, ids, w_h, b_h, h0); });
+                   const std::string& cell, const c10::optional<at::Tensor>& w_in) {
+  return with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    if (w_in) {
+      TORCH_CHECK_VALUE(!Cell::kInputBeforeProduct, "w_in is for the elman cells, got cell '", cell, "'");
+      check_weights(w_h);
+      check_dense_input(proj, *w_in, b_h, ids, w_h);
+      if (on_panels(w_h)) return elman_input_fwd<Cell>(proj, *w_in, b_h, w_h, h0);
+      return rnn_fwd_cell<Cell>(input_projection(proj, *w_in, b_h), c10::nullopt, w_h, c10::nullopt, h0);
+    }
+    return rnn_fwd_cell<Cell>(proj, ids, w_h, b_h, h0);
+  });
 }
 
 std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
                                                const at::Tensor& out, const c10::optional<at::Tensor>& h0,
                                                const at::Tensor& proj, const c10::optional<at::Tensor>& ids,
-                                               const at::Tensor& w_h, bool has_bias, const std::string& cell) {
+                                               const at::Tensor& w_h, bool has_bias, const std::string& cell,
+                                               const c10::optional<at::Tensor>& w_in) {
   return with_cell(cell, [&](auto c) {
-    return rnn_bwd_cell<decltype(c)>(grad_out, grad_h_n, out, h0, proj, ids, w_h, has_bias);
+    using Cell = decltype(c);
+    if (!w_in) {
+      std::vector<c10::optional<at::Tensor>> grads = rnn_bwd_cell<Cell>(grad_out, grad_h_n, out, h0, proj, ids, w_h,
+                                                                        has_bias);
+      grads.emplace_back(c10::nullopt);
+      return grads;
+    }
+    TORCH_CHECK_VALUE(!Cell::kInputBeforeProduct, "w_in is for the elman cells, got cell '", cell, "'");
+    check_weights(w_h);
+    check_dense_input(proj, *w_in, c10::nullopt, ids, w_h);
+    std::vector<c10::optional<at::Tensor>> grads = rnn_bwd_cell<Cell>(grad_out, grad_h_n, out, h0, proj, ids, w_h,
+                                                                      false);
+    const std::vector<at::Tensor> input = input_projection_bwd(*grads[0], proj, *w_in, has_bias);
+    return std::vector<c10::optional<at::Tensor>>{
+        input[0], grads[1], has_bias ? c10::make_optional(input[2]) : c10::nullopt, grads[3], input[1]};
   });
 }
 
@@ -1194,14 +1327,15 @@ at::Tensor pack_gate_panels(const at::Tensor& w, int64_t G) {
       [&](int64_t row, int64_t k) { return w_p[row * K + k]; });
 }
 
-// A gated step's input q_t: the rows of q [T, B, G*H], or for inference x_t W_ih^T + bias formed
-// inside the loop (x [T, B, I], W_ih packed like W_hh, `q` the bias row [G*H]): then no
-// [T, B, G*H] tensor is written and read back.
+// A gated step's input q_t: the rows of q [T, B, G*H], or x_t W_ih^T + bias formed inside the
+// loop (x [B, T, I] rows x_sb apart by batch, x_st by step; W_ih packed like W_hh; `q` the bias
+// row [G*H]): then no [T, B, G*H] tensor is written and read back.
 struct GatedInput {
   const float* q;
   const float* x = nullptr;
   int64_t I = 0;
   const float* packed_w_ih = nullptr;
+  int64_t x_sb = 0, x_st = 0;
 };
 
 // The gated forward on panel products (see "Panel products"; float32, P == H): each thread runs
@@ -1238,7 +1372,8 @@ void gated_fwd_panels(const GatedInput& input, const at::Tensor& w_hh, const at:
           const int64_t u = p * kLanes;
           for_each_row_call(g0, g1, rows_per_call, [&](int64_t b, int64_t rows) {
             if (input.x != nullptr) {  // q_t = x_t W_ih^T + bias
-              panel_product<G, true>(input.x + (t * B + b) * I, I, rows, input.packed_w_ih + p * I * width, I,
+              panel_product<G, true>(input.x + b * input.x_sb + t * input.x_st, input.x_sb, rows,
+                                     input.packed_w_ih + p * I * width, I,
                                      q.data() + (b - g0) * GH + u, GH, H, H - u, input.q + u);
             }
             if (recurrent) {
@@ -1489,65 +1624,80 @@ std::vector<c10::optional<at::Tensor>> gated_bwd_cell(const at::Tensor& grad_out
   return {grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr_out};
 }
 
-std::vector<at::Tensor> gated_fwd(const at::Tensor& q, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-                                  const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-                                  const c10::optional<at::Tensor>& w_hr, const std::string& cell, bool keep_saved) {
-  return with_gated_cell(cell, [&](auto c) { return gated_fwd_cell<decltype(c)>(q, w_hh, b_hh, h0, c0, w_hr, keep_saved); });
-}
-
-// The gated cells' inference with the input projection inside the time loop (no backward to
-// come, float32, panel products here, no proj_size): gated_infer(x [T, B, I], w_ih [G*H, I], bias
-// [G*H] (the biases that fold into q) or None, w_hh, b_hh (the GRU's), h0, c0) -> (out, cs) as
-// gated_fwd's, without the [T, B, G*H] q between a projection GEMM and the loop.
+// The gated cells' forward with the input projection inside the time loop (float32, panel
+// products here, no proj_size): x [B, T, I] read where it lies, w_ih [G*H, I], bias [G*H] (the
+// biases that fold into q) or None; (out, cs, saved) as gated_fwd_cell's, without the
+// [T, B, G*H] q between a projection GEMM and the loop.
 template <typename Cell>
-std::vector<at::Tensor> gated_infer_cell(const at::Tensor& x_in, const at::Tensor& w_ih_in,
+std::vector<at::Tensor> gated_fwd_inside(const at::Tensor& x_in, const at::Tensor& w_ih_in,
                                          const c10::optional<at::Tensor>& bias_in, const at::Tensor& w_hh_in,
                                          const c10::optional<at::Tensor>& b_hh_in,
                                          const c10::optional<at::Tensor>& h0_in,
-                                         const c10::optional<at::Tensor>& c0_in) {
-  TORCH_CHECK_VALUE(panel_products_here(), "gated_infer needs the panel products (a CPU with AVX-512)");
-  TORCH_CHECK_TYPE(w_hh_in.scalar_type() == at::kFloat, "gated_infer takes float32, got ", w_hh_in.scalar_type());
-  TORCH_CHECK_VALUE(w_hh_in.device().is_cpu() && w_hh_in.dim() == 2 && w_hh_in.size(0) % Cell::kGates == 0 &&
-                        w_hh_in.size(0) == Cell::kGates * w_hh_in.size(1),
-                    "w_hh must be a CPU tensor [G*H, H], got ", w_hh_in.sizes());
+                                         const c10::optional<at::Tensor>& c0_in, bool keep_saved) {
   const int64_t GH = w_hh_in.size(0), H = GH / Cell::kGates;
-  TORCH_CHECK_VALUE(x_in.dim() == 3 && x_in.size(0) > 0 && x_in.size(1) > 0, "x must be a non-empty [T, B, I], got ",
-                    x_in.sizes());
-  const int64_t T = x_in.size(0), B = x_in.size(1), I = x_in.size(2);
-  check_like("x", x_in, w_hh_in, x_in.sizes());
-  check_like("w_ih", w_ih_in, w_hh_in, {GH, I});
-  if (bias_in) check_like("bias", *bias_in, w_hh_in, {GH});
+  const int64_t B = x_in.size(0), T = x_in.size(1), I = x_in.size(2);
   if (b_hh_in) check_like("b_hh", *b_hh_in, w_hh_in, {GH});
   if (h0_in) check_like("h0", *h0_in, w_hh_in, {B, H});
   if (c0_in) check_like("c0", *c0_in, w_hh_in, {B, H});
-  const at::Tensor x = x_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const at::Tensor x = x_in.stride(2) == 1 ? x_in : x_in.contiguous(), w_hh = w_hh_in.contiguous();
   const at::Tensor bias = bias_in ? bias_in->contiguous() : at::zeros({GH}, w_hh.options());
   const at::Tensor b_hh = b_hh_in ? b_hh_in->contiguous() : at::zeros({GH}, w_hh.options());
   const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::zeros({B, H}, w_hh.options());
   const at::Tensor c0 = c0_in ? c0_in->contiguous() : at::zeros({B, H}, w_hh.options());
   at::Tensor out = cached_empty({T, B, H}, w_hh.options());
   at::Tensor cs = Cell::kCellState ? cached_empty({T, B, H}, w_hh.options()) : at::empty({0}, w_hh.options());
-  at::Tensor saved = at::empty({B, 4 * H}, w_hh.options());  // one step's scratch rows
+  // Without a backward to come (inference), the gates go to one step's scratch rows.
+  at::Tensor saved = cached_empty(keep_saved ? at::IntArrayRef{T, B, 4 * H} : at::IntArrayRef{B, 4 * H}, w_hh.options());
   const at::Tensor packed_w_ih = pack_gate_panels(w_ih_in.contiguous(), Cell::kGates);
-  const GatedInput input{bias.data_ptr<float>(), x.data_ptr<float>(), I, packed_w_ih.data_ptr<float>()};
-  gated_fwd_panels<Cell>(input, w_hh, b_hh, h0, h0_in.has_value(), c0, out, cs, saved, 0);
-  return {out, cs};
+  const GatedInput input{bias.data_ptr<float>(), x.data_ptr<float>(), I, packed_w_ih.data_ptr<float>(), x.stride(0),
+                         x.stride(1)};
+  gated_fwd_panels<Cell>(input, w_hh, b_hh, h0, h0_in.has_value(), c0, out, cs, saved, keep_saved ? B * 4 * H : 0);
+  return {out, cs, keep_saved ? saved : at::empty({0}, w_hh.options())};
 }
 
-std::vector<at::Tensor> gated_infer(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
-                                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-                                    const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-                                    const std::string& cell) {
-  return with_gated_cell(cell, [&](auto c) { return gated_infer_cell<decltype(c)>(x, w_ih, bias, w_hh, b_hh, h0, c0); });
+// gated_fwd(q, ...), or with w_ih: q is the dense input x [B, T, I] and b_ih the bias that folds
+// into q = x W_ih^T + b_ih, formed inside the loop on the panel products (else by at::matmul).
+std::vector<at::Tensor> gated_fwd(const at::Tensor& q, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+                                  const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
+                                  const c10::optional<at::Tensor>& w_hr, const std::string& cell, bool keep_saved,
+                                  const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih) {
+  return with_gated_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    if (!w_ih) return gated_fwd_cell<Cell>(q, w_hh, b_hh, h0, c0, w_hr, keep_saved);
+    TORCH_CHECK_TYPE(w_hh.scalar_type() == at::kFloat || w_hh.scalar_type() == at::kDouble,
+                     "the cpu backend supports float32 and float64, got ", w_hh.scalar_type());
+    TORCH_CHECK_VALUE(w_hh.device().is_cpu() && w_hh.dim() == 2 && w_hh.size(0) % Cell::kGates == 0 &&
+                          w_hh.size(0) > 0,
+                      "w_hh must be a CPU tensor [G*H, P], got ", w_hh.sizes());
+    check_dense_input(q, *w_ih, b_ih, c10::nullopt, w_hh);
+    if (on_panels(w_hh) && !w_hr && w_hh.size(0) == Cell::kGates * w_hh.size(1)) {
+      return gated_fwd_inside<Cell>(q, *w_ih, b_ih, w_hh, b_hh, h0, c0, keep_saved);
+    }
+    return gated_fwd_cell<Cell>(input_projection(q, *w_ih, b_ih), w_hh, b_hh, h0, c0, w_hr, keep_saved);
+  });
 }
 
 std::vector<c10::optional<at::Tensor>> gated_bwd(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_cs,
                                                  const at::Tensor& out, const at::Tensor& cs, const at::Tensor& saved,
                                                  const at::Tensor& w_hh, bool has_hidden_bias,
                                                  const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& c0,
-                                                 const c10::optional<at::Tensor>& w_hr, const std::string& cell) {
+                                                 const c10::optional<at::Tensor>& w_hr, const std::string& cell,
+                                                 const c10::optional<at::Tensor>& x,
+                                                 const c10::optional<at::Tensor>& w_ih, bool has_input_bias) {
   return with_gated_cell(cell, [&](auto c) {
-    return gated_bwd_cell<decltype(c)>(grad_out, grad_cs, out, cs, saved, w_hh, has_hidden_bias, h0, c0, w_hr);
+    std::vector<c10::optional<at::Tensor>> grads =
+        gated_bwd_cell<decltype(c)>(grad_out, grad_cs, out, cs, saved, w_hh, has_hidden_bias, h0, c0, w_hr);
+    if (!w_ih) {
+      grads.resize(8);
+      return grads;
+    }
+    TORCH_CHECK_VALUE(x.has_value(), "gated_bwd with w_ih needs x");
+    check_dense_input(*x, *w_ih, c10::nullopt, c10::nullopt, w_hh);
+    const std::vector<at::Tensor> input = input_projection_bwd(*grads[0], *x, *w_ih, has_input_bias);
+    grads[0] = input[0];
+    grads.emplace_back(input[1]);
+    grads.emplace_back(has_input_bias ? c10::make_optional(input[2]) : c10::nullopt);
+    return grads;
   });
 }
 
@@ -1663,20 +1813,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(d^T x, d.sum(0) if bias else None) in float32 on the panel products (a weight and bias gradient)",
         py::arg("d"), py::arg("x"), py::arg("bias") = false);
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
-        py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course");
+        py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course",
+        py::arg("w_in") = py::none());
   m.def("rnn_bwd", &rnn_bwd,
-        "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0)",
+        "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0, grad_w_in or None)",
         py::arg("grad_out"), py::arg("grad_h_n"), py::arg("out"), py::arg("h0"), py::arg("proj"), py::arg("ids"),
-        py::arg("w_h"), py::arg("has_bias"), py::arg("cell") = "course");
-  m.def("gated_fwd", &gated_fwd, "the LSTM's or GRU's forward over all steps; returns (out, cs, saved)",
+        py::arg("w_h"), py::arg("has_bias"), py::arg("cell") = "course", py::arg("w_in") = py::none());
+  m.def("gated_fwd", &gated_fwd,
+        "the LSTM's or GRU's forward over all steps (with w_ih: q is x [B, T, I], projected inside the loop); "
+        "returns (out, cs, saved)",
         py::arg("q"), py::arg("w_hh"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"), py::arg("w_hr"), py::arg("cell"),
-        py::arg("keep_saved") = true);
-  m.def("gated_infer", &gated_infer,
-        "the LSTM's or GRU's inference with the input projection inside the loop; returns (out, cs)",
-        py::arg("x"), py::arg("w_ih"), py::arg("bias"), py::arg("w_hh"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"),
-        py::arg("cell"));
+        py::arg("keep_saved") = true, py::arg("w_ih") = py::none(), py::arg("b_ih") = py::none());
   m.def("gated_bwd", &gated_bwd,
-        "the LSTM's or GRU's backward; returns (grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr)",
+        "the LSTM's or GRU's backward; returns (grad_q or, with w_ih, grad_x, grad_w_hh, grad_b_hh, grad_h0, "
+        "grad_c0, grad_w_hr, grad_w_ih, grad_b_ih)",
         py::arg("grad_out"), py::arg("grad_cs"), py::arg("out"), py::arg("cs"), py::arg("saved"), py::arg("w_hh"),
-        py::arg("has_hidden_bias"), py::arg("h0"), py::arg("c0"), py::arg("w_hr"), py::arg("cell"));
+        py::arg("has_hidden_bias"), py::arg("h0"), py::arg("c0"), py::arg("w_hr"), py::arg("cell"),
+        py::arg("x") = py::none(), py::arg("w_ih") = py::none(), py::arg("has_input_bias") = false);
 }

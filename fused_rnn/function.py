@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import cells
 from .checks import FLOAT_DTYPES, as_index, check_elman_inputs, check_gated_inputs, check_inputs
 from .dispatch import backend_for
-from .ops import cpu_ext, elman_q_time_major, output_view, projection
+from .ops import elman_q_time_major, output_view, projection
 from .gated_op import gated_recurrence
 from .recurrence_op import recurrence
 from .reference import elman_reference, gated_loop, rnn_reference
@@ -157,13 +157,18 @@ def elman_rnn(
     if backend == "reference":
         output, h_n = elman_reference(x, w_ih, w_hh, b_ih, b_hh, h0, nonlinearity=nonlinearity)
     else:
-        # q_t = x_t W_ih^T + b_ih + b_hh for all steps: one GEMM over B*T rows before the
-        # recurrence (autograd differentiates it), in the layout the backend reads.
+        # q_t = x_t W_ih^T + b_ih + b_hh: on the cpu backend formed inside the recurrence, step by
+        # step; elsewhere one GEMM over B*T rows before it (autograd differentiates it), in the
+        # layout the backend reads.
         cell = cells.elman(nonlinearity).name
-        bias = b_ih + b_hh if b_ih is not None and b_hh is not None else b_ih if b_ih is not None else b_hh
-        q = projection.linear(x.transpose(0, 1) if elman_q_time_major(backend, cell) else x, w_ih, bias)
-        states, h_n = recurrence(q.contiguous(), None, w_hh.contiguous(), None,
-                                  h0.contiguous() if h0 is not None else None, backend, allow_tf32, cell)
+        bias = _bias_sum(b_ih, b_hh)
+        h0 = h0.contiguous() if h0 is not None else None
+        if backend == "cpu":
+            states, h_n = recurrence(x, None, w_hh.contiguous(), bias, h0, backend, allow_tf32, cell,
+                                      w_ih.contiguous())
+        else:
+            q = projection.linear(x.transpose(0, 1) if elman_q_time_major(backend, cell) else x, w_ih, bias)
+            states, h_n = recurrence(q.contiguous(), None, w_hh.contiguous(), None, h0, backend, allow_tf32, cell)
         output = output_view(states, backend).to(w_hh.dtype)
     if lengths is not None:
         output, h_n = _apply_lengths(output, lengths.to(device=output.device, dtype=torch.int64),
@@ -184,40 +189,27 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
     check_gated_inputs(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths)
     given = (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     backend = backend_for(backend, w_hh, given)
-    # q = x W_ih^T with the biases that fold into it, time-major: one GEMM over all B*T rows.
-    # The GRU's b_hh stays with the product (its n rows sit inside the reset gate).
+    # q = x W_ih^T with the biases that fold into it, time-major. The GRU's b_hh stays with the
+    # product (its n rows sit inside the reset gate). On the cpu backend q is formed inside the
+    # time loop, step by step; elsewhere by one GEMM over all B*T rows before it.
     hidden_bias = b_hh if cell.hidden_bias else None
     folded_bias = b_ih if cell.hidden_bias else _bias_sum(b_ih, b_hh)
-    if backend == "cpu" and _infers_inside_the_loop(given, w_hr):
-        # Inference on the C++ panel products: the input projection runs inside the time loop
-        # (no [T, B, G*H] q written and read back).
-        out, cs = cpu_ext.load().gated_infer(x.transpose(0, 1), w_ih, folded_bias, w_hh, hidden_bias, h0, c0,
-                                             cell.name)
-        return _gated_results(out, cs if cs.numel() else None, x, lengths)
-    project = F.linear if backend == "reference" else projection.linear
-    q = project(x.transpose(0, 1), w_ih, folded_bias)
     if backend == "reference":
-        out, cs, _ = gated_loop(cell, q, w_hh, hidden_bias, h0, c0, w_hr)
-    else:
-        def contiguous(t):
-            return None if t is None else t.contiguous()
+        out, cs, _ = gated_loop(cell, F.linear(x.transpose(0, 1), w_ih, folded_bias), w_hh, hidden_bias, h0, c0, w_hr)
+        return _gated_results(out, cs, x, lengths)
 
-        inputs = (q, w_hh, hidden_bias, h0, c0, w_hr)
-        keep_saved = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-        out, cs, _ = gated_recurrence(*(contiguous(t) for t in inputs), backend, allow_tf32, cell.name, keep_saved)
-        out = out.to(w_hh.dtype)
-        cs = cs.to(w_hh.dtype) if cs.numel() else None
+    def contiguous(t):
+        return None if t is None else t.contiguous()
+
+    inside = backend == "cpu"
+    q = x if inside else contiguous(projection.linear(x.transpose(0, 1), w_ih, folded_bias))
+    inputs = (q, w_hh, hidden_bias, h0, c0, w_hr) + ((w_ih, folded_bias) if inside else ())
+    keep_saved = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    out, cs, _ = gated_recurrence(q, *(contiguous(t) for t in inputs[1:6]), backend, allow_tf32, cell.name,
+                                  keep_saved, *(contiguous(t) for t in inputs[6:]))
+    out = out.to(w_hh.dtype)
+    cs = cs.to(w_hh.dtype) if cs.numel() else None
     return _gated_results(out, cs, x, lengths)
-
-
-def _infers_inside_the_loop(inputs, w_hr) -> bool:
-    """Whether the C++ gated inference with the projection inside the loop answers this call: no
-    gradient wanted, float32, no proj_size, in eager mode, the panel products here."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return False
-    return (w_hr is None and all(t is None or t.dtype == torch.float32 for t in inputs)
-            and not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
-            and projection.panel_products() is not None)
 
 
 def _gated_results(out, cs, x, lengths):

@@ -5,17 +5,21 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import cells
 from .dispatch import gated_kernels
 from .ops import workspace_dtype
-from .recurrence_op import recorded_grads
+from .recurrence_op import input_inside, recorded_grads
 from .reference import gated_loop
 
-# fused_rnn::gated_recurrence(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved)
+# fused_rnn::gated_recurrence(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved,
+#                             w_ih=None, b_ih=None)
 #   -> (out [T, B, P], cs [T, B, H] (the GRU: empty), saved [T, B, 4H]), all time-major, in
 #   ops.workspace_dtype. Differentiable through out and cs; saved is the backward's own, empty
-#   when keep_saved is False (no backward will follow: inference).
+#   when keep_saved is False (no backward will follow: inference). q [T, B, G*H], or (the cpu
+#   backend, w_ih given) the dense input x [B, T, I], with q = x W_ih^T + b_ih formed inside the
+#   time loop.
 
 
 def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -25,17 +29,18 @@ def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
 @torch.library.custom_op("fused_rnn::gated_recurrence", mutates_args=())
 def gated_recurrence(q: torch.Tensor, w_hh: torch.Tensor, b_hh: Optional[torch.Tensor],
                      h0: Optional[torch.Tensor], c0: Optional[torch.Tensor], w_hr: Optional[torch.Tensor],
-                     backend: str, allow_tf32: bool, cell: str, keep_saved: bool
+                     backend: str, allow_tf32: bool, cell: str, keep_saved: bool,
+                     w_ih: Optional[torch.Tensor] = None, b_ih: Optional[torch.Tensor] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, cs, saved = gated_kernels(backend).gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell,
-                                                      keep_saved=keep_saved)
+    out, cs, saved = gated_kernels(backend).gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell, keep_saved,
+                                                      *input_inside(w_ih, backend, b_ih))
     return out, _empty_if_none(cs, out), saved if keep_saved else saved.new_empty(0)
 
 
 @gated_recurrence.register_fake
-def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved):
+def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved, w_ih=None, b_ih=None):
     spec = cells.get(cell)
-    T, B = q.shape[:2]
+    T, B = q.shape[1::-1] if w_ih is not None else q.shape[:2]
     H = w_hh.shape[0] // spec.gates
     P = H if w_hr is None else w_hr.shape[0]
     dtype = workspace_dtype(w_hh.dtype)
@@ -48,23 +53,30 @@ def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved):
 def _gated_backward(grad_out: torch.Tensor, grad_cs: Optional[torch.Tensor], out: torch.Tensor,
                     cs: torch.Tensor, saved: torch.Tensor, q: torch.Tensor, w_hh: torch.Tensor,
                     b_hh: Optional[torch.Tensor], h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
-                    w_hr: Optional[torch.Tensor], backend: str, allow_tf32: bool, cell: str
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr); empty for an absent input."""
+                    w_hr: Optional[torch.Tensor], backend: str, allow_tf32: bool, cell: str,
+                    w_ih: Optional[torch.Tensor] = None, b_ih: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr, grad_w_ih, grad_b_ih); empty for
+    an absent input."""
     grads = gated_kernels(backend).gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr,
-                                             allow_tf32, cell)
-    return tuple(_empty_if_none(g, q) for g in grads)
+                                             allow_tf32, cell, *input_inside(w_ih, backend, b_ih))
+    grads = tuple(grads) + (() if w_ih is not None else (None, None))
+    return tuple(_empty_if_none(g, q) for g in grads)  # a new empty tensor for each: returns may not alias
 
 
 @_gated_backward.register_fake
-def _(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell):
-    return tuple(torch.empty_like(t) if t is not None else q.new_empty(0) for t in (q, w_hh, b_hh, h0, c0, w_hr))
+def _(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, w_ih=None,
+      b_ih=None):
+    return tuple(torch.empty_like(t) if t is not None else q.new_empty(0)
+                 for t in (q, w_hh, b_hh, h0, c0, w_hr, w_ih, b_ih))
 
 
 def _setup_context(ctx, inputs, output):
-    q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, _ = inputs
+    q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, _, *inside = inputs
+    w_ih, b_ih = (inside + [None, None])[:2]
     out, cs, saved = output
-    ctx.save_for_backward(q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved)
+    ctx.save_for_backward(q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved, w_ih, b_ih)
     ctx.backend, ctx.allow_tf32, ctx.cell = backend, allow_tf32, cell
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # no [T, B, 4H] of zeros for saved (nor for an unused cs): None
@@ -74,31 +86,36 @@ def _double_backward_grads(ctx, grad_out, grad_cs):
     """The backward as a recorded graph (``create_graph=True``): the reference loop recomputes the
     forward under autograd and is differentiated, so second derivatives are exact on every
     backend; a plain backward never comes here."""
-    q, w_hh, b_hh, h0, c0, w_hr, out, _, _ = ctx.saved_tensors
+    q, w_hh, b_hh, h0, c0, w_hr, out, _, _, w_ih, b_ih = ctx.saved_tensors
     inputs = (q, w_hh, b_hh, h0, c0, w_hr)
     wanted = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    wanted += [(i, t) for i, t in ((10, w_ih), (11, b_ih)) if t is not None and ctx.needs_input_grad[i]]
     dtype = out.dtype
-    new_out, new_cs, _ = gated_loop(cells.get(ctx.cell), *(None if t is None else t.to(dtype) for t in inputs))
+    cast = [None if t is None else t.to(dtype) for t in inputs + (w_ih, b_ih)]
+    if w_ih is not None:  # q is x [B, T, I]: the loop's q, time-major
+        cast[0] = F.linear(cast[0].transpose(0, 1), cast[6], cast[7])
+    new_out, new_cs, _ = gated_loop(cells.get(ctx.cell), *cast[:6])
     outs, grads = [new_out], [torch.zeros_like(new_out) if grad_out is None else grad_out]
     if new_cs is not None and grad_cs is not None:
         outs.append(new_cs)
         grads.append(grad_cs)
-    return recorded_grads(outs, grads, wanted, 10)
+    return recorded_grads(outs, grads, wanted, 12)
 
 
 def _autograd(ctx, grad_out, grad_cs, _grad_saved):
     if torch.is_grad_enabled():  # backward(create_graph=True): record a differentiable backward
         return _double_backward_grads(ctx, grad_out, grad_cs)
-    q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved = ctx.saved_tensors
+    q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved, w_ih, b_ih = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_cs is not None and grad_cs.numel() == 0:
         grad_cs = None
     grads = _gated_backward(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr,
-                            ctx.backend, ctx.allow_tf32, ctx.cell)
-    inputs = (q, w_hh, b_hh, h0, c0, w_hr)
+                            ctx.backend, ctx.allow_tf32, ctx.cell, w_ih, b_ih)
+    inputs = (q, w_hh, b_hh, h0, c0, w_hr, None, None, None, None, w_ih, b_ih)
+    grads = grads[:6] + (None,) * 4 + grads[6:]
     return tuple(g.to(t.dtype) if t is not None and ctx.needs_input_grad[i] else None
-                 for i, (g, t) in enumerate(zip(grads, inputs))) + (None, None, None, None)
+                 for i, (g, t) in enumerate(zip(grads, inputs)))
 
 
 gated_recurrence.register_autograd(_autograd, setup_context=_setup_context)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import kernels
 from .ops import elman_q_time_major, loop, output_view, states_shape, workspace_dtype
@@ -13,30 +14,42 @@ from .ops import elman_q_time_major, loop, output_view, states_shape, workspace_
 # The fused recurrence as PyTorch custom ops, so that torch.compile(fullgraph=True) can trace
 # through it (the fake implementations give it the output shapes) and autograd sees one node.
 #
-# fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell) -> (states, h_n)
+# fused_rnn::recurrence(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell, w_in=None) -> (states, h_n)
 #   states (fp32; fp64 for fp64 inputs) in the backend's layout (ops.states_shape); the public
 #   function returns ops.output_view(states) as the [B, T, H] output; h_n [B, H] in the inputs'
 #   dtype. cell: a cells.Cell's name; where its input enters after the product (nn.RNN's cells)
-#   proj is q with both biases in it (no ids, no b_h), in the layout of ops.elman_q_time_major.
+#   proj is q with both biases in it (no ids, no b_h), in the layout of ops.elman_q_time_major,
+#   or (the cpu backend, w_in given) the dense input x [B, T, I], with q = x W_in^T + b_h formed
+#   inside the time loop.
 
 
-def _batch_and_steps(proj, ids, backend, cell):
+def _batch_and_steps(proj, ids, backend, cell, w_in):
     if ids is not None:
         return ids.shape
-    return proj.shape[1::-1] if elman_q_time_major(backend, cell) else proj.shape[:2]
+    return proj.shape[1::-1] if w_in is None and elman_q_time_major(backend, cell) else proj.shape[:2]
+
+
+def input_inside(w_in, backend, *biases) -> tuple:
+    """The kernels' trailing arguments for the input projection inside the recurrence (``w_in``
+    and, for the gated kernels, its bias): none without ``w_in``; only the cpu backend takes them."""
+    if w_in is None:
+        return ()
+    if backend != "cpu":
+        raise ValueError(f"the input projection inside the recurrence needs the cpu backend, got {backend!r}")
+    return (w_in, *biases)
 
 
 @torch.library.custom_op("fused_rnn::recurrence", mutates_args=())
 def recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
                 b_h: Optional[torch.Tensor], h0: Optional[torch.Tensor], backend: str,
-                allow_tf32: bool, cell: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    states = kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell)
+                allow_tf32: bool, cell: str, w_in: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    states = kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell, *input_inside(w_in, backend))
     return states, output_view(states, backend)[:, -1].to(w_h.dtype, copy=True)
 
 
 @recurrence.register_fake
-def _(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell):
-    B, T = _batch_and_steps(proj, ids, backend, cell)
+def _(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell, w_in=None):
+    B, T = _batch_and_steps(proj, ids, backend, cell, w_in)
     H = w_h.shape[0]
     states = w_h.new_empty(states_shape(backend, B, T, H), dtype=workspace_dtype(w_h.dtype))
     return states, w_h.new_empty((B, H))
@@ -45,31 +58,37 @@ def _(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell):
 @torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())
 def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: torch.Tensor, states: torch.Tensor,
                          h0: Optional[torch.Tensor], proj: torch.Tensor, ids: Optional[torch.Tensor],
-                         w_h: torch.Tensor, has_bias: bool, backend: str, allow_tf32: bool, cell: str
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_proj, grad_w_h, grad_b_h, grad_h0); grad_b_h is empty without a bias."""
-    grad_proj, grad_w_h, grad_b_h, grad_h0 = kernels(backend).rnn_bwd(
-        output_view(grad_states, backend), grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32, cell)
-    return grad_proj, grad_w_h, grad_b_h if has_bias else w_h.new_empty(0), grad_h0
+                         w_h: torch.Tensor, has_bias: bool, backend: str, allow_tf32: bool, cell: str,
+                         w_in: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_proj, grad_w_h, grad_b_h, grad_h0, grad_w_in); grad_b_h is empty without a bias,
+    grad_w_in without w_in."""
+    grads = kernels(backend).rnn_bwd(output_view(grad_states, backend), grad_h_n, states, h0, proj, ids, w_h,
+                                     has_bias, allow_tf32, cell, *input_inside(w_in, backend))
+    grad_proj, grad_w_h, grad_b_h, grad_h0 = grads[:4]
+    return (grad_proj, grad_w_h, grad_b_h if has_bias else w_h.new_empty(0), grad_h0,
+            grads[4] if w_in is not None else w_h.new_empty(0))
 
 
 @_recurrence_backward.register_fake
-def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allow_tf32, cell):
+def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allow_tf32, cell, w_in=None):
     B, H = grad_h_n.shape
     return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(H if has_bias else 0),
-            w_h.new_empty((B, H)))
+            w_h.new_empty((B, H)), torch.empty_like(w_in) if w_in is not None else w_h.new_empty(0))
 
 
 def _recurrence_setup_context(ctx, inputs, output):
-    proj, ids, w_h, b_h, h0, backend, allow_tf32, cell = inputs
-    ctx.save_for_backward(proj, ids, w_h, b_h, output[0], h0)
+    proj, ids, w_h, b_h, h0, backend, allow_tf32, cell, *rest = inputs
+    ctx.save_for_backward(proj, ids, w_h, b_h, output[0], h0, rest[0] if rest else None)
     ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell = b_h is not None, backend, allow_tf32, cell
     ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not zeros
 
 
-def _recomputed(proj, ids, w_h, b_h, h0, backend, cell, dtype):
+def _recomputed(proj, ids, w_h, b_h, h0, backend, cell, dtype, w_in):
     """``(states, h_n)`` as the op returns them, recomputed by the differentiable reference loop."""
-    if ids is not None:
+    if w_in is not None:  # proj is x, b_h q's bias
+        p, b_h = F.linear(proj.to(dtype), w_in.to(dtype), b_h.to(dtype) if b_h is not None else None), None
+    elif ids is not None:
         p = proj[ids]
     else:
         p = proj.transpose(0, 1) if elman_q_time_major(backend, cell) else proj
@@ -86,13 +105,13 @@ def _double_backward_grads(ctx, grad_states, grad_h_n):
     """The backward as a recorded graph (``create_graph=True``: a gradient of this gradient will
     follow): the reference loop recomputes the forward under autograd and is differentiated, so
     second derivatives are exact on every backend; a plain backward never comes here."""
-    proj, ids, w_h, b_h, states, h0 = ctx.saved_tensors
-    wanted = [(i, t) for i, t in ((0, proj), (2, w_h), (3, b_h), (4, h0))
+    proj, ids, w_h, b_h, states, h0, w_in = ctx.saved_tensors
+    wanted = [(i, t) for i, t in ((0, proj), (2, w_h), (3, b_h), (4, h0), (8, w_in))
               if t is not None and ctx.needs_input_grad[i]]
-    outs = _recomputed(proj, ids, w_h, b_h, h0, ctx.backend, ctx.cell, states.dtype)
+    outs = _recomputed(proj, ids, w_h, b_h, h0, ctx.backend, ctx.cell, states.dtype, w_in)
     grad_outs = [torch.zeros_like(outs[0]) if grad_states is None else grad_states,
                  torch.zeros_like(outs[1]) if grad_h_n is None else grad_h_n]
-    return recorded_grads(outs, grad_outs, wanted, 8)
+    return recorded_grads(outs, grad_outs, wanted, 9)
 
 
 def recorded_grads(outs, grad_outs, wanted, n_inputs: int) -> tuple:
@@ -109,16 +128,17 @@ def recorded_grads(outs, grad_outs, wanted, n_inputs: int) -> tuple:
 def _recurrence_autograd(ctx, grad_states, grad_h_n):
     if torch.is_grad_enabled():  # backward(create_graph=True): record a differentiable backward
         return _double_backward_grads(ctx, grad_states, grad_h_n)
-    proj, ids, w_h, _, states, h0 = ctx.saved_tensors
+    proj, ids, w_h, _, states, h0, w_in = ctx.saved_tensors
     if grad_states is None:
         grad_states = torch.zeros_like(states)
     if grad_h_n is None:
         B, H = output_view(states, ctx.backend).shape[0], w_h.shape[0]
         grad_h_n = w_h.new_zeros((B, H))
-    grad_proj, grad_w_h, grad_b_h, grad_h0 = _recurrence_backward(
-        grad_states, grad_h_n, states, h0, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell)
+    grad_proj, grad_w_h, grad_b_h, grad_h0, grad_w_in = _recurrence_backward(
+        grad_states, grad_h_n, states, h0, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell, w_in)
     return (grad_proj, None, grad_w_h, grad_b_h if ctx.has_bias else None,
-            grad_h0 if ctx.needs_input_grad[4] else None, None, None, None)
+            grad_h0 if ctx.needs_input_grad[4] else None, None, None, None,
+            grad_w_in if w_in is not None else None)
 
 
 recurrence.register_autograd(_recurrence_autograd, setup_context=_recurrence_setup_context)

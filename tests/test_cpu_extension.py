@@ -233,6 +233,61 @@ def test_panel_products_and_step_products_match_the_reference(cell, h0):
             assert rel_err(one, two) < 1e-5
 
 
+X_LAYOUTS = {  # x [B, T, I] as a batch-first tensor, a view of a time-major one, rows of stride 2
+    "batch-first": lambda x: x.clone(),
+    "time-major": lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),
+    "strided-rows": lambda x: torch.stack([x, x], dim=-1)[..., 0],
+}
+
+
+@pytest.mark.parametrize("layout", list(X_LAYOUTS))
+def test_elman_input_projection_inside_the_loop_reads_x_where_it_lies(layout):
+    """On the cpu backend the elman cells form q = x W_ih^T + b inside the time loop, reading x in
+    place: every layout gives the contiguous input's bits, forward and every gradient."""
+    args = _elman_problem(11, 6, 70, h0=True)
+    results = []
+    for make in (X_LAYOUTS["batch-first"], X_LAYOUTS[layout]):
+        leaves = {k: (make(v) if k == "x" else v).detach().requires_grad_() for k, v in args.items()}
+        out, h_n = fused_rnn.elman_rnn(**leaves, backend="cpu")
+        weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
+        results.append([out, h_n, *torch.autograd.grad((out * weights).sum() + h_n.sum(), list(leaves.values()))])
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+def _elman_input_args():
+    return dict(proj=torch.zeros(3, 4, 5), ids=None, w_h=torch.zeros(8, 8), b_h=torch.zeros(8), h0=None,
+                cell="elman_tanh", w_in=torch.zeros(8, 5))
+
+
+ELMAN_INPUT_ERRORS = {
+    "course-cell": (ValueError, dict(cell="course")),
+    "ids": (ValueError, dict(ids=torch.zeros(3, 4, dtype=torch.long))),
+    "x-not-3d": (ValueError, dict(proj=torch.zeros(12, 5))),
+    "x-empty": (ValueError, dict(proj=torch.zeros(3, 0, 5))),
+    "w_in-shape": (ValueError, dict(w_in=torch.zeros(8, 4))),
+    "w_in-dtype": (TypeError, dict(w_in=torch.zeros(8, 5, dtype=torch.float64))),
+    "b_h-shape": (ValueError, dict(b_h=torch.zeros(7))),
+}
+
+
+@pytest.mark.parametrize("case", ELMAN_INPUT_ERRORS, ids=list(ELMAN_INPUT_ERRORS))
+def test_elman_input_projection_checks_its_inputs(case):
+    """rnn_fwd and rnn_bwd with w_in check what they are given, with torch's error classes."""
+    error, change = ELMAN_INPUT_ERRORS[case]
+    ext = cpu_ext.load()
+    args = {**_elman_input_args(), **change}
+    with pytest.raises(error):
+        ext.rnn_fwd(**args)
+    if "b_h" in change:  # rnn_bwd takes no b_h
+        return
+    states = ext.rnn_fwd(**_elman_input_args())
+    T, B, H = states.shape
+    with pytest.raises(error):
+        ext.rnn_bwd(torch.zeros(B, T, H), torch.zeros(B, H), states, None, args["proj"], args["ids"], args["w_h"],
+                    True, args["cell"], args["w_in"])
+
+
 def test_large_buffers_are_reused_and_released():
     """The extension's large per-call tensors come from its buffer cache: a freed one is kept
     (no page faults on the next call of the same size), handed out again with stale contents that

@@ -202,7 +202,7 @@ def test_autocast_runs_in_the_autocast_dtype():
 def test_auto_picks_the_cpu_extension_for_fp32(monkeypatch):
     calls = []
     original = cpu_ext.rnn_fwd
-    monkeypatch.setattr(cpu_ext, "rnn_fwd", lambda *a, **k: calls.append(a[-1]) or original(*a, **k))
+    monkeypatch.setattr(cpu_ext, "rnn_fwd", lambda *a, **k: calls.append(a[6]) or original(*a, **k))  # a[6]: cell
     w_ih, w_hh = torch.randn(8, 3), torch.randn(8, 8) * 0.3
     elman_rnn(torch.randn(2, 4, 3), w_ih, w_hh, nonlinearity="relu")
     assert calls == ["elman_relu"]

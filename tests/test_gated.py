@@ -308,8 +308,8 @@ def test_inference_keeps_no_gates_and_gives_the_same_results(kind):
                          ids=lambda v: v if isinstance(v, str) else "B{}-T{}-I{}-H{}-P{}-{}-{}-{}".format(*v))
 def test_cpu_inference_projects_inside_the_loop(kind, config, monkeypatch):
     """Float32 inference on the C++ backend (no gradient wanted) runs the input projection inside
-    the time loop (gated_infer): outputs and final states within fp32 rounding of torch's module in
-    float64, and the same as the training path's to rounding."""
+    the time loop (gated_fwd given w_ih) and keeps no gates: outputs and final states within fp32
+    rounding of torch's module in float64, and the same as the training path's to rounding."""
     B, T, I, H, P, h0, bias, lengths = config
     module = make_module(kind, I, H, P, bias, seed=7)
     g = torch.Generator().manual_seed(2)
@@ -322,11 +322,11 @@ def test_cpu_inference_projects_inside_the_loop(kind, config, monkeypatch):
     low = [None if s is None else s.float() for s in states]
     calls = []
     ext = cpu_ext.load()
-    monkeypatch.setattr(cpu_ext, "load", lambda: type("Spy", (), {
-        "gated_infer": lambda self, *a: calls.append(1) or ext.gated_infer(*a)})())
+    monkeypatch.setattr(cpu_ext, "load", lambda: type("Spy", (), {  # a[7]: keep_saved, a[8]: w_ih
+        "gated_fwd": lambda self, *a: calls.append((a[7], a[8] is not None)) or ext.gated_fwd(*a)})())
     with torch.no_grad():
         got = call(kind, x.float(), params, low, lens, "cpu")
-    assert calls, "gated_infer did not run"
+    assert calls == [(False, True)], "the forward with the projection inside the loop did not run"
     monkeypatch.undo()
     trained = call(kind, x.float(), [None if p is None else p.requires_grad_() for p in params], low, lens, "cpu")
     for a, b, c in zip([got[0], *got[1]], [want[0], *want[1]], [trained[0], *trained[1]]):

@@ -15,6 +15,9 @@ may then skip work whose only use is ``grad_h0``, returning zeros).
 
 For the cells whose input enters after the product (elman) the backward's ``grad_proj`` is ``dz`` (``dL/dq``), ``grad_w_h`` is
 ``sum_t dz_t^T h_{t-1}`` and ``grad_b_h`` None; ``q`` is laid out as :func:`elman_q_time_major` says.
+The cpu backend's two also take ``w_in`` for those cells: then ``proj`` is the dense input
+``x [B, T, I]`` and ``b_h`` the bias that folds into ``q = x W_in^T + b_h``, formed inside the
+time loop; ``rnn_bwd`` then returns ``(grad_x, grad_w_h, grad_b_h, grad_h0, grad_w_in)``.
 
 The gated cells (``lstm``, ``gru``; ``cells.GATED``) have two entry points of their own, all
 tensors time-major (every step one contiguous ``[B, ...]`` block):
@@ -32,6 +35,10 @@ for the LSTM, ``b_ih`` for the GRU); ``b_hh [3H]`` (the GRU's, added to the prod
 w_hr, allow_tf32, cell) -> (grad_q, grad_w_hh, grad_b_hh, grad_h0, grad_c0, grad_w_hr)``: ``grad_q``
 the gradient at ``q`` (``[T, B, G*H]``), None for each input that was None (``h0``/``c0`` None: a
 backend may return None or zeros).
+
+The cpu backend's two also take ``w_ih`` and ``b_ih``: then ``q`` is the dense input
+``x [B, T, I]`` and ``q = x W_ih^T + b_ih`` is formed inside the time loop; ``gated_bwd`` then
+returns ``grad_x`` in ``grad_q``'s place and ``grad_w_ih``, ``grad_b_ih`` after ``grad_w_hr``.
 
 Called by the custom ops in fused_rnn/recurrence_op.py and fused_rnn/gated_op.py.
 """

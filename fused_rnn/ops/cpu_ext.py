@@ -175,13 +175,14 @@ def _cached_build_is_current(folder: Optional[Path] = None) -> bool:
         return False
 
 
-def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name):
-    return load().rnn_fwd(proj, ids, w_h, b_h, h0, cell)
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name, w_in=None):
+    return load().rnn_fwd(proj, ids, w_h, b_h, h0, cell, w_in)
 
 
-def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell=cells.COURSE.name):
-    return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell))
-
+def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell=cells.COURSE.name,
+            w_in=None):
+    grads = tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell, w_in))
+    return grads if w_in is not None else grads[:4]
 
 
 def release_cached_buffers() -> int:
@@ -206,9 +207,13 @@ def panel_products(on: bool):
         ext.use_panel_products(was)
 
 
-def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name, keep_saved=True):
-    return tuple(load().gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, cell, keep_saved))
+def gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name, keep_saved=True, w_ih=None,
+              b_ih=None):
+    return tuple(load().gated_fwd(q, w_hh, b_hh, h0, c0, w_hr, cell, keep_saved, w_ih, b_ih))
 
 
-def gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name):
-    return tuple(load().gated_bwd(grad_out, grad_cs, out, cs, saved, w_hh, b_hh is not None, h0, c0, w_hr, cell))
+def gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32=False, cell=cells.LSTM.name,
+              w_ih=None, b_ih=None):
+    grads = tuple(load().gated_bwd(grad_out, grad_cs, out, cs, saved, w_hh, b_hh is not None, h0, c0, w_hr, cell,
+                                   q if w_ih is not None else None, w_ih, b_ih is not None))
+    return grads if w_ih is not None else grads[:6]
