@@ -201,12 +201,15 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
     def contiguous(t):
         return None if t is None else t.contiguous()
 
-    inside = backend == "cpu"
-    q = x if inside else contiguous(projection.linear(x.transpose(0, 1), w_ih, folded_bias))
-    inputs = (q, w_hh, hidden_bias, h0, c0, w_hr) + ((w_ih, folded_bias) if inside else ())
-    keep_saved = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    out, cs, _ = gated_recurrence(q, *(contiguous(t) for t in inputs[1:6]), backend, allow_tf32, cell.name,
-                                  keep_saved, *(contiguous(t) for t in inputs[6:]))
+    if backend == "cpu":
+        q, w_ih_inside, b_ih_inside = x, contiguous(w_ih), contiguous(folded_bias)
+    else:
+        q, w_ih_inside, b_ih_inside = contiguous(projection.linear(x.transpose(0, 1), w_ih, folded_bias)), None, None
+    differentiable = (q, w_hh, hidden_bias, h0, c0, w_hr, w_ih_inside, b_ih_inside)
+    keep_saved = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+    out, cs, _ = gated_recurrence(q, w_hh.contiguous(), contiguous(hidden_bias), contiguous(h0), contiguous(c0),
+                                  contiguous(w_hr), backend, allow_tf32, cell.name, keep_saved,
+                                  w_ih_inside, b_ih_inside)
     out = out.to(w_hh.dtype)
     cs = cs.to(w_hh.dtype) if cs.numel() else None
     return _gated_results(out, cs, x, lengths)
