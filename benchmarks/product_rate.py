@@ -6,7 +6,7 @@ backward, float32, with h0, so that every step has its product) with the count o
 beside the call's wall time the products' share of it and their FLOP rate while they run:
     products' seconds per thread = ticks / tick rate / threads
     products' rate = product FLOPs / products' seconds per thread
-The forward's products are h_{t-1} W_hh^T (and, for the gated cells' inference and the Elman
+The forward's products are h_{t-1} W_hh^T (the course cell's (h_{t-1} + relu(p_t)) W_h^T) (and, for the gated cells' inference and the Elman
 cell's "x inside", x_t W_ih^T inside the loop); the backward's the carry da_t W_hh and the weight
 gradient sum_t da_t^T h_{t-1}.
 
@@ -47,6 +47,16 @@ def problems(cell: str, B: int, T: int, I: int, H: int):
         yield "inference", (lambda: ext.gated_fwd(x, w_hh, b_hh, h0, c0, None, cell, False, w_ih, b_hh)), \
             T * step + 2 * T * B * I * G * H
         yield "backward", (lambda: ext.gated_bwd(grad_out, None, out, cs, saved, w_hh, True, h0, c0, None, cell)), \
+            2 * T * step
+    elif cell == "course":  # token ids through the [V, H] table of relu(W_in e(v) + b_in)
+        V = 85  # the course's vocabulary
+        proj, ids = rand(V, H), torch.randint(0, V, (B, T), generator=g)
+        w_h, b_h, h0 = rand(H, H, scale=H ** -0.5), rand(H, scale=0.1), rand(B, H)
+        states = ext.rnn_fwd(proj, ids, w_h, b_h, h0, cell)
+        grad_out, grad_h_n = rand(T, B, H).transpose(0, 1), torch.zeros(B, H)
+        step = 2 * B * H * H
+        yield "forward", lambda: ext.rnn_fwd(proj, ids, w_h, b_h, h0, cell), T * step
+        yield "backward", (lambda: ext.rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, True, cell)), \
             2 * T * step
     else:  # the Elman cell: q time-major [T, B, H]
         q, w_h, h0 = rand(T, B, H), rand(H, H, scale=H ** -0.5), rand(B, H)

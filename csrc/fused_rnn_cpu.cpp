@@ -507,11 +507,11 @@ class StepProduct {
 // caller wants them. The gated forward's panels hold all G gates of 16 units (NV = G) and store
 // the product as the [rows, G*H] rows the cell's pointwise step reads, for a group of rows still
 // in L1/L2; every other product has panels of 64 consecutive columns (NV = 4). Every batch row is
-// independent of the others in the forward loops and in the gated and elman backwards, so there
-// each thread runs the whole time loop on its own rows: one parallel region per call, no barrier,
-// no per-step dispatch, the weight packed once per call instead of once per step; a row gets the
-// same bits whatever the thread count. (The course cell's backward sums over rows every chunk of
-// steps: one region per step there.) The weight gradients, after the loops, are products of the
+// independent of the others in every time loop, forward and backward, so there each thread runs
+// the whole time loop on its own rows (the course's backward: on fixed blocks of rows, each with
+// its own partial sums): one parallel region per call, no barrier, no per-step dispatch, the
+// weight packed once per call instead of once per step; a row gets the same bits whatever the
+// thread count. The weight gradients, after the loops, are products of the
 // same kernel (add_transposed_product). The StepProduct / at::mm path runs where this does not
 // (float64, no AVX-512, proj_size, or switched off by use_panel_products(false)).
 constexpr int64_t kLanes = 16;  // floats per zmm
@@ -776,6 +776,29 @@ at::Tensor pack_columns(const at::Tensor& w, bool transposed) {
       [&](int64_t col, int64_t k) { return transposed ? w_p[col * K + k] : w_p[k * M + col]; });
 }
 
+// y[b, :N] = x[b, :K] W^T for the rows b in [b0, b1) (row b of x at x + b * x_stride, of y at
+// y + b * y_stride), W [N, K] packed by pack_columns(W, true) (or W [K, N] by pack_columns(W, false)).
+// Float32 only (T = double compiles against panel_product's refusal).
+template <typename T>
+void rows_times_packed(const T* x, int64_t x_stride, int64_t b0, int64_t b1, const float* packed, int64_t K, T* y,
+                       int64_t y_stride, int64_t N) {
+  for (int64_t p = 0, c = 0; c < N; ++p, c += kPanelColumns) {
+    for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
+      panel_product<4, false>(x + b * x_stride, x_stride, rows, packed + p * K * kPanelColumns, K, y + b * y_stride + c,
+                              y_stride, kLanes, N - c);
+    });
+  }
+}
+
+// Whether every element of a contiguous tensor is finite (in one pass, no temporaries).
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+  const T* p = t.data_ptr<T>();
+  bool finite = true;
+  for (int64_t i = 0; i < t.numel(); ++i) finite &= std::isfinite(p[i]);
+  return finite;
+}
+
 // Runs fn(b0, b1, k) for every block k of `rows` batch rows [b0, b1), blocks spread over the threads.
 template <typename F>
 void for_each_block(int64_t B, int64_t rows, const F& fn) {
@@ -889,6 +912,10 @@ at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tenso
     scalar_t* h0_p = h0.data_ptr<scalar_t>();
     scalar_t* out_p = out.data_ptr<scalar_t>();
     auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
+    // W_h for the panel products, where they run (float32, AVX-512)
+    const at::Tensor packed = std::is_same_v<scalar_t, float> && panel_products_here()
+                                  ? pack_columns(w_h_in.contiguous(), true) : at::Tensor();
+    const float* pk = packed.defined() ? packed.data_ptr<float>() : nullptr;
     int64_t t0 = 0;
     if (!elman && tokens && !h0_in && 2 * V <= B) {
       // With h_0 = 0 the first two states depend only on the first two tokens, so they come
@@ -896,15 +923,31 @@ at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tenso
       // skips a quarter of the forward's GEMM work):
       //   h_1 = tanh(relu(U[x_0]) W^T + b) = H1[x_0]                with Q = relu(U) W^T, H1 = tanh(Q + b)
       //   h_2 = tanh((h_1 + relu(U[x_1])) W^T + b) = tanh(G[x_0] + Q[x_1] + b)   with G = H1 W^T
-      const at::Tensor q = at::mm(at::relu(proj), w_h_t);
-      at::Tensor h1 = q.clone();
+      const at::Tensor relu_u = at::relu(proj);
+      at::Tensor q, h1, g = T >= 2 ? at::empty({V, H}, out.options()) : at::Tensor();
+      if (packed.defined()) {  // each thread its rows of q, h1 and g (a row needs only its own)
+        q = at::empty({V, H}, out.options());
+        h1 = at::empty({V, H}, out.options());
+        const scalar_t* u_p = relu_u.data_ptr<scalar_t>();
+        scalar_t* q_p = q.data_ptr<scalar_t>();
+        scalar_t* h1_p = h1.data_ptr<scalar_t>();
+        for_each_thread_rows(V, [&](int64_t v0, int64_t v1) {
+          rows_times_packed(u_p, H, v0, v1, pk, H, q_p, H, H);
+          std::copy(q_p + v0 * H, q_p + v1 * H, h1_p + v0 * H);
+          for (int64_t v = v0; v < v1; ++v) Cell::activate(h1_p + v * H, b_p, H);
+          if (T >= 2) rows_times_packed(h1_p, H, v0, v1, pk, H, g.data_ptr<scalar_t>(), H, H);
+        });
+      } else {
+        q = at::mm(relu_u, w_h_t);
+        h1 = q.clone();
+        for (int64_t v = 0; v < V; ++v) Cell::activate(h1.data_ptr<scalar_t>() + v * H, b_p, H);
+        if (T >= 2) at::mm_out(g, h1, w_h_t);
+      }
       scalar_t* h1_p = h1.data_ptr<scalar_t>();
-      for (int64_t v = 0; v < V; ++v) Cell::activate(h1_p + v * H, b_p, H);
-      const at::Tensor g = T >= 2 ? at::mm(h1, w_h_t) : at::Tensor();
       // h_2's sum is reassociated (G[x_0] + Q[x_1], not (h_1 + relu(U[x_1])) W^T): equal up to
       // rounding while both are finite, but an Inf in either (Inf in W_h, an overflow) can meet
       // one of the other sign where the loop's sum is finite; then the steps run as the loop does.
-      if (T < 2 || (at::isfinite(q).all().item<bool>() && at::isfinite(g).all().item<bool>())) {
+      if (T < 2 || (all_finite<scalar_t>(q) && all_finite<scalar_t>(g))) {
         const scalar_t* q_p = q.data_ptr<scalar_t>();
         const scalar_t* g_p = T >= 2 ? g.data_ptr<scalar_t>() : nullptr;
         for_each_row_by_block(B, [&](int64_t b, int64_t) {
@@ -946,19 +989,12 @@ at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tenso
         if (t + 1 < T) relu_add_row(h_row(t + 1, b), p_row(b, t + 1), a_p + b * H, H);
       }
     };
-    if (std::is_same_v<scalar_t, float> && panel_products_here() && t0 < T) {
+    if (packed.defined() && t0 < T) {
       // Each thread all steps of its rows (see "Panel products"): the product into h_t's rows, then
       // their pointwise pass.
-      const at::Tensor packed = pack_columns(w_h_in.contiguous(), true);
-      const float* pk = packed.data_ptr<float>();
       for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
         for (int64_t t = t0; t < T; ++t) {
-          for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
-            for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
-              panel_product<4, false>(elman ? h_row(t, b) : a_p + b * H, H, rows, pk + p * H * kPanelColumns, H,
-                                      h_row(t + 1, b) + c, H, kLanes, H - c);
-            });
-          }
+          rows_times_packed(elman ? h_row(t, 0) : a_p, H, b0, b1, pk, H, h_row(t + 1, 0), H, H);
           for (int64_t b = b0; b < b1; ++b) finish_row(t, b);
         }
       });
@@ -1017,14 +1053,17 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   // The weight gradient's partner rows: the states h_{t-1} themselves (the elman cells; the
   // course's state share with token tables), or a_t = h_{t-1} + relu(p_t) formed per step.
   const bool states_partner = elman || by_token;
-  // The weight gradient sum_t dz_t^T a_t is one GEMM per chunk of steps (at least kGemmRows rows
-  // each), so dz (and a) need only a chunk's steps: fresh [T, B, H] buffers cost page faults and
-  // trips through memory on every call. Time-major like the states, so a chunk's partner rows
-  // h_{t-1} are one contiguous block of out. The elman cells return all of dz as grad_q, so
-  // their dz holds every step (slot = t).
-  const int64_t chunk = std::min(T, std::max<int64_t>(1, (kGemmRows + B - 1) / B));
-  at::Tensor dz = cached_empty({elman ? T : chunk, B, H}, out.options());  // dz_t = g_t * act'(h_t)
-  at::Tensor a = states_partner ? at::Tensor() : at::empty({chunk, B, H}, out.options());
+  // c_t = dz_t @ W_h on the panel products where they run (float32, AVX-512), else at::mm
+  const at::Tensor packed_w_h = w_h.scalar_type() == at::kFloat && panel_products_here()
+                                    ? pack_columns(w_h.contiguous(), false) : at::Tensor();
+  // On the panel products, and for the elman cells (which return all of dz as grad_q), dz (and
+  // the course's a) hold every step: the weight gradient sum_t dz_t^T a_t is one product after the
+  // loop. Otherwise (at::mm, one step at a time) it is one GEMM per chunk of steps (at least
+  // kGemmRows rows each), so dz and a need only a chunk's steps. Time-major like the states, so a
+  // chunk's partner rows h_{t-1} are one contiguous block of out.
+  const int64_t chunk = elman || packed_w_h.defined() ? T : std::min(T, std::max<int64_t>(1, (kGemmRows + B - 1) / B));
+  at::Tensor dz = cached_empty({chunk, B, H}, out.options());  // dz_t = g_t * act'(h_t), slot t % chunk
+  at::Tensor a = states_partner ? at::Tensor() : cached_empty({chunk, B, H}, out.options());
   at::Tensor grad_w_h = at::zeros({H, H}, out.options());
   at::Tensor sums = elman      ? at::Tensor()
                     : by_token ? at::zeros({nblocks, V, H}, out.options())  // per-block sums of dz by token
@@ -1035,10 +1074,6 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   const at::Tensor h0 = has_h0 ? h0_in->contiguous() : at::zeros({B, H}, out.options());
   const at::Tensor states = out.view({T * B, H});
   at::Tensor grad_h0, grad_proj, grad_b_h;
-
-  // c_t = dz_t @ W_h on the panel products where they run (float32, AVX-512), else at::mm
-  const at::Tensor packed_w_h = w_h.scalar_type() == at::kFloat && panel_products_here()
-                                    ? pack_columns(w_h.contiguous(), false) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_bwd", [&] {
     const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
@@ -1051,88 +1086,73 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
     scalar_t* sums_p = elman ? nullptr : sums.data_ptr<scalar_t>();
     scalar_t* db_p = has_bias ? db_parts.data_ptr<scalar_t>() : nullptr;
     auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
+    // dz_t's row b from the gradient at h_t (grad_out and the carry cn = c_{t+1}); block k's sums
+    auto gradient_row = [&](int64_t t, const scalar_t* cn, scalar_t* dz_t, int64_t b, int64_t k) {
+      Cell::gradient(go_p + b * go_sb + t * go_st, cn + b * H, h_row(t + 1, b), dz_t + b * H,
+                     has_bias ? db_p + k * H : nullptr, H);
+      if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
+    };
+    // the course's dp_t and a_t (in its slot of a) from the row's c_t
+    auto input_row = [&](const scalar_t* c_p, int64_t b, int64_t t, int64_t slot) {
+      const int64_t row = b * T + t;
+      relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
+                    a_p + (slot * B + b) * H, H);
+    };
     // c_{t+1} (the carry) and c_t: only two steps are ever live.
     at::Tensor c_next = grad_h_n.clone(at::MemoryFormat::Contiguous);
     at::Tensor c_t = at::empty({B, H}, out.options());
-    // The elman cells on the panel products: every row's chain is independent of the other rows',
-    // so each thread runs all T steps on its own rows in one parallel region (as the gated
-    // backward does); dz holds every step, so the weight gradient is one product after the loop.
-    if (elman && packed_w_h.defined()) {
+    // On the panel products every row's chain is independent of the other rows', so all T steps
+    // of a set of rows run in one go, the sets in one parallel region (as the gated backward
+    // does): the elman cells' rows per thread; the course's fixed blocks of rows, each with its
+    // own partial sums (the bias's, the token tables'), so that their bits do not depend on the
+    // thread count. dz (and the course's a) hold every step, so the weight gradient is one
+    // product after the loop.
+    if (packed_w_h.defined()) {
       const float* pk = packed_w_h.data_ptr<float>();
       scalar_t* const carry[2] = {c_next.data_ptr<scalar_t>(), c_t.data_ptr<scalar_t>()};
-      for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
+      auto all_steps = [&](int64_t b0, int64_t b1, int64_t k) {
         int live = 0;  // carry[live] holds c_{t+1} of these rows
         for (int64_t t = T - 1; t >= 0; --t) {
           scalar_t* dz_t = dz_p + t * B * H;
           const scalar_t* cn = carry[live];
           scalar_t* ct = carry[1 - live];
-          for (int64_t b = b0; b < b1; ++b) {
-            Cell::gradient(go_p + b * go_sb + t * go_st, cn + b * H, h_row(t + 1, b), dz_t + b * H,
-                           static_cast<scalar_t*>(nullptr), H);
-          }
+          for (int64_t b = b0; b < b1; ++b) gradient_row(t, cn, dz_t, b, k);
           if (t == 0 && !need_c0) break;
-          for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
-            for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
-              panel_product<4, false>(dz_t + b * H, H, rows, pk + p * H * kPanelColumns, H, ct + b * H + c, H,
-                                      kLanes, H - c);
-            });
+          rows_times_packed(dz_t, H, b0, b1, pk, H, ct, H, H);
+          if (!states_partner) {
+            for (int64_t b = b0; b < b1; ++b) input_row(ct, b, t, t);
           }
           live = 1 - live;
         }
-      });
+      };
+      if (elman) {
+        for_each_thread_rows(B, [&](int64_t b0, int64_t b1) { all_steps(b0, b1, 0); });
+      } else {
+        for_each_block(B, block_rows, all_steps);
+      }
       if ((T - 1 + (need_c0 ? 1 : 0)) % 2 == 1) std::swap(c_next, c_t);  // c_0 where every thread left it
-      add_recurrent_weight_gradient(grad_w_h, dz, out, h0, has_h0);
+      if (states_partner) {
+        add_recurrent_weight_gradient(grad_w_h, dz, out, h0, has_h0);
+      } else {
+        add_weight_gradient(grad_w_h, dz.view({T * B, H}), a.view({T * B, H}));
+      }
     } else {
       for (int64_t t = T - 1; t >= 0; --t) {
         const scalar_t* cn_p = c_next.data_ptr<scalar_t>();
         const int64_t first = t / chunk * chunk, slot = t - first;  // this step's chunk and place in it
-        const int64_t dz_slot = elman ? t : slot;
-        scalar_t* dz_t = dz_p + dz_slot * B * H;
-        auto gradient_row = [&](int64_t b, int64_t k) {
-          const scalar_t* g_out = go_p + b * go_sb + t * go_st;
-          scalar_t* db_k = has_bias ? db_p + k * H : nullptr;
-          Cell::gradient(g_out, cn_p + b * H, h_row(t + 1, b), dz_t + b * H, db_k, H);
-          if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
-        };
-        auto input_row = [&](const scalar_t* c_p, int64_t b) {  // the course's dp_t and a_t from c_t
-          const int64_t row = b * T + t;
-          relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
-                        a_p + (slot * B + b) * H, H);
-        };
-        const bool product = t > 0 || need_c0;
-        if (packed_w_h.defined()) {
-          // One region per step: per block of rows dz_t, then c_t = dz_t @ W_h on the panel products
-          // (W_h packed once per call), then the course's input rows.
-          const float* pk = packed_w_h.data_ptr<float>();
-          scalar_t* ct_p = c_t.data_ptr<scalar_t>();
-          for_each_block(B, block_rows, [&](int64_t b0, int64_t b1, int64_t k) {
-            for (int64_t b = b0; b < b1; ++b) gradient_row(b, k);
-            if (!product) return;
-            for (int64_t p = 0, c = 0; c < H; ++p, c += kPanelColumns) {
-              for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
-                panel_product<4, false>(dz_t + b * H, H, rows, pk + p * H * kPanelColumns, H, ct_p + b * H + c, H,
-                                        kLanes, H - c);
-              });
-            }
-            if (!states_partner) {
-              for (int64_t b = b0; b < b1; ++b) input_row(ct_p, b);
-            }
-          });
-          if (product) std::swap(c_next, c_t);
-        } else {
-          for_each_row_by_block(B, gradient_row, block_rows);
-          if (product) {
-            at::mm_out(c_t, dz[dz_slot], w_h);  // c_t = dz_t @ W_h
-            std::swap(c_next, c_t);
-          }
-          if (!states_partner) {
-            const scalar_t* c_p = c_next.data_ptr<scalar_t>();
-            for_each_row_by_block(B, [&](int64_t b, int64_t) { input_row(c_p, b); });
-          }
+        scalar_t* dz_t = dz_p + slot * B * H;
+        for_each_row_by_block(B, [&](int64_t b, int64_t k) { gradient_row(t, cn_p, dz_t, b, k); }, block_rows);
+        if (t > 0 || need_c0) {
+          at::mm_out(c_t, dz[slot], w_h);  // c_t = dz_t @ W_h
+          std::swap(c_next, c_t);
+        }
+        if (!states_partner) {
+          const scalar_t* c_p = c_next.data_ptr<scalar_t>();
+          for_each_row_by_block(B, [&](int64_t b, int64_t) { input_row(c_p, b, t, slot); });
         }
         if (slot == 0) {  // the chunk's steps first..min(T, first + chunk) - 1 are done
           const int64_t steps = std::min(T, first + chunk) - first;
-          const at::Tensor dz_rows = dz.view({dz.size(0) * B, H}).narrow(0, (elman ? first : 0) * B, steps * B);
+          const at::Tensor dz_rows = dz.view({chunk * B, H}).narrow(0, 0, steps * B);
           if (states_partner) {
             // The states' share here (the course's input share after the loop): step t multiplies
             // h_t, which is out[t - 1], or h0 for t = 0 (nothing to add without h0).
@@ -1258,12 +1278,7 @@ std::vector<at::Tensor> input_projection_bwd(const at::Tensor& dz, const at::Ten
   float* gx_p = grad_x.data_ptr<float>();
   for_each_thread_rows(B, [&](int64_t b0, int64_t b1) {
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t p = 0, c = 0; c < I; ++p, c += kPanelColumns) {
-        for_each_row_call(b0, b1, kPanelRows, [&](int64_t b, int64_t rows) {
-          panel_product<4, false>(dz_p + (t * B + b) * H, H, rows, pk + p * H * kPanelColumns, H,
-                                  gx_p + (b * T + t) * I + c, T * I, kLanes, I - c);
-        });
-      }
+      rows_times_packed(dz_p + t * B * H, H, b0, b1, pk, H, gx_p + t * I, T * I, I);
     }
   });
   at::Tensor grad_w = at::zeros({H, I}, dz.options());
