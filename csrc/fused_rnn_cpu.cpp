@@ -10,8 +10,8 @@
 //               time-major, both biases already in it; no ids, no b_h).
 //   rnn_bwd(grad_out [B, T, H], grad_h_n, out, h0, proj, ids, w_h, has_bias, cell)
 //       -> (grad_proj, grad_w_h, grad_b_h, grad_h0): the chain c_t = dz_t @ W_h with
-//       dz_t = (grad_out[:, t] + c_{t+1}) * act'(h_t), c_T = grad_h_n, run per step
-//       (act' = 1 - h^2 for tanh, h > 0 for relu); then grad_h0 = c_0 and
+//       dz_t = (grad_out[:, t] + c_{t+1}) * act'(h_t), c_T = grad_h_n (None: zeros), run per step
+//       (act' = 1 - h^2 for tanh, h > 0 for relu); then grad_h0 = c_0 (None without h0) and
 //       course: grad_w_h = sum_t dz_t^T (h_{t-1} + relu(p_t)), grad_b_h = sum dz_t,
 //               grad_p_t = c_t * (p_t > 0) (summed into rows of proj for token input);
 //       elman:  grad_w_h = sum_t dz_t^T h_{t-1}, grad_proj = dz ([T, B, H], like proj), no grad_b_h.
@@ -902,14 +902,15 @@ at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tenso
   const at::Tensor w_h_t = w_h_in.t();  // a transposed view: BLAS reads it without a copy
   // The bias is added in the tanh pass: addmm would first copy it into every output row.
   const at::Tensor b_h = b_h_in ? b_h_in->contiguous() : at::zeros({H}, w_h_in.options());
-  const at::Tensor h0 = h0_in ? h0_in->contiguous() : at::zeros({B, H}, w_h_in.options());
+  // h_0 (zeros if not given; the elman cells then start from h_1 = act(q_1) and never read it)
+  const at::Tensor h0 = h0_in ? h0_in->contiguous() : elman ? at::Tensor() : at::zeros({B, H}, w_h_in.options());
   at::Tensor out = cached_empty({T, B, H}, w_h_in.options());
 
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_fwd", [&] {
     const scalar_t* proj_p = proj.data_ptr<scalar_t>();
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     const scalar_t* b_p = b_h.data_ptr<scalar_t>();
-    scalar_t* h0_p = h0.data_ptr<scalar_t>();
+    scalar_t* h0_p = h0.defined() ? h0.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = out.data_ptr<scalar_t>();
     auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
     // W_h for the panel products, where they run (float32, AVX-512)
@@ -1010,7 +1011,8 @@ at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tenso
 }
 
 template <typename Cell>
-std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_in, const at::Tensor& grad_h_n,
+std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_in,
+                                                    const c10::optional<at::Tensor>& grad_h_n_in,
                                                     const at::Tensor& out, const c10::optional<at::Tensor>& h0_in,
                                                     const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in,
                                                     const at::Tensor& w_h, bool has_bias) {
@@ -1024,7 +1026,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   const bool has_h0 = h0_in.has_value();
   if (has_h0) check_like("h0", *h0_in, w_h, {B, H});
   check_like("grad_out", grad_out_in, w_h, {B, T, H});
-  check_like("grad_h_n", grad_h_n, w_h, {B, H});
+  if (grad_h_n_in) check_like("grad_h_n", *grad_h_n_in, w_h, {B, H});
   at::Tensor ids;
   if (elman) {
     TORCH_CHECK_VALUE(!tokens && !has_bias, "the elman cells take neither ids nor a bias (the biases are in q)");
@@ -1071,24 +1073,31 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
   // per-block sums of dz, only where there is a bias to differentiate (never for the elman cells,
   // whose biases are in q)
   at::Tensor db_parts = has_bias ? at::zeros({nblocks, H}, out.options()) : at::Tensor();
-  const at::Tensor h0 = has_h0 ? h0_in->contiguous() : at::zeros({B, H}, out.options());
+  // h_0 is read without h0 only where the course forms a_0 = h_0 + relu(p_0)
+  const at::Tensor h0 = has_h0 ? h0_in->contiguous() : states_partner ? at::Tensor() : at::zeros({B, H}, out.options());
+  // the gradient at h_T (none: zeros)
+  const at::Tensor grad_h_n = grad_h_n_in ? grad_h_n_in->contiguous() : at::Tensor();
   const at::Tensor states = out.view({T * B, H});
   at::Tensor grad_h0, grad_proj, grad_b_h;
 
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_bwd", [&] {
     const scalar_t* go_p = grad_out.data_ptr<scalar_t>();
-    const scalar_t* h0_p = h0.data_ptr<scalar_t>();
+    const scalar_t* h0_p = h0.defined() ? h0.data_ptr<scalar_t>() : nullptr;
     const scalar_t* out_p = out.data_ptr<scalar_t>();
     const scalar_t* proj_p = elman ? nullptr : proj.data_ptr<scalar_t>();
+    const scalar_t* ghn_p = grad_h_n.defined() ? grad_h_n.data_ptr<scalar_t>() : nullptr;
+    const std::vector<scalar_t> zero_row(H, scalar_t(0));
     const int64_t* ids_p = tokens ? ids.data_ptr<int64_t>() : nullptr;
     scalar_t* dz_p = dz.data_ptr<scalar_t>();
     scalar_t* a_p = states_partner ? nullptr : a.data_ptr<scalar_t>();
     scalar_t* sums_p = elman ? nullptr : sums.data_ptr<scalar_t>();
     scalar_t* db_p = has_bias ? db_parts.data_ptr<scalar_t>() : nullptr;
     auto h_row = [&](int64_t t, int64_t b) { return t == 0 ? h0_p + b * H : out_p + ((t - 1) * B + b) * H; };  // h_t
-    // dz_t's row b from the gradient at h_t (grad_out and the carry cn = c_{t+1}); block k's sums
+    // dz_t's row b from the gradient at h_t (grad_out and the carry: c_{t+1}'s row in cn, or
+    // grad_h_n's at t = T - 1); block k's sums
     auto gradient_row = [&](int64_t t, const scalar_t* cn, scalar_t* dz_t, int64_t b, int64_t k) {
-      Cell::gradient(go_p + b * go_sb + t * go_st, cn + b * H, h_row(t + 1, b), dz_t + b * H,
+      const scalar_t* carry = t < T - 1 ? cn + b * H : ghn_p != nullptr ? ghn_p + b * H : zero_row.data();
+      Cell::gradient(go_p + b * go_sb + t * go_st, carry, h_row(t + 1, b), dz_t + b * H,
                      has_bias ? db_p + k * H : nullptr, H);
       if (by_token) add_into_row(dz_t + b * H, sums_p + (k * V + ids_p[b * T + t]) * H, H);
     };
@@ -1098,9 +1107,8 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
       relu_grad_row(c_p + b * H, proj_p + (tokens ? ids_p[row] : row) * H, h_row(t, b), sums_p + row * H,
                     a_p + (slot * B + b) * H, H);
     };
-    // c_{t+1} (the carry) and c_t: only two steps are ever live.
-    at::Tensor c_next = grad_h_n.clone(at::MemoryFormat::Contiguous);
-    at::Tensor c_t = at::empty({B, H}, out.options());
+    // c_{t+1} (the carry) and c_t: only two steps are ever live (the first reads grad_h_n).
+    at::Tensor c_next = at::empty({B, H}, out.options()), c_t = at::empty({B, H}, out.options());
     // On the panel products every row's chain is independent of the other rows', so all T steps
     // of a set of rows run in one go, the sets in one parallel region (as the gated backward
     // does): the elman cells' rows per thread; the course's fixed blocks of rows, each with its
@@ -1168,7 +1176,7 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
         }
       }
     }
-    grad_h0 = need_c0 ? c_next : at::zeros({B, H}, out.options());
+    if (has_h0) grad_h0 = c_next;
     if (has_bias) {
       grad_b_h = at::empty({H}, out.options());
       sum_blocks(db_p, nblocks, H, grad_b_h.data_ptr<scalar_t>());
@@ -1192,7 +1200,8 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd_cell(const at::Tensor& grad_out_i
       grad_proj.index_add_(0, ids.view({B * T}), sums.view({B * T, H}));
     }
   }
-  return {grad_proj, grad_w_h, has_bias ? c10::optional<at::Tensor>(grad_b_h) : c10::nullopt, grad_h0};
+  return {grad_proj, grad_w_h, has_bias ? c10::optional<at::Tensor>(grad_b_h) : c10::nullopt,
+          has_h0 ? c10::optional<at::Tensor>(grad_h0) : c10::nullopt};
 }
 
 // The input projection inside the recurrence (rnn_fwd / rnn_bwd given w_in: the elman cells;
@@ -1304,7 +1313,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj, const c10::optional<at::Tensor>& ids,
   });
 }
 
-std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_h_n,
                                                const at::Tensor& out, const c10::optional<at::Tensor>& h0,
                                                const at::Tensor& proj, const c10::optional<at::Tensor>& ids,
                                                const at::Tensor& w_h, bool has_bias, const std::string& cell,
@@ -1831,7 +1840,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course",
         py::arg("w_in") = py::none());
   m.def("rnn_bwd", &rnn_bwd,
-        "backward through all steps; returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0, grad_w_in or None)",
+        "backward through all steps (grad_h_n None: zeros); returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0 or None (without h0), grad_w_in or None)",
         py::arg("grad_out"), py::arg("grad_h_n"), py::arg("out"), py::arg("h0"), py::arg("proj"), py::arg("ids"),
         py::arg("w_h"), py::arg("has_bias"), py::arg("cell") = "course", py::arg("w_in") = py::none());
   m.def("gated_fwd", &gated_fwd,

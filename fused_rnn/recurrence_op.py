@@ -56,25 +56,33 @@ def _(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell, w_in=None):
 
 
 @torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())
-def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: torch.Tensor, states: torch.Tensor,
+def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: Optional[torch.Tensor], states: torch.Tensor,
                          h0: Optional[torch.Tensor], proj: torch.Tensor, ids: Optional[torch.Tensor],
                          w_h: torch.Tensor, has_bias: bool, backend: str, allow_tf32: bool, cell: str,
                          w_in: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_proj, grad_w_h, grad_b_h, grad_h0, grad_w_in); grad_b_h is empty without a bias,
-    grad_w_in without w_in."""
+    grad_h0 without h0, grad_w_in without w_in. grad_h_n None: zeros (the cpu backend reads none)."""
+    if grad_h_n is None and backend != "cpu":
+        grad_h_n = w_h.new_zeros(_state_shape(states, backend, w_h))
     grads = kernels(backend).rnn_bwd(output_view(grad_states, backend), grad_h_n, states, h0, proj, ids, w_h,
                                      has_bias, allow_tf32, cell, *input_inside(w_in, backend))
     grad_proj, grad_w_h, grad_b_h, grad_h0 = grads[:4]
-    return (grad_proj, grad_w_h, grad_b_h if has_bias else w_h.new_empty(0), grad_h0,
+    return (grad_proj, grad_w_h, grad_b_h if has_bias else w_h.new_empty(0),
+            grad_h0 if h0 is not None else w_h.new_empty(0),
             grads[4] if w_in is not None else w_h.new_empty(0))
 
 
 @_recurrence_backward.register_fake
 def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allow_tf32, cell, w_in=None):
-    B, H = grad_h_n.shape
-    return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(H if has_bias else 0),
-            w_h.new_empty((B, H)), torch.empty_like(w_in) if w_in is not None else w_h.new_empty(0))
+    return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(w_h.shape[0] if has_bias else 0),
+            w_h.new_empty(h0.shape) if h0 is not None else w_h.new_empty(0),
+            torch.empty_like(w_in) if w_in is not None else w_h.new_empty(0))
+
+
+def _state_shape(states, backend, w_h):
+    """``[B, H]``, the shape of ``h_n`` (and its gradient) for the backend's ``states``."""
+    return output_view(states, backend).shape[0], w_h.shape[0]
 
 
 def _recurrence_setup_context(ctx, inputs, output):
@@ -131,9 +139,6 @@ def _recurrence_autograd(ctx, grad_states, grad_h_n):
     proj, ids, w_h, _, states, h0, w_in = ctx.saved_tensors
     if grad_states is None:
         grad_states = torch.zeros_like(states)
-    if grad_h_n is None:
-        B, H = output_view(states, ctx.backend).shape[0], w_h.shape[0]
-        grad_h_n = w_h.new_zeros((B, H))
     grad_proj, grad_w_h, grad_b_h, grad_h0, grad_w_in = _recurrence_backward(
         grad_states, grad_h_n, states, h0, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell, w_in)
     return (grad_proj, None, grad_w_h, grad_b_h if ctx.has_bias else None,
