@@ -104,3 +104,19 @@ def test_weight_gradient_is_dT_x_whatever_the_thread_count(shape):
         ext.weight_gradient(torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64))
     empty_w, empty_b = ext.weight_gradient(torch.ones(0, 3), torch.ones(0, 2), True)
     assert torch.equal(empty_w, torch.zeros(3, 2)) and torch.equal(empty_b, torch.zeros(3))
+
+
+def test_weight_gradient_reads_aligned_rows_in_place_with_the_packed_bits():
+    """x's rows are read where they lie when its panels are whole and 64-byte aligned, and packed
+    otherwise (here the same values one float off alignment): the same sums, the same bits."""
+    if cpu_ext.unavailable_reason() is not None or not cpu_ext.load().panel_products_here():
+        pytest.skip("the panel products need the C++ extension on a CPU with AVX-512")
+    ext = cpu_ext.load()
+    K, M, N = 300, 20, 128
+    g = torch.Generator().manual_seed(3)
+    d, x = torch.randn(K, M, generator=g), torch.randn(K, N, generator=g)
+    off_alignment = torch.empty(K * N + 1)[1:].view(K, N).copy_(x)
+    assert x.data_ptr() % 64 == 0 and off_alignment.data_ptr() % 64 != 0
+    in_place, packed = ext.weight_gradient(d, x, True), ext.weight_gradient(d, off_alignment, True)
+    assert torch.equal(in_place[0], packed[0]) and torch.equal(in_place[1], packed[1])
+    assert rel_err(in_place[0], d.double().t() @ x.double()) < 1e-6
