@@ -236,6 +236,40 @@ def test_panel_products_and_step_products_match_the_reference(cell, h0):
             assert rel_err(one, two) < 1e-5
 
 
+@pytest.mark.skipif(not _panels_here(), reason="the panel products need the C++ extension on a CPU with AVX-512")
+@pytest.mark.parametrize("h0", [True, False], ids=["h0", "zeros"])
+@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
+def test_course_extension_bits_do_not_depend_on_the_thread_count(tokens, h0):
+    """The course cell's C++ forward and backward on the panel products: each fixed block of rows
+    runs all its steps with its own partial sums (bias, token tables), so one thread and two give
+    the same bits: 40 rows (blocks of 16, the last short), token tables and the dense input's
+    per-step rows, with and without h0 (without it and with tokens the first two steps come from
+    tables). grad_U's last product is torch's GEMM: to rounding there."""
+    ext = cpu_ext.load()
+    g = torch.Generator().manual_seed(11)
+    B, T, H, V = 40, 6, 70, 7
+    proj = torch.randn(V, H, generator=g) if tokens else torch.randn(B, T, H, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g) if tokens else None
+    w_h, b_h = torch.randn(H, H, generator=g) * H ** -0.5, torch.randn(H, generator=g) * 0.1
+    start = torch.randn(B, H, generator=g) * 0.5 if h0 else None
+    grad_out, grad_h_n = torch.randn(B, T, H, generator=g), torch.randn(B, H, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            states = ext.rnn_fwd(proj, ids, w_h, b_h, start, "course")
+            grads = ext.rnn_bwd(grad_out, grad_h_n, states, start, proj, ids, w_h, True, "course")
+            results.append([states, *(t for t in grads if t is not None)])
+    finally:
+        torch.set_num_threads(threads)
+    for i, (one, two) in enumerate(zip(*results)):
+        if tokens and i == 1:  # grad_U
+            assert rel_err(one, two) < 1e-6
+        else:
+            assert torch.equal(one, two), i
+
+
 X_LAYOUTS = {  # x [B, T, I] as a batch-first tensor, a view of a time-major one, rows of stride 2
     "batch-first": lambda x: x.clone(),
     "time-major": lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),
