@@ -6,9 +6,9 @@ backward, float32, with h0, so that every step has its product) with the count o
 beside the call's wall time the products' share of it and their FLOP rate while they run:
     products' seconds per thread = ticks / tick rate / threads
     products' rate = product FLOPs / products' seconds per thread
-The forward's products are h_{t-1} W_hh^T (the course cell's (h_{t-1} + relu(p_t)) W_h^T) (and, for the gated cells' inference and the Elman
-cell's "x inside", x_t W_ih^T inside the loop); the backward's the carry da_t W_hh and the weight
-gradient sum_t da_t^T h_{t-1}.
+The forward's products are h_{t-1} W_hh^T (the course cell's: (h_{t-1} + relu(p_t)) W_h^T), and
+for the gated cells' inference and the Elman cell's "x inside" also x_t W_ih^T inside the loop;
+the backward's the carry da_t W_hh and the weight gradient sum_t da_t^T h_{t-1}.
 
     python benchmarks/product_rate.py [--rounds 5] [--threads 2]
 """

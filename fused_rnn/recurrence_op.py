@@ -62,9 +62,7 @@ def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: Optional[torch.Ten
                          w_in: Optional[torch.Tensor] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_proj, grad_w_h, grad_b_h, grad_h0, grad_w_in); grad_b_h is empty without a bias,
-    grad_h0 without h0, grad_w_in without w_in. grad_h_n None: zeros (the cpu backend reads none)."""
-    if grad_h_n is None and backend != "cpu":
-        grad_h_n = w_h.new_zeros(_state_shape(states, backend, w_h))
+    grad_h0 without h0, grad_w_in without w_in. grad_h_n None: zeros."""
     grads = kernels(backend).rnn_bwd(output_view(grad_states, backend), grad_h_n, states, h0, proj, ids, w_h,
                                      has_bias, allow_tf32, cell, *input_inside(w_in, backend))
     grad_proj, grad_w_h, grad_b_h, grad_h0 = grads[:4]
@@ -78,11 +76,6 @@ def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allo
     return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(w_h.shape[0] if has_bias else 0),
             w_h.new_empty(h0.shape) if h0 is not None else w_h.new_empty(0),
             torch.empty_like(w_in) if w_in is not None else w_h.new_empty(0))
-
-
-def _state_shape(states, backend, w_h):
-    """``[B, H]``, the shape of ``h_n`` (and its gradient) for the backend's ``states``."""
-    return output_view(states, backend).shape[0], w_h.shape[0]
 
 
 def _recurrence_setup_context(ctx, inputs, output):

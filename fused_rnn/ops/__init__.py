@@ -5,8 +5,8 @@
 of ``h_1..h_T``);
 ``rnn_bwd(grad_out [B, T, H], grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32,
 cell) -> (grad_proj, grad_w_h, grad_b_h, grad_h0)``; ``h0`` None means zeros (a backend
-may then skip work whose only use is ``grad_h0``, returning zeros or None); the cpu backend also
-takes ``grad_h_n`` None (zeros).
+may then skip work whose only use is ``grad_h0``, returning zeros or None); ``grad_h_n`` None
+means zeros too.
 
 ``cell`` (a cell's name, `fused_rnn.cells`) switches the step inside the same kernels:
 

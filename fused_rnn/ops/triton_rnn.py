@@ -484,11 +484,14 @@ def token_table_grad(ids, dp, V, deterministic=False):
 def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, tokens, has_bias):
     """Runs the reverse-time chain. Returns ``c [B, T+1, H]`` with ``c[:, t] = dz_t @ W_h`` for
     ``t < T`` (the gradient reaching ``h_{t-1}`` and ``r_t`` from step ``t``) and
-    ``c[:, T] = grad_h_n``."""
+    ``c[:, T] = grad_h_n`` (zeros if None)."""
     B, T1, H = ws.shape
     T = T1 - 1
     c = torch.empty_like(ws)
-    c[:, T].copy_(grad_h_n)
+    if grad_h_n is None:
+        c[:, T].zero_()
+    else:
+        c[:, T].copy_(grad_h_n)
     grad_out = grad_out.to(ws.dtype).contiguous()
     family, plan = _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell)
     with _on_device(ws):
