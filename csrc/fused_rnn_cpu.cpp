@@ -626,14 +626,16 @@ void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* 
 }
 
 // strip[k * rows + r] = a[k * a_stride + r] for k < depth, r < rows (<= 16), and, if sums is not
-// null, sums[r] += the sum of those `depth` values (a bias gradient's share of the block).
+// null, sums[r] += the sum of those `depth` values (a bias gradient's share of the block). Writes
+// up to 16 floats past the strip's end: each k's store is a whole zmm (masked stores cost ~3x on
+// Zen 4), its tail overwritten by the next k's.
 __attribute__((target("avx512f"))) void pack_strip(const float* a, int64_t a_stride, int64_t depth, int64_t rows,
                                                    float* strip, float* sums) {
   const __mmask16 mask = __mmask16((1u << rows) - 1);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t k = 0; k < depth; ++k) {
     const __m512 v = _mm512_maskz_loadu_ps(mask, a + k * a_stride);
-    _mm512_mask_storeu_ps(strip + k * rows, mask, v);
+    _mm512_storeu_ps(strip + k * rows, v);
     sum = _mm512_add_ps(sum, v);
   }
   if (sums != nullptr) _mm512_mask_storeu_ps(sums, mask, _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, sums)));
@@ -667,7 +669,7 @@ void add_transposed_product(const float* a, int64_t a_stride, const float* b, in
                       reinterpret_cast<uintptr_t>(b) % (kLanes * sizeof(float)) == 0;
   at::parallel_for(0, M, rows_per_call, [&](int64_t m0, int64_t m1) {
     at::Tensor packed = direct ? at::Tensor() : at::empty({panels, kDepth, width}, at::kFloat);
-    at::Tensor strips = at::empty({m1 - m0, kDepth}, at::kFloat);
+    at::Tensor strips = at::empty({(m1 - m0) * kDepth + kLanes}, at::kFloat);  // pack_strip's overrun
     float* pk = direct ? nullptr : packed.data_ptr<float>();
     float* st = strips.data_ptr<float>();
     for (int64_t k0 = 0; k0 < K; k0 += kDepth) {

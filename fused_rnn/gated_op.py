@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import cells
 from .dispatch import gated_kernels
+from .eager import eager_or_op, with_eager_path
 from .ops import workspace_dtype
 from .recurrence_op import input_inside, recorded_grads
 from .reference import gated_loop
@@ -26,8 +27,7 @@ def _empty_if_none(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
     return like.new_empty(0) if t is None else t
 
 
-@torch.library.custom_op("fused_rnn::gated_recurrence", mutates_args=())
-def gated_recurrence(q: torch.Tensor, w_hh: torch.Tensor, b_hh: Optional[torch.Tensor],
+def _gated_recurrence(q: torch.Tensor, w_hh: torch.Tensor, b_hh: Optional[torch.Tensor],
                      h0: Optional[torch.Tensor], c0: Optional[torch.Tensor], w_hr: Optional[torch.Tensor],
                      backend: str, allow_tf32: bool, cell: str, keep_saved: bool,
                      w_ih: Optional[torch.Tensor] = None, b_ih: Optional[torch.Tensor] = None
@@ -37,7 +37,10 @@ def gated_recurrence(q: torch.Tensor, w_hh: torch.Tensor, b_hh: Optional[torch.T
     return out, _empty_if_none(cs, out), saved if keep_saved else saved.new_empty(0)
 
 
-@gated_recurrence.register_fake
+gated_recurrence_op = torch.library.custom_op("fused_rnn::gated_recurrence", _gated_recurrence, mutates_args=())
+
+
+@gated_recurrence_op.register_fake
 def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved, w_ih=None, b_ih=None):
     spec = cells.get(cell)
     T, B = q.shape[1::-1] if w_ih is not None else q.shape[:2]
@@ -49,7 +52,6 @@ def _(q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, keep_saved, w_ih=N
     return q.new_empty((T, B, P), dtype=dtype), cs, saved
 
 
-@torch.library.custom_op("fused_rnn::gated_recurrence_backward", mutates_args=())
 def _gated_backward(grad_out: torch.Tensor, grad_cs: Optional[torch.Tensor], out: torch.Tensor,
                     cs: torch.Tensor, saved: torch.Tensor, q: torch.Tensor, w_hh: torch.Tensor,
                     b_hh: Optional[torch.Tensor], h0: Optional[torch.Tensor], c0: Optional[torch.Tensor],
@@ -65,7 +67,11 @@ def _gated_backward(grad_out: torch.Tensor, grad_cs: Optional[torch.Tensor], out
     return tuple(_empty_if_none(g, q) for g in grads)  # a new empty tensor for each: returns may not alias
 
 
-@_gated_backward.register_fake
+gated_backward_op = torch.library.custom_op("fused_rnn::gated_recurrence_backward", _gated_backward,
+                                            mutates_args=())
+
+
+@gated_backward_op.register_fake
 def _(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, backend, allow_tf32, cell, w_ih=None,
       b_ih=None):
     return tuple(torch.empty_like(t) if t is not None else q.new_empty(0)
@@ -110,7 +116,7 @@ def _autograd(ctx, grad_out, grad_cs, _grad_saved):
         grad_out = torch.zeros_like(out)
     if grad_cs is not None and grad_cs.numel() == 0:
         grad_cs = None
-    grads = _gated_backward(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr,
+    grads = _backward(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr,
                             ctx.backend, ctx.allow_tf32, ctx.cell, w_ih, b_ih)
     inputs = (q, w_hh, b_hh, h0, c0, w_hr, None, None, None, None, w_ih, b_ih)
     grads = grads[:6] + (None,) * 4 + grads[6:]
@@ -118,4 +124,7 @@ def _autograd(ctx, grad_out, grad_cs, _grad_saved):
                  for i, (g, t) in enumerate(zip(grads, inputs)))
 
 
-gated_recurrence.register_autograd(_autograd, setup_context=_setup_context)
+_backward = eager_or_op(gated_backward_op, _gated_backward)
+gated_recurrence_op.register_autograd(_autograd, setup_context=_setup_context)
+# What the public functions call: the op, or in plain eager code its parts without the dispatch.
+gated_recurrence = with_eager_path(gated_recurrence_op, _gated_recurrence, _setup_context, _autograd)

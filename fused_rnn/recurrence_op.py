@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import kernels
+from .eager import eager_or_op, with_eager_path
 from .ops import elman_q_time_major, loop, output_view, states_shape, workspace_dtype
 
 
@@ -39,15 +40,17 @@ def input_inside(w_in, backend, *biases) -> tuple:
     return (w_in, *biases)
 
 
-@torch.library.custom_op("fused_rnn::recurrence", mutates_args=())
-def recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
+def _recurrence(proj: torch.Tensor, ids: Optional[torch.Tensor], w_h: torch.Tensor,
                 b_h: Optional[torch.Tensor], h0: Optional[torch.Tensor], backend: str,
                 allow_tf32: bool, cell: str, w_in: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     states = kernels(backend).rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32, cell, *input_inside(w_in, backend))
     return states, output_view(states, backend)[:, -1].to(w_h.dtype, copy=True)
 
 
-@recurrence.register_fake
+recurrence_op = torch.library.custom_op("fused_rnn::recurrence", _recurrence, mutates_args=())
+
+
+@recurrence_op.register_fake
 def _(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell, w_in=None):
     B, T = _batch_and_steps(proj, ids, backend, cell, w_in)
     H = w_h.shape[0]
@@ -55,7 +58,6 @@ def _(proj, ids, w_h, b_h, h0, backend, allow_tf32, cell, w_in=None):
     return states, w_h.new_empty((B, H))
 
 
-@torch.library.custom_op("fused_rnn::recurrence_backward", mutates_args=())
 def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: Optional[torch.Tensor], states: torch.Tensor,
                          h0: Optional[torch.Tensor], proj: torch.Tensor, ids: Optional[torch.Tensor],
                          w_h: torch.Tensor, has_bias: bool, backend: str, allow_tf32: bool, cell: str,
@@ -71,7 +73,11 @@ def _recurrence_backward(grad_states: torch.Tensor, grad_h_n: Optional[torch.Ten
             grads[4] if w_in is not None else w_h.new_empty(0))
 
 
-@_recurrence_backward.register_fake
+recurrence_backward_op = torch.library.custom_op("fused_rnn::recurrence_backward", _recurrence_backward,
+                                                 mutates_args=())
+
+
+@recurrence_backward_op.register_fake
 def _(grad_states, grad_h_n, states, h0, proj, ids, w_h, has_bias, backend, allow_tf32, cell, w_in=None):
     return (torch.empty_like(proj), torch.empty_like(w_h), w_h.new_empty(w_h.shape[0] if has_bias else 0),
             w_h.new_empty(h0.shape) if h0 is not None else w_h.new_empty(0),
@@ -132,11 +138,14 @@ def _recurrence_autograd(ctx, grad_states, grad_h_n):
     proj, ids, w_h, _, states, h0, w_in = ctx.saved_tensors
     if grad_states is None:
         grad_states = torch.zeros_like(states)
-    grad_proj, grad_w_h, grad_b_h, grad_h0, grad_w_in = _recurrence_backward(
+    grad_proj, grad_w_h, grad_b_h, grad_h0, grad_w_in = _backward(
         grad_states, grad_h_n, states, h0, proj, ids, w_h, ctx.has_bias, ctx.backend, ctx.allow_tf32, ctx.cell, w_in)
     return (grad_proj, None, grad_w_h, grad_b_h if ctx.has_bias else None,
             grad_h0 if ctx.needs_input_grad[4] else None, None, None, None,
             grad_w_in if w_in is not None else None)
 
 
-recurrence.register_autograd(_recurrence_autograd, setup_context=_recurrence_setup_context)
+_backward = eager_or_op(recurrence_backward_op, _recurrence_backward)
+recurrence_op.register_autograd(_recurrence_autograd, setup_context=_recurrence_setup_context)
+# What the public functions call: the op, or in plain eager code its parts without the dispatch.
+recurrence = with_eager_path(recurrence_op, _recurrence, _recurrence_setup_context, _recurrence_autograd)
