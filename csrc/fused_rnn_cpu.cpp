@@ -547,7 +547,7 @@ void for_each_row_call(int64_t begin, int64_t end, int64_t most, const F& fn) {
 // (and `bias`, if not null, holds those columns' biases, laid out as a row of y). Accumulate adds
 // the product to y at the end (a sum of K terms, then one rounding into y).
 // Transposed, the weight gradient's form y (+)= x^T panel: row r of the product is column r of x
-// (x[k * x_stride + r]: a strip packed k-major, see add_transposed_product). The panel's row k is
+// (x[k * x_stride + r]: the rows of a [K, M] operand, see add_transposed_product). The panel's row k is
 // at panel + k * panel_stride.
 template <int R, int NV, bool Gates, bool Accumulate, bool Transposed = false>
 __attribute__((target("avx512f"))) void panel_tile(const float* __restrict__ x, int64_t x_stride,
@@ -625,33 +625,31 @@ void panel_product(const float* x, int64_t x_stride, int64_t rows, const float* 
   });
 }
 
-// strip[k * rows + r] = a[k * a_stride + r] for k < depth, r < rows (<= 16), and, if sums is not
-// null, sums[r] += the sum of those `depth` values (a bias gradient's share of the block). Writes
-// up to 16 floats past the strip's end: each k's store is a whole zmm (masked stores cost ~3x on
-// Zen 4), its tail overwritten by the next k's.
-__attribute__((target("avx512f"))) void pack_strip(const float* a, int64_t a_stride, int64_t depth, int64_t rows,
-                                                   float* strip, float* sums) {
-  const __mmask16 mask = __mmask16((1u << rows) - 1);
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t k = 0; k < depth; ++k) {
-    const __m512 v = _mm512_maskz_loadu_ps(mask, a + k * a_stride);
-    _mm512_storeu_ps(strip + k * rows, v);
-    sum = _mm512_add_ps(sum, v);
+// sums[j] += sum_{k < depth} a[k * a_stride + j] for j < n (in that order: a register per 16
+// columns summed over k, then added to sums).
+__attribute__((target("avx512f"))) void add_column_sums(const float* a, int64_t a_stride, int64_t depth, int64_t n,
+                                                        float* sums) {
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const __mmask16 mask = n - j >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < depth; ++k) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, a + k * a_stride + j));
+    _mm512_mask_storeu_ps(sums + j, mask, _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, sums + j)));
   }
-  if (sums != nullptr) _mm512_mask_storeu_ps(sums, mask, _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, sums)));
 }
 
 // c[M, N] += a^T b for float32 a [K, M] and b [K, N], rows a_stride, b_stride, c_stride apart:
 // the weight gradients sum_t dz_t^T h_t. Each thread takes its share of c's rows and runs all of K
-// over them in blocks of kDepth steps: per block it packs b's rows into panels of 64 columns (as
-// pack_columns does a weight: 32 KB each; where b's panels are whole and 64-byte aligned in every
-// row, as the states' are at H = 64n, the tiles read them in place instead: 2-5% faster at
-// H = 256) and its rows of a into strips of each tile's columns,
-// k-major (the tile's broadcasts, read in order, 3 KB), then multiplies each strip (in L1) by
-// every panel (from L2), adding a sum of kDepth terms to c. c's bits do not depend on the thread
-// count, and a sum's rounding grows with kDepth + K / kDepth terms, not K. With column_sums (not
-// null), column_sums[m] += sum_k a[k, m] too, summed alike while a is packed: the bias gradient
-// that goes with the weight gradient, without another pass over a.
+// over them in blocks of kDepth steps: per block, each tile broadcasts its columns of a's rows
+// where they lie (a's row k holds the tile's rows' k-th terms side by side) and multiplies them
+// by b's rows in panels of 64 columns, adding a sum of kDepth terms to c. b's panels are read in
+// place where they are whole and 64-byte aligned in every row, as the states' are at H = 64n
+// (2-5% faster at H = 256), else packed per block (as pack_columns packs a weight). While a
+// block's tiles run, the next block's rows of a and b are fetched into L2, a slice per tile row:
+// the first touch of rows 1-4 KB apart is what held the tiles back (packing a into strips per
+// block, as before, cost 10-15% of the product at B*T = 4096-16384, H = 256; benchmarks/RESULTS.md).
+// c's bits do not depend on the thread count, and a sum's rounding grows with kDepth + K / kDepth
+// terms, not K. With column_sums (not null), column_sums[m] += sum_k a[k, m] too, summed per
+// block: the bias gradient that goes with the weight gradient.
 constexpr int64_t kDepth = 128;
 // b_group > 0: b's rows come in groups of b_group rows b_stride apart, the groups b_group_stride
 // apart (row k at b + (k / b_group) b_group_stride + (k % b_group) b_stride: a time-major walk
@@ -669,9 +667,8 @@ void add_transposed_product(const float* a, int64_t a_stride, const float* b, in
                       reinterpret_cast<uintptr_t>(b) % (kLanes * sizeof(float)) == 0;
   at::parallel_for(0, M, rows_per_call, [&](int64_t m0, int64_t m1) {
     at::Tensor packed = direct ? at::Tensor() : at::empty({panels, kDepth, width}, at::kFloat);
-    at::Tensor strips = at::empty({(m1 - m0) * kDepth + kLanes}, at::kFloat);  // pack_strip's overrun
     float* pk = direct ? nullptr : packed.data_ptr<float>();
-    float* st = strips.data_ptr<float>();
+    const int64_t row_calls = (m1 - m0 + rows_per_call - 1) / rows_per_call;
     for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
       const int64_t depth = std::min(kDepth, K - k0);
       for (int64_t p = 0; p < panels && !direct; ++p) {
@@ -682,17 +679,23 @@ void add_transposed_product(const float* a, int64_t a_stride, const float* b, in
           std::fill(dst + n, dst + width, 0.0f);
         }
       }
+      if (column_sums != nullptr) add_column_sums(a + k0 * a_stride + m0, a_stride, depth, m1 - m0, column_sums + m0);
+      const int64_t next = k0 + depth, next_depth = std::min(kDepth, K - next);
+      int64_t call = 0;
       for_each_row_call(m0, m1, rows_per_call, [&](int64_t m, int64_t rows) {
-        pack_strip(a + k0 * a_stride + m, a_stride, depth, rows, st + (m - m0) * depth,
-                   column_sums != nullptr ? column_sums + m : nullptr);
-      });
-      for_each_row_call(m0, m1, rows_per_call, [&](int64_t m, int64_t rows) {
+        for (int64_t k = next + call * next_depth / row_calls; k < next + (call + 1) * next_depth / row_calls; ++k) {
+          for (int64_t n = 0; n < N; n += kLanes) _mm_prefetch(reinterpret_cast<const char*>(b_row(k) + n), _MM_HINT_T1);
+          for (int64_t j = m0; j < m1; j += kLanes) {
+            _mm_prefetch(reinterpret_cast<const char*>(a + k * a_stride + j), _MM_HINT_T1);
+          }
+        }
+        ++call;
         with_tile_rows<NV>(rows, [&](auto R) {
           for (int64_t p = 0; p < panels; ++p) {
             const float* panel = direct ? b + k0 * b_stride + p * width : pk + p * depth * width;
-            panel_tile<R.value, NV, false, true, true>(st + (m - m0) * depth, rows, panel, direct ? b_stride : width,
-                                                       depth, c + m * c_stride + p * width, c_stride, kLanes,
-                                                       N - p * width, nullptr);
+            panel_tile<R.value, NV, false, true, true>(a + k0 * a_stride + m, a_stride, panel,
+                                                       direct ? b_stride : width, depth, c + m * c_stride + p * width,
+                                                       c_stride, kLanes, N - p * width, nullptr);
           }
         });
       });
