@@ -3,12 +3,12 @@
 // struct with its pointwise step forward and backward (below the row kernels); one time loop
 // forward and one backward take it as a template parameter.
 //
-//   rnn_fwd(proj, ids, w_h, b_h, h0, cell) -> out [T, B, H]: out[t] = h_{t+1} (time-major; h0 None: zeros)
+//   rnn_fwd(proj, ids, w_h, b_h, h0, cell, w_in, b_in) -> out [T, B, H]: out[t] = h_{t+1} (time-major; h0 None: zeros)
 //       course: h_t = tanh((h_{t-1} + relu(p_t)) @ W_h^T + b_h), p_t = proj[ids[:, t]] (token input)
 //               or proj[:, t] (dense input, proj [B, T, H]).
 //       elman:  h_t = act(h_{t-1} @ W_h^T + q_t), act = tanh or relu, q_t = proj[t] (proj [T, B, H],
 //               time-major, both biases already in it; no ids, no b_h).
-//   rnn_bwd(grad_out [B, T, H], grad_h_n, out, h0, proj, ids, w_h, has_bias, cell)
+//   rnn_bwd(grad_out [B, T, H], grad_h_n, out, h0, proj, ids, w_h, has_bias, cell, w_in, b_in)
 //       -> (grad_proj, grad_w_h, grad_b_h, grad_h0): the chain c_t = dz_t @ W_h with
 //       dz_t = (grad_out[:, t] + c_{t+1}) * act'(h_t), c_T = grad_h_n (None: zeros), run per step
 //       (act' = 1 - h^2 for tanh, h > 0 for relu); then grad_h0 = c_0 (None without h0) and
@@ -17,7 +17,11 @@
 //       elman:  grad_w_h = sum_t dz_t^T h_{t-1}, grad_proj = dz ([T, B, H], like proj), no grad_b_h.
 //   The elman cells also take w_in: proj is then the dense input x [B, T, I] and b_h the bias of
 //   q = x W_in^T + b_h, formed inside the time loop; rnn_bwd adds grad_w_in and returns dL/dx as
-//   grad_proj ("The input projection inside the recurrence", below).
+//   grad_proj ("The input projection inside the recurrence", below). The course cell with token ids
+//   takes w_in and b_in instead: proj is then the embedding E [V, E] and the [V, H] table
+//   U = E W_in^T + b_in is formed inside; rnn_bwd returns dL/dE as grad_proj, then grad_w_in and
+//   grad_b_in ("The course's token projection inside the recurrence", below). rnn_bwd returns six
+//   entries either way, None where there is no such input.
 //
 // The states are time-major: each step's are one contiguous [B, H] block, so every GEMM writes
 // its output in place, and the backward's weight gradient reads a chunk of steps' states as one
@@ -1309,13 +1313,78 @@ std::vector<at::Tensor> input_projection_bwd(const at::Tensor& dz, const at::Ten
   return {grad_x, grad_w, grad_b};
 }
 
+// The course's token projection inside the recurrence (rnn_fwd / rnn_bwd given ids and w_in): proj
+// is then the embedding E [V, E], and the [V, H] table the time loop reads is U = E_m W_in^T + b_in,
+// E_m being E with the rows of tokens absent from ids zeroed: the reference loop never reads those
+// rows, so a NaN or Inf there must not reach a gradient, as it would through dW_in = dU^T E (dU is
+// zero there, and 0 * NaN is NaN). From the loop's dL/dU the backward gives dL/dE (zero on the
+// absent rows), dW_in = dU^T E_m and db_in = dU's column sums. All of it is tiny ([V, E] x [E, H]);
+// done here it saves the Python ops and autograd nodes around the call (benchmarks/RESULTS.md).
+struct TokenTable {
+  std::vector<char> occurs;  // whether each token occurs in ids
+  at::Tensor embedding_m;    // E_m
+  at::Tensor u;              // E_m W_in^T + b_in
+};
+
+// t's rows of the tokens absent from ids set to zero, in place (a select, not a product: 0 * NaN).
+void zero_absent_rows(at::Tensor& t, const std::vector<char>& occurs) {
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "zero_absent_rows", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    const int64_t width = t.size(1);
+    for (size_t v = 0; v < occurs.size(); ++v) {
+      if (!occurs[v]) std::fill(p + v * width, p + (v + 1) * width, scalar_t(0));
+    }
+  });
+}
+
+at::Tensor panel_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool transpose_w);
+
+// x W^T + b (transpose_w) or x W + b: on the panel products where they run (no thread wake-up
+// of a BLAS library for these tiny products, no packing of x), else ATen's.
+at::Tensor small_product(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                         bool transpose_w) {
+  if (on_panels(w)) return panel_matmul(x, w, b, transpose_w);
+  const at::Tensor wt = transpose_w ? w.t() : w;
+  return b ? at::addmm(*b, x, wt) : at::mm(x, wt);
+}
+
+TokenTable token_table(const at::Tensor& embedding, const at::Tensor& ids_in, const at::Tensor& w_in,
+                       const c10::optional<at::Tensor>& b_in, const at::Tensor& w_h) {
+  TORCH_CHECK_VALUE(embedding.dim() == 2 && embedding.size(0) > 0,
+                    "token input with w_in needs the embedding [V, E] as proj, got ", embedding.sizes());
+  check_like("embedding", embedding, w_h, embedding.sizes());
+  check_like("w_in", w_in, w_h, {w_h.size(0), embedding.size(1)});
+  if (b_in) check_like("b_in", *b_in, w_h, {w_h.size(0)});
+  TORCH_CHECK_TYPE(ids_in.scalar_type() == at::kLong, "ids must be int64, got ", ids_in.scalar_type());
+  const at::Tensor ids = ids_in.contiguous();
+  const int64_t V = embedding.size(0), n = ids.numel();
+  const int64_t* ids_p = ids.data_ptr<int64_t>();
+  TokenTable table{std::vector<char>(V, 0), embedding.clone(at::MemoryFormat::Contiguous), at::Tensor()};
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = ids_p[i];
+    TORCH_CHECK_INDEX(v >= 0 && v < V, "token ids must lie in [0, ", V, "), got ", v);
+    table.occurs[v] = 1;
+  }
+  zero_absent_rows(table.embedding_m, table.occurs);
+  table.u = small_product(table.embedding_m, w_in, b_in, true);
+  return table;
+}
+
 at::Tensor rnn_fwd(const at::Tensor& proj, const c10::optional<at::Tensor>& ids, const at::Tensor& w_h,
                    const c10::optional<at::Tensor>& b_h, const c10::optional<at::Tensor>& h0,
-                   const std::string& cell, const c10::optional<at::Tensor>& w_in) {
+                   const std::string& cell, const c10::optional<at::Tensor>& w_in,
+                   const c10::optional<at::Tensor>& b_in) {
   return with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
+    if (w_in && ids) {
+      TORCH_CHECK_VALUE(Cell::kInputBeforeProduct, "ids with w_in are for the course cell, got cell '", cell, "'");
+      check_weights(w_h);
+      return rnn_fwd_cell<Cell>(token_table(proj, *ids, *w_in, b_in, w_h).u, ids, w_h, b_h, h0);
+    }
+    TORCH_CHECK_VALUE(!b_in, "b_in goes with the course's token input (ids and w_in)");
     if (w_in) {
-      TORCH_CHECK_VALUE(!Cell::kInputBeforeProduct, "w_in is for the elman cells, got cell '", cell, "'");
+      TORCH_CHECK_VALUE(!Cell::kInputBeforeProduct, "w_in with dense input is for the elman cells, got cell '",
+                        cell, "'");
       check_weights(w_h);
       check_dense_input(proj, *w_in, b_h, ids, w_h);
       if (on_panels(w_h)) return elman_input_fwd<Cell>(proj, *w_in, b_h, w_h, h0);
@@ -1329,23 +1398,43 @@ std::vector<c10::optional<at::Tensor>> rnn_bwd(const at::Tensor& grad_out, const
                                                const at::Tensor& out, const c10::optional<at::Tensor>& h0,
                                                const at::Tensor& proj, const c10::optional<at::Tensor>& ids,
                                                const at::Tensor& w_h, bool has_bias, const std::string& cell,
-                                               const c10::optional<at::Tensor>& w_in) {
+                                               const c10::optional<at::Tensor>& w_in,
+                                               const c10::optional<at::Tensor>& b_in) {
   return with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
+    if (w_in && ids) {  // the course's token input: the table recomputed (the same bits as the forward's)
+      TORCH_CHECK_VALUE(Cell::kInputBeforeProduct, "ids with w_in are for the course cell, got cell '", cell, "'");
+      check_weights(w_h);
+      const TokenTable table = token_table(proj, *ids, *w_in, b_in, w_h);
+      std::vector<c10::optional<at::Tensor>> grads = rnn_bwd_cell<Cell>(grad_out, grad_h_n, out, h0, table.u, ids,
+                                                                        w_h, has_bias);
+      const at::Tensor grad_u = *grads[0];
+      at::Tensor grad_embedding = small_product(grad_u, *w_in, c10::nullopt, false);
+      zero_absent_rows(grad_embedding, table.occurs);
+      at::Tensor grad_w_in = at::zeros_like(*w_in);
+      at::Tensor grad_b_in = b_in ? at::zeros_like(*b_in) : at::Tensor();
+      add_weight_gradient(grad_w_in, grad_u, table.embedding_m, b_in ? &grad_b_in : nullptr);
+      grads[0] = grad_embedding;
+      grads.emplace_back(grad_w_in);
+      grads.emplace_back(b_in ? c10::make_optional(grad_b_in) : c10::nullopt);
+      return grads;
+    }
+    TORCH_CHECK_VALUE(!b_in, "b_in goes with the course's token input (ids and w_in)");
     if (!w_in) {
       std::vector<c10::optional<at::Tensor>> grads = rnn_bwd_cell<Cell>(grad_out, grad_h_n, out, h0, proj, ids, w_h,
                                                                         has_bias);
-      grads.emplace_back(c10::nullopt);
+      grads.resize(6);  // no grad_w_in, grad_b_in
       return grads;
     }
-    TORCH_CHECK_VALUE(!Cell::kInputBeforeProduct, "w_in is for the elman cells, got cell '", cell, "'");
+    TORCH_CHECK_VALUE(!Cell::kInputBeforeProduct, "w_in with dense input is for the elman cells, got cell '", cell,
+                      "'");
     check_weights(w_h);
     check_dense_input(proj, *w_in, c10::nullopt, ids, w_h);
     std::vector<c10::optional<at::Tensor>> grads = rnn_bwd_cell<Cell>(grad_out, grad_h_n, out, h0, proj, ids, w_h,
                                                                       false);
     const std::vector<at::Tensor> input = input_projection_bwd(*grads[0], proj, *w_in, has_bias);
     return std::vector<c10::optional<at::Tensor>>{
-        input[0], grads[1], has_bias ? c10::make_optional(input[2]) : c10::nullopt, grads[3], input[1]};
+        input[0], grads[1], has_bias ? c10::make_optional(input[2]) : c10::nullopt, grads[3], input[1], c10::nullopt};
   });
 }
 
@@ -1850,11 +1939,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("d"), py::arg("x"), py::arg("bias") = false);
   m.def("rnn_fwd", &rnn_fwd, "forward over all steps; returns the states h_1..h_T as [T, B, H]",
         py::arg("proj"), py::arg("ids"), py::arg("w_h"), py::arg("b_h"), py::arg("h0"), py::arg("cell") = "course",
-        py::arg("w_in") = py::none());
+        py::arg("w_in") = py::none(), py::arg("b_in") = py::none());
   m.def("rnn_bwd", &rnn_bwd,
-        "backward through all steps (grad_h_n None: zeros); returns (grad_proj, grad_w_h, grad_b_h or None, grad_h0 or None (without h0), grad_w_in or None)",
+        "backward through all steps (grad_h_n None: zeros); returns (grad_proj, grad_w_h, grad_b_h or None, "
+        "grad_h0 or None (without h0), grad_w_in or None, grad_b_in or None)",
         py::arg("grad_out"), py::arg("grad_h_n"), py::arg("out"), py::arg("h0"), py::arg("proj"), py::arg("ids"),
-        py::arg("w_h"), py::arg("has_bias"), py::arg("cell") = "course", py::arg("w_in") = py::none());
+        py::arg("w_h"), py::arg("has_bias"), py::arg("cell") = "course", py::arg("w_in") = py::none(),
+        py::arg("b_in") = py::none());
   m.def("gated_fwd", &gated_fwd,
         "the LSTM's or GRU's forward over all steps (with w_ih: q is x [B, T, I], projected inside the loop); "
         "returns (out, cs, saved)",

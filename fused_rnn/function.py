@@ -107,15 +107,19 @@ def fused_rnn(
     if backend == "reference":
         output, h_n = rnn_reference(x, w_in, b_in, w_h, b_h, h0, embedding=embedding)
     else:
-        # The input projection is a parallel GEMM; autograd differentiates it.
-        if embedding is not None:
-            ids = x.to(torch.int64).contiguous()
-            proj = F.linear(_occurring_rows(embedding, ids), w_in, b_in)  # U [V, H]
+        ids = x.to(torch.int64).contiguous() if embedding is not None else None
+        inside = ()
+        if embedding is not None and backend == "cpu":
+            # the [V, H] table U = E W_in^T + b_in is formed inside the extension, which
+            # differentiates it too
+            proj, inside = embedding.contiguous(), (w_in.contiguous(), b_in.contiguous() if b_in is not None else None)
+        elif embedding is not None:  # U [V, H]: autograd differentiates it
+            proj = F.linear(_occurring_rows(embedding, ids), w_in, b_in)
         else:
-            proj, ids = F.linear(x, w_in, b_in), None  # P [B, T, H]
+            proj = F.linear(x, w_in, b_in)  # P [B, T, H], one parallel GEMM
         states, h_n = recurrence(
             proj.contiguous(), ids, w_h.contiguous(), b_h.contiguous() if b_h is not None else None,
-            h0.contiguous() if h0 is not None else None, backend, allow_tf32, cells.COURSE.name)
+            h0.contiguous() if h0 is not None else None, backend, allow_tf32, cells.COURSE.name, *inside)
         output = output_view(states, backend).to(w_h.dtype)
     if lengths is not None:
         output, h_n = _apply_lengths(output, lengths.to(device=output.device, dtype=torch.int64),

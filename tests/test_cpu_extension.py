@@ -238,18 +238,25 @@ def test_panel_products_and_step_products_match_the_reference(cell, h0):
 
 @pytest.mark.skipif(not _panels_here(), reason="the panel products need the C++ extension on a CPU with AVX-512")
 @pytest.mark.parametrize("h0", [True, False], ids=["h0", "zeros"])
-@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "dense"])
+@pytest.mark.parametrize("tokens", ["table", "inside", "dense"])
 def test_course_extension_bits_do_not_depend_on_the_thread_count(tokens, h0):
     """The course cell's C++ forward and backward on the panel products: each fixed block of rows
     runs all its steps with its own partial sums (bias, token tables), so one thread and two give
-    the same bits: 40 rows (blocks of 16, the last short), token tables and the dense input's
-    per-step rows, with and without h0 (without it and with tokens the first two steps come from
-    tables). grad_U's last product is torch's GEMM: to rounding there."""
+    the same bits: 40 rows (blocks of 16, the last short), token input (the [V, H] table given, or
+    formed inside from the embedding) and the dense input's per-step rows, with and without h0
+    (without it and with tokens the first two steps come from tables). grad_U's last product is
+    torch's GEMM, and the embedding's, w_in's and b_in's gradients follow from it: to rounding there."""
     ext = cpu_ext.load()
     g = torch.Generator().manual_seed(11)
-    B, T, H, V = 40, 6, 70, 7
-    proj = torch.randn(V, H, generator=g) if tokens else torch.randn(B, T, H, generator=g)
-    ids = torch.randint(0, V, (B, T), generator=g) if tokens else None
+    B, T, H, V, E = 40, 6, 70, 7, 5
+    if tokens == "dense":
+        proj, ids, inside = torch.randn(B, T, H, generator=g), None, ()
+    else:
+        ids = torch.randint(0, V, (B, T), generator=g)
+        if tokens == "table":
+            proj, inside = torch.randn(V, H, generator=g), ()
+        else:
+            proj, inside = torch.randn(V, E, generator=g), (torch.randn(H, E, generator=g), torch.randn(H, generator=g))
     w_h, b_h = torch.randn(H, H, generator=g) * H ** -0.5, torch.randn(H, generator=g) * 0.1
     start = torch.randn(B, H, generator=g) * 0.5 if h0 else None
     grad_out, grad_h_n = torch.randn(B, T, H, generator=g), torch.randn(B, H, generator=g)
@@ -258,14 +265,17 @@ def test_course_extension_bits_do_not_depend_on_the_thread_count(tokens, h0):
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            states = ext.rnn_fwd(proj, ids, w_h, b_h, start, "course")
-            grads = ext.rnn_bwd(grad_out, grad_h_n, states, start, proj, ids, w_h, True, "course")
-            results.append([states, *(t for t in grads if t is not None)])
+            states = ext.rnn_fwd(proj, ids, w_h, b_h, start, "course", *inside)
+            grads = ext.rnn_bwd(grad_out, grad_h_n, states, start, proj, ids, w_h, True, "course", *inside)
+            results.append([states, *grads])
     finally:
         torch.set_num_threads(threads)
+    from_grad_u = {"table": {1}, "inside": {1, 5, 6}, "dense": set()}[tokens]  # grad_U / grad_E, grad_w_in, grad_b_in
     for i, (one, two) in enumerate(zip(*results)):
-        if tokens and i == 1:  # grad_U
-            assert rel_err(one, two) < 1e-6
+        if one is None or two is None:
+            assert one is two, i
+        elif i in from_grad_u:
+            assert rel_err(one, two) < 1e-6, i
         else:
             assert torch.equal(one, two), i
 
@@ -323,6 +333,40 @@ def test_elman_input_projection_checks_its_inputs(case):
     with pytest.raises(error):
         ext.rnn_bwd(torch.zeros(B, T, H), torch.zeros(B, H), states, None, args["proj"], args["ids"], args["w_h"],
                     True, args["cell"], args["w_in"])
+
+
+def _token_input_args():
+    return dict(proj=torch.zeros(6, 5), ids=torch.zeros(3, 4, dtype=torch.long), w_h=torch.zeros(8, 8),
+                b_h=torch.zeros(8), h0=None, cell="course", w_in=torch.zeros(8, 5), b_in=torch.zeros(8))
+
+
+TOKEN_INPUT_ERRORS = {
+    "elman-cell": (ValueError, dict(cell="elman_tanh", b_h=None)),
+    "b_in-without-w_in": (ValueError, dict(w_in=None)),
+    "ids-out-of-range": (IndexError, dict(ids=torch.full((3, 4), 6, dtype=torch.long))),
+    "negative-id": (IndexError, dict(ids=torch.full((3, 4), -1, dtype=torch.long))),
+    "ids-dtype": (TypeError, dict(ids=torch.zeros(3, 4, dtype=torch.int32))),
+    "embedding-not-2d": (ValueError, dict(proj=torch.zeros(6, 5, 1))),
+    "embedding-dtype": (TypeError, dict(proj=torch.zeros(6, 5, dtype=torch.float64))),
+    "w_in-shape": (ValueError, dict(w_in=torch.zeros(8, 4))),
+    "b_in-shape": (ValueError, dict(b_in=torch.zeros(7))),
+}
+
+
+@pytest.mark.parametrize("case", TOKEN_INPUT_ERRORS, ids=list(TOKEN_INPUT_ERRORS))
+def test_course_token_projection_checks_its_inputs(case):
+    """rnn_fwd and rnn_bwd given the embedding, ids, w_in and b_in (the course's [V, H] table formed
+    inside) check what they are given, with torch's error classes."""
+    error, change = TOKEN_INPUT_ERRORS[case]
+    ext = cpu_ext.load()
+    args = {**_token_input_args(), **change}
+    with pytest.raises(error):
+        ext.rnn_fwd(**args)
+    states = ext.rnn_fwd(**_token_input_args())
+    T, B, H = states.shape
+    with pytest.raises(error):
+        ext.rnn_bwd(torch.zeros(B, T, H), torch.zeros(B, H), states, None, args["proj"], args["ids"], args["w_h"],
+                    args["b_h"] is not None, args["cell"], args["w_in"], args["b_in"])
 
 
 def test_large_buffers_are_reused_and_released():

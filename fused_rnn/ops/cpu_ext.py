@@ -175,13 +175,13 @@ def _cached_build_is_current(folder: Optional[Path] = None) -> bool:
         return False
 
 
-def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name, w_in=None):
-    return load().rnn_fwd(proj, ids, w_h, b_h, h0, cell, w_in)
+def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name, w_in=None, b_in=None):
+    return load().rnn_fwd(proj, ids, w_h, b_h, h0, cell, w_in, b_in)
 
 
 def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell=cells.COURSE.name,
-            w_in=None):
-    grads = tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell, w_in))
+            w_in=None, b_in=None):
+    grads = tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell, w_in, b_in))
     return grads if w_in is not None else grads[:4]
 
 
