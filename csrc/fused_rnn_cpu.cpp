@@ -256,8 +256,73 @@ static inline __attribute__((always_inline)) float sigmoid_of(float x) {
 static inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // h = tanh(h + b) in place (h: a GEMM's output row), vectorized (tanh_of).
-ROW_KERNEL void bias_tanh_row(float* __restrict__ h, const float* __restrict__ b, int64_t H) {
+ROW_KERNEL void bias_tanh_row_portable(float* __restrict__ h, const float* __restrict__ b, int64_t H) {
   for (int64_t j = 0; j < H; ++j) h[j] = tanh_of(h[j] + b[j]);
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The same on AVX-512, cheaper and closer still: tanh|x| = m / (m + 2) with m = e^{2|x|} - 1
+// in double, which has no cancellation at small |x| (so no float branch below 0.2), and m from
+// a 16-entry table: 2|x| = (16 k + j) ln2 / 16 + r with |r| <= ln2 / 32, so
+// m = s expm1(r) + (s - 1), s = 2^k 2^{j/16} (the table read by one permute), expm1(r) by Taylor
+// to r^5 (relative error under 7e-12). Measured on all 2.2e9 floats of [-10, 10]: 785 not
+// correctly rounded, none by more than 0.5001 ulp (tanh_of: 77785, 0.527 ulp), 0.79 against
+// 0.92 ns an element on one core. NaN propagates; +-inf gives +-1.
+// (gcc 12 warns falsely about its own intrinsics' undefined-register idiom here)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+alignas(64) const double kExp2Sixteenths[16] = {
+    1.0, 1.0442737824274138, 1.0905077326652577, 1.1387886347566916, 1.189207115002721, 1.2418578120734840,
+    1.2968395546510096, 1.3542555469368927, 1.4142135623730951, 1.4768261459394993, 1.5422108254079407,
+    1.6104903319492543, 1.6817928305074290, 1.7562521603732995, 1.8340080864093424, 1.9152065613971474};
+
+__attribute__((target("avx512f,avx512dq"))) inline __m512d tanh_of_abs(__m512d ax, __m512d table_lo,
+                                                                       __m512d table_hi) {
+  const __m512d magic = _mm512_set1_pd(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
+  const __m512d y = _mm512_add_pd(ax, ax);
+  const __m512d nd = _mm512_fmadd_pd(y, _mm512_set1_pd(16 * 1.4426950408889634), magic);
+  const __m512d n = _mm512_sub_pd(nd, magic);  // 16 k + j >= 0
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(0.6931471803691238 / 16), y);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.9082149292705877e-10 / 16), r);
+  const __m512i n_int = _mm512_sub_epi64(_mm512_castpd_si512(nd), _mm512_castpd_si512(magic));
+  const __m512d t = _mm512_permutex2var_pd(table_lo, n_int, table_hi);  // by n's low 4 bits: j
+  const __m512i k_bits = _mm512_slli_epi64(_mm512_srli_epi64(n_int, 4), 52);
+  const __m512d s = _mm512_castsi512_pd(_mm512_add_epi64(_mm512_castpd_si512(t), k_bits));  // 2^k t
+  __m512d q = _mm512_fmadd_pd(_mm512_set1_pd(1.0 / 120), r, _mm512_set1_pd(1.0 / 24));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 6));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(0.5));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0));
+  q = _mm512_mul_pd(q, r);  // expm1(r)
+  const __m512d m = _mm512_fmadd_pd(s, q, _mm512_sub_pd(s, _mm512_set1_pd(1.0)));  // s - 1 is exact for s < 2
+  return _mm512_div_pd(m, _mm512_add_pd(m, _mm512_set1_pd(2.0)));
+}
+
+__attribute__((target("avx512f,avx512dq"))) void bias_tanh_row_avx512(float* __restrict__ h,
+                                                                      const float* __restrict__ b, int64_t H) {
+  const __m512d table_lo = _mm512_load_pd(kExp2Sixteenths), table_hi = _mm512_load_pd(kExp2Sixteenths + 8);
+  const __m512 sign = _mm512_set1_ps(-0.0f), cap = _mm512_set1_ps(9.5f);
+  int64_t j = 0;
+  for (; j + 16 <= H; j += 16) {
+    const __m512 x = _mm512_add_ps(_mm512_loadu_ps(h + j), _mm512_loadu_ps(b + j));
+    // tanh rounds to 1 beyond 9.5 (and e^19 stays finite); min(cap, NaN) is the NaN
+    const __m512 ax = _mm512_min_ps(cap, _mm512_andnot_ps(sign, x));
+    const __m256 ax_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ax), 1));
+    const __m512d lo = tanh_of_abs(_mm512_cvtps_pd(_mm512_castps512_ps256(ax)), table_lo, table_hi);
+    const __m512d hi = tanh_of_abs(_mm512_cvtps_pd(ax_hi), table_lo, table_hi);
+    const __m512 t = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+    _mm512_storeu_ps(h + j, _mm512_or_ps(t, _mm512_and_ps(x, sign)));
+  }
+  if (j < H) bias_tanh_row_portable(h + j, b + j, H - j);
+}
+#pragma GCC diagnostic pop
+#endif
+
+void bias_tanh_row(float* __restrict__ h, const float* __restrict__ b, int64_t H) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  if (avx512) return bias_tanh_row_avx512(h, b, H);
+#endif
+  bias_tanh_row_portable(h, b, H);
 }
 
 void bias_tanh_row(double* __restrict__ h, const double* __restrict__ b, int64_t H) {
