@@ -33,6 +33,8 @@ import torch  # noqa: E402
 
 from stress_barrier import reference_chain, reference_forward  # noqa: E402  (this folder)
 
+from fused_rnn import cells  # noqa: E402
+
 KERNELS = ("blocked", "persistent")
 failures = []
 
@@ -140,7 +142,7 @@ def check_large_offsets():
                f"{time.time() - start:.1f} s")
         grad_out = torch.empty(B, T, H, device=DEVICE).uniform_(-1e-3, 1e-3, generator=g)
         grad_h_n = torch.rand(B, H, generator=g, device=DEVICE)
-        c = triton_rnn._bwd_chain(grad_out, grad_h_n, ws, w_h, False)
+        c = triton_rnn._bwd_chain(grad_out, grad_h_n, ws, w_h, False, cells.COURSE, True, True)
         synchronize()
         want_c0 = reference_chain(grad_out[rows], ws[rows], w_h, grad_h_n[rows])[:, 0]
         err = ((c[rows, 0].double() - want_c0).abs().max() / want_c0.abs().max()).item()

@@ -105,24 +105,27 @@ def test_tf32_is_opt_in_and_close():
 @requires_triton
 def test_allow_tf32_reaches_the_kernels(monkeypatch):
     """The interpreter ignores input_precision, so here the switch is checked where it enters the
-    kernels: every dot of the forward and backward chain is told "tf32" (and "ieee" without it)."""
+    kernels: every dot of the forward and backward chain is told "tf32" (and "ieee" without it).
+    (On a GPU the first use of a path also runs its self-check, with the same precision: more
+    launches, the same kernels and precisions.)"""
     triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
     seen = []
     for name in ("rnn_fwd_kernel", "rnn_bwd_kernel"):
         kernel = getattr(triton_rnn, name)
 
         class Spy:
-            def __getitem__(self, grid, _kernel=kernel):
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
                 def launch(*args, **kwargs):
-                    seen.append(kwargs["DOT_PRECISION"])
+                    seen.append((_name, kwargs["DOT_PRECISION"]))
                     return _kernel[grid](*args, **kwargs)
                 return launch
         monkeypatch.setattr(triton_rnn, name, Spy())
     monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "blocked")
     args = make_problem(3, 2, 8, device=backend_device("triton"))
-    run_with_grads(lambda **a: fused_rnn(**a, backend="triton", allow_tf32=True), args)
-    run_with_grads(lambda **a: fused_rnn(**a, backend="triton"), args)
-    assert seen == ["tf32", "tf32", "ieee", "ieee"]
+    for allow_tf32, precision in ((True, "tf32"), (False, "ieee")):
+        seen.clear()
+        run_with_grads(lambda **a: fused_rnn(**a, backend="triton", allow_tf32=allow_tf32), args)
+        assert set(seen) == {("rnn_fwd_kernel", precision), ("rnn_bwd_kernel", precision)}, seen
 
 
 @requires_triton
