@@ -938,7 +938,8 @@ bool token_tables(bool tokens, int64_t V, int64_t B, int64_t T) {
 
 template <typename Cell>
 at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tensor>& ids_in, const at::Tensor& w_h_in,
-                        const c10::optional<at::Tensor>& b_h_in, const c10::optional<at::Tensor>& h0_in) {
+                        const c10::optional<at::Tensor>& b_h_in, const c10::optional<at::Tensor>& h0_in,
+                        bool ids_checked = false) {
   check_weights(w_h_in);
   constexpr bool elman = !Cell::kInputBeforeProduct;
   const int64_t H = w_h_in.size(0);
@@ -961,7 +962,7 @@ at::Tensor rnn_fwd_cell(const at::Tensor& proj_in, const c10::optional<at::Tenso
     check_like("proj", proj_in, w_h_in, proj_in.sizes());
     B = ids.size(0);
     T = ids.size(1);
-    if (ids.numel() > 0) {  // one pass (fused_rnn() checked already; this guards direct calls)
+    if (!ids_checked && ids.numel() > 0) {  // one pass (fused_rnn() checked already; this guards direct calls)
       const auto [lo_t, hi_t] = at::aminmax(ids);
       const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
       TORCH_CHECK_INDEX(lo >= 0 && hi < proj_in.size(0), "token ids must lie in [0, ", proj_in.size(0),
@@ -1444,7 +1445,7 @@ at::Tensor rnn_fwd(const at::Tensor& proj, const c10::optional<at::Tensor>& ids,
     if (w_in && ids) {
       TORCH_CHECK_VALUE(Cell::kInputBeforeProduct, "ids with w_in are for the course cell, got cell '", cell, "'");
       check_weights(w_h);
-      return rnn_fwd_cell<Cell>(token_table(proj, *ids, *w_in, b_in, w_h).u, ids, w_h, b_h, h0);
+      return rnn_fwd_cell<Cell>(token_table(proj, *ids, *w_in, b_in, w_h).u, ids, w_h, b_h, h0, /*ids_checked=*/true);
     }
     TORCH_CHECK_VALUE(!b_in, "b_in goes with the course's token input (ids and w_in)");
     if (w_in) {

@@ -18,7 +18,8 @@ For the cells whose input enters after the product (elman) the backward's ``grad
 ``sum_t dz_t^T h_{t-1}`` and ``grad_b_h`` None; ``q`` is laid out as :func:`elman_q_time_major` says.
 The cpu backend's two also take ``w_in`` for those cells: then ``proj`` is the dense input
 ``x [B, T, I]`` and ``b_h`` the bias that folds into ``q = x W_in^T + b_h``, formed inside the
-time loop; ``rnn_bwd`` then returns ``(grad_x, grad_w_h, grad_b_h, grad_h0, grad_w_in, None)``. For
+time loop; ``rnn_bwd`` then returns ``(grad_x, grad_w_h, grad_b_h, grad_h0, grad_w_in, None)`` (the
+cpu backend's always returns six entries, None for inputs not given). For
 the course cell with token ``ids`` they take ``w_in`` and ``b_in``: then ``proj`` is the embedding
 ``[V, E]`` and the ``[V, H]`` table ``U = E W_in^T + b_in`` is formed inside (``E``'s rows of tokens
 absent from ``ids`` read as zeros); ``rnn_bwd`` then returns ``(grad_embedding, grad_w_h, grad_b_h,

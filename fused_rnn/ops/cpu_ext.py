@@ -181,8 +181,7 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name, w
 
 def rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, allow_tf32=False, cell=cells.COURSE.name,
             w_in=None, b_in=None):
-    grads = tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell, w_in, b_in))
-    return grads if w_in is not None else grads[:4]
+    return tuple(load().rnn_bwd(grad_out, grad_h_n, states, h0, proj, ids, w_h, has_bias, cell, w_in, b_in))
 
 
 def release_cached_buffers() -> int:
