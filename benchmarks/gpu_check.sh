@@ -92,9 +92,11 @@ tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests
        tests/test_elman.py tests/test_nn_rnn.py tests/test_edges.py tests/test_gated.py
        tests/test_triton_gated.py tests/test_gated_persistent.py tests/test_gated_modules.py"
 # (the first stage pays the cold Triton cache: ~1-3 s per kernel configuration; -v and
-# --maxfail: every verdict reaches the log, and one failure does not hide the rest)
+# --maxfail: every verdict reaches the log, and one failure does not hide the rest; a test past
+# faulthandler_timeout dumps every thread's stack to the log, so a hang shows where it waits:
+# the first GPU run's was cut inside one test with no trace)
 FUSED_RNN_TRITON_KERNEL=persistent gpu_stage "pytest persistent" 150 pytest_persistent.log \
-    python -m pytest -v --maxfail=20 -p no:cacheprovider --tier all -k "not cpu" --durations=10 \
+    python -m pytest -v --maxfail=20 -p no:cacheprovider -o faulthandler_timeout=60 --tier all -k "not cpu" --durations=10 \
     -W "error::fused_rnn.ops.triton_rnn.PersistentKernelWarning" $tests
 
 stage "barrier stress" 60 stress_barrier.log \
@@ -131,7 +133,7 @@ gpu_stage "bench loop" 25 bench_loop.log \
 stage "extra checks" 60 extra_checks.log python benchmarks/gpu_extra_checks.py
 
 FUSED_RNN_TRITON_KERNEL=blocked gpu_stage "pytest blocked" 90 pytest_blocked.log \
-    python -m pytest -v --maxfail=20 -p no:cacheprovider --tier all -k "not cpu" --durations=10 tests/test_parity.py tests/test_modules.py
+    python -m pytest -v --maxfail=20 -p no:cacheprovider -o faulthandler_timeout=60 --tier all -k "not cpu" --durations=10 tests/test_parity.py tests/test_modules.py
 
 # -- compute-sanitizer memcheck on two small shapes, both kernel families
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)

@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Optional
 import tempfile
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class KernelConfig:
     planned_programs_per_sm: int = 0  # 0: no co-residency assumed (blocked kernels)
     num_stages: int = 3  # Triton's default; the persistent launchers use triton_persistent.NUM_STAGES
     P: int = 0  # the gated kernels' projection width (proj_size, else H); 0: the kernel has no P
+    max_registers: Optional[int] = None  # ptxas's maxnreg, as the plan launches it
 
     @property
     def family(self) -> str:
@@ -64,7 +66,7 @@ class KernelConfig:
         """Configurations with equal keys compile to the same code: H (and P) enter only through
         their specialization (a constant when 1, divisible by 16 or not)."""
         return (self.fn.__name__, tuple(sorted(self.signature.items())),
-                tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages,
+                tuple(sorted(self.constexprs.items())), self.num_warps, self.num_stages, self.max_registers,
                 self.H == 1, self.H % 16 == 0, self.P == 1, self.P % 16 == 0)
 
 
@@ -100,7 +102,6 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
     fit. ``token_grad``: also the deterministic token-table gradient kernel (it runs in the fp32
     workspace dtype whatever the inputs')."""
     from .ops import planner, triton_persistent, triton_rnn
-    from .ops.triton_cells import tanh_small
 
     cell = cell_specs.get(cell)
     if cell.gated:
@@ -109,7 +110,6 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
     t = name = DTYPE_NAMES[dtype]
     inputs = (True, False) if cell.token_input else (False,)  # token ids, dense
     biases = (True, False) if cell.hidden_bias else (False,)
-    small = tanh_small(torch.float32)  # the fp32 state of every GPU dtype
     configs, notes = [], []
     plan = planner.plan_persistent(B, H, dtype, sm_count, arch=arch)
     if plan.fits:
@@ -118,18 +118,18 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
         # The course: token input gathers rows of U, dense input reads P. The elman cells read
         # dense q with the biases in it.
         for tokens in inputs:
-            fwd = dict(tiling, TOKENS=tokens, HAS_BIAS=cell.hidden_bias, TANH_SMALL=small,
+            fwd = dict(tiling, TOKENS=tokens, HAS_BIAS=cell.hidden_bias,
                        INPUT_BEFORE_PRODUCT=cell.input_before_product)
             configs.append(KernelConfig(
                 "persistent_fwd" + ("" if tokens else "_dense") + tag, name, B, H, plan.describe(),
                 triton_persistent.rnn_persistent_fwd_kernel,
                 {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}",
                  "arrivals_ptr": "*i32", "error_ptr": "*i32"}, fwd, plan.num_warps, plan.programs_per_sm,
-                triton_persistent.NUM_STAGES))
+                triton_persistent.NUM_STAGES, max_registers=plan.max_registers))
         configs.append(KernelConfig(
             "persistent_bwd" + tag, name, B, H, plan.describe(), triton_persistent.rnn_persistent_bwd_kernel,
             {"w_h_ptr": f"*{t}", "arrivals_ptr": "*i32", "error_ptr": "*i32"}, tiling,
-            plan.num_warps, plan.programs_per_sm, triton_persistent.NUM_STAGES))
+            plan.num_warps, plan.programs_per_sm, triton_persistent.NUM_STAGES, max_registers=plan.max_registers))
     else:
         notes.append(f"{name} B={B} H={H}{tag}: persistent {plan.describe()}")
     block_b, block_n, block_k = triton_rnn.blocked_block_sizes(B, H, interpret=False)
@@ -141,7 +141,7 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
             configs.append(KernelConfig(
                 "blocked_fwd" + kind + tag, name, B, H, config, triton_rnn.rnn_fwd_kernel,
                 {"proj_ptr": f"*{t}", "ids_ptr": "*i64", "w_h_ptr": f"*{t}", "b_h_ptr": f"*{t}"},
-                dict(blocked, TOKENS=tokens, HAS_BIAS=bias, TANH_SMALL=small,
+                dict(blocked, TOKENS=tokens, HAS_BIAS=bias,
                      INPUT_BEFORE_PRODUCT=cell.input_before_product)))
     configs.append(KernelConfig(
         "blocked_bwd" + tag, name, B, H, config, triton_rnn.rnn_bwd_kernel, {"w_h_ptr": f"*{t}"}, blocked))
@@ -162,23 +162,21 @@ def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 9
     and without what switches its code (the GRU's b_hh; the LSTM's gradient at c_t and, blocked
     only, its projection at P = H // 2)."""
     from .ops import planner, triton_gated, triton_gated_persistent, triton_persistent
-    from .ops.triton_cells import tanh_small
 
     cell = cell_specs.get(cell)
     t = name = DTYPE_NAMES[dtype]
     lstm = "c" in cell.state
     weights = {"q_ptr": f"*{t}", "w_hh_ptr": f"*{t}", "b_hh_ptr": f"*{t}", "w_hr_ptr": f"*{t}"}
-    small = tanh_small(torch.float32)  # the fp32 state of every GPU dtype
     biases = (True, False) if cell.hidden_bias else (False,)
     grads_cs = (True, False) if lstm else (False,)
     configs, notes = [], []
     plan = planner.plan_persistent(B, H, dtype, sm_count or SM_COUNT.get(arch, 108), arch=arch, gates=cell.gates)
     if plan.fits:
         tiling = dict(G=cell.gates, HAS_C=lstm, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-                      TANH_SMALL=small, DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell.name)
+                      DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell.name)
         signature = dict(weights, arrivals_ptr="*i32", error_ptr="*i32")
         persistent = dict(num_warps=plan.num_warps, planned_programs_per_sm=plan.programs_per_sm,
-                          num_stages=triton_persistent.NUM_STAGES)
+                          num_stages=triton_persistent.NUM_STAGES, max_registers=plan.max_registers)
         for bias in biases:
             configs.append(KernelConfig(
                 "persistent_fwd" + ("" if bias or not cell.hidden_bias else "_nobias") + f"[{cell.name}]", name, B, H,
@@ -196,7 +194,7 @@ def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 9
         tiles = triton_gated.gated_config(B, H, P, dtype, arch, interpret=False)
         config = f"{tiles.block_b}x{tiles.block_n}x{tiles.block_k}, 4 warps, {tiles.num_stages} stages"
         common = dict(G=cell.gates, HAS_C=lstm, BLOCK_B=tiles.block_b, BLOCK_N=tiles.block_n,
-                      BLOCK_K=tiles.block_k, TANH_SMALL=small, DOT_PRECISION="ieee", CELL=cell.name)
+                      BLOCK_K=tiles.block_k, DOT_PRECISION="ieee", CELL=cell.name)
         tag = ("_proj" if proj else "") + f"[{cell.name}]"
         for bias in biases:
             configs.append(KernelConfig(
@@ -232,7 +230,8 @@ def compile_config(cfg: KernelConfig, arch: int) -> dict:
     signature, constexprs, attrs = _signature(cfg.fn, cfg.signature, cfg.H, cfg.constexprs, cfg.P)
     src = ASTSource(fn=cfg.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                       "maxnreg": cfg.max_registers})
     ptx = compiled.asm["ptx"]
     gpu_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as tmp:

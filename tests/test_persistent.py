@@ -95,6 +95,17 @@ def test_programs_per_sm_arithmetic():
     assert planner.programs_per_sm(32, 170000, 4, 80) == 0
 
 
+def test_plans_carry_their_tilings_register_cap():
+    """A tiling that needs ptxas's maxnreg (one-gate 16x32 at H_PAD=512) hands it to the plan the
+    launcher and compile_check use; the others leave ptxas its choice; the cap keeps the planned
+    programs resident."""
+    plan = planner.plan_persistent(256, 512, torch.float32, 132)
+    assert (plan.block_n, plan.num_warps, plan.max_registers) == (32, 4, 255)
+    assert planner.programs_per_sm(plan.max_registers, 0, plan.num_warps) >= plan.programs_per_sm
+    assert planner.plan_persistent(64, 256, torch.float32, 132).max_registers is None
+    assert planner.plan_persistent(33, 40, torch.float64, None, stepwise=True).max_registers is None
+
+
 # ----------------------------------------------------------------------------------------------
 # Stepwise mode: the split tiling against the reference
 

@@ -41,6 +41,11 @@ class Tiling(NamedTuple):
     warps: int
     per_sm: int  # programs per SM where H is a multiple of 16
     per_sm_odd: int  # where it is not (rows not 16-byte aligned: scalar loads, more registers); 0: not used
+    # ptxas's maxnreg for the launch, where its own choice spills (None: its choice). A cap is
+    # no cure-all: under one ptxas tends to take every register it may, and spills where it would
+    # not have (the course's bf16 forward at H_PAD=1024: 24 bytes under 232-255, none and 150
+    # registers without).
+    max_registers: Optional[int] = None
 
 
 # Tilings in order of preference, per padded H. Smaller column blocks spread a step over more
@@ -52,6 +57,7 @@ class Tiling(NamedTuple):
 # One gate (course, Elman), compiled for sm_90 (Triton 3.6, ptxas -v; registers fwd / bwd):
 #   H=256  16x16 4 warps: 136 / 114 registers, 32 KB shared -> 3 per SM;  16x32 4 warps: 136 / 109, 48 KB -> 3
 #   H=512  16x16 8 warps: 112 / 94, 64 KB -> 2;    16x32 4 warps: 186 / 160, 96 KB -> 2
+#          (16x32 under maxnreg 255: the Elman forward's own choice, 96, spilled 8 bytes)
 #   H=1024 16x16 8 warps: 186 / 126, 128 KB -> 1;  16x32 8 warps: 186 / 122, 192 KB -> 1
 # Spilled, so left out: 32x16 at H=512, 16x64 (bwd) at H=256, 16x16 4 warps at H=1024; and bf16
 # tensor-core (mma) tiles with all of H as K: 250 registers at H=256, 500-1600 bytes of spills at
@@ -59,7 +65,7 @@ class Tiling(NamedTuple):
 # 136 at H=128), none at H_PAD=1024 (16x32 spills at H=1000).
 _SMALL = [Tiling(16, 16, 4, 3, 2), Tiling(16, 32, 4, 3, 2)]
 _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _SMALL, 256: _SMALL,
-             512: [Tiling(16, 16, 8, 2, 1), Tiling(16, 32, 4, 2, 1)],
+             512: [Tiling(16, 16, 8, 2, 1), Tiling(16, 32, 4, 2, 1, 255)],
              1024: [Tiling(16, 16, 8, 1, 0), Tiling(16, 32, 8, 1, 0)]}
 
 # The LSTM (G = 4) and GRU (G = 3): G W_hh tiles [H_PAD, BLOCK_N] in shared memory, 4*H_PAD*(G*BLOCK_N
@@ -74,7 +80,7 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _SMALL, 256: _SMALL,
 #         16x16 4w                                   140/80 (142/116, without b_hh 148) -> 3 (3)
 #         16x32 4w 162/70 (168/153) -> 3 (3)         156/80 (166/127) -> 3 (3)
 #   256   16x16 4w 166/96 (166/160) -> 2 (2)         156/150 (158/194) -> 3 (2)
-#         16x16 8w 113/63 (113/80) -> 2 (2)          116/76 (116/80) -> 2 (2)
+#         16x16 8w 113/63 (113/80) -> 2 (2)          116/76 (140/80) -> 2 (1)
 #   512   16x16 8w 128/108 (128/154) -> 1 (1)        128/128 (128/150) -> 1 (1)
 #   sm_80
 #   <=64  16x16 4w 108/64 (110/80) -> 4 (4)          106/72 (108/78; H=20 without b_hh: 8 B spilled)
@@ -97,7 +103,7 @@ _LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 5), Tiling(16,
               512: [Tiling(16, 16, 8, 1, 1)]}
 _GRU_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 6, 4), Tiling(16, 32, 4, 4, 3)]),
              128: [Tiling(16, 16, 4, 3, 3), Tiling(16, 32, 4, 3, 3)],
-             256: [Tiling(16, 16, 4, 3, 0), Tiling(16, 16, 8, 2, 2)],  # odd H: 8 warps hold as many
+             256: [Tiling(16, 16, 4, 3, 0), Tiling(16, 16, 8, 2, 1)],
              512: [Tiling(16, 16, 8, 1, 1)]}
 _LSTM_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 4, 4), Tiling(16, 32, 4, 4, 3)]),
               128: [Tiling(16, 16, 8, 3, 3), Tiling(16, 32, 8, 2, 2)],
@@ -140,10 +146,12 @@ class Plan:
     groups: int = 0  # grid axis 0
     col_blocks: int = 0  # grid axis 1: programs per group (the barrier's arrival count)
     programs_per_sm: int = 0  # co-residency the grid counts on (0: stepwise, no barrier)
+    max_registers: Optional[int] = None  # the launch's maxnreg (Tiling.max_registers)
 
     @property
     def grid(self) -> tuple:
         return (self.groups, self.col_blocks)
+
 
     def describe(self) -> str:
         if not self.fits:
@@ -196,7 +204,7 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
     if sm_count is None or sm_count < 1:
         raise ValueError(f"sm_count must be a positive int for a persistent plan, got {sm_count}")
     smem_per_sm, smem_per_block = shared_per_sm(arch), shared_per_block(arch)
-    for block_b, block_n, warps, per_sm_aligned, per_sm_odd in tilings:
+    for block_b, block_n, warps, per_sm_aligned, per_sm_odd, max_registers in tilings:
         shared = shared_bytes(block_b, block_n, h_pad, gates)
         per_sm = per_sm_odd if H % 16 else per_sm_aligned
         if block_n > h_pad or shared > smem_per_block or per_sm < 1:
@@ -204,7 +212,7 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
         per_sm = min(per_sm, smem_per_sm // (shared + SHARED_RESERVED_PER_BLOCK))
         groups, col_blocks = -(-B // block_b), -(-H // block_n)
         if groups * col_blocks <= sm_count * per_sm:
-            return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm)
+            return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm, max_registers)
     if H % 16 and not any(t.per_sm_odd for t in tilings):
         return Plan(False, f"H={H} is not a multiple of 16: its tilings at H_PAD={h_pad} spill")
     block_b, block_n = tilings[-1].block_b, tilings[-1].block_n

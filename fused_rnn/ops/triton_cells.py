@@ -3,26 +3,43 @@ families: the input that enters before the product, the state's activation and i
 ``CELL`` is the cell's name, a ``tl.constexpr``: each kernel is compiled for one cell."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 
-def tanh_small(state_dtype: torch.dtype) -> float:
-    """``_tanh``'s switch to its Taylor series for states of ``state_dtype`` (fp32 or fp64)."""
-    return 1e-3 if state_dtype == torch.float64 else 0.0625
+@triton.jit
+def _exp_parts(y):
+    # e^y = s (1 + p) for fp32 y in [-87.5, 0] without the GPU's exp (ex2.approx of y log2(e),
+    # whose error grows with |y|: ~40 ulps at y = -87): y = k ln2 + r, |r| <= ln2 / 2 (k from
+    # the 1.5 * 2^23 rounding trick, ln2 in two parts so k ln2 is exact), s = 2^k from the
+    # exponent bits, p = expm1(r) by its Taylor series to r^8 (the next term is below 0.2 ulp).
+    # The same operations in the interpreter and on a GPU; NaN passes to p.
+    j = y * 1.4426950408889634 + 12582912.0
+    kf = j - 12582912.0
+    r = (y - kf * 0.693145751953125) - kf * 1.428606765330187e-06
+    p = r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (
+        1.0 / 720.0 + r * (1.0 / 5040.0 + r * (1.0 / 40320.0))))))))
+    s = ((j.to(tl.int32, bitcast=True) - 0x4B400000 + 127) << 23).to(tl.float32, bitcast=True)
+    return s, p
 
 
 @triton.jit
-def _tanh(x, SMALL: tl.constexpr):
-    # tanh from exp (libdevice is not available to the interpreter). exp(-2|x|) cannot overflow;
-    # below SMALL the odd Taylor series avoids the cancellation in 1 - e.
+def _tanh(x):
+    # fp32: (1 - e) / (1 + e), e = e^{-2|x|} = s (1 + p); as (1 - s - s p) / (1 + s + s p) nothing
+    # cancels (s = 1 below |x| = 0.17, where the numerator is -p), so no series branch. |x| is
+    # clamped at 9.5, where tanh rounds to 1 (NaN passes). The GPU's `/` (within 2 ulps, not
+    # IEEE's div_rn: its slow path took registers enough to cost the LSTM's persistent forward a
+    # program per SM). fp64 (tests; a GPU's fp64 exp is libdevice's): from exp, with the odd
+    # Taylor series below 1e-3.
     ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    small = ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0)))
-    y = tl.where(ax < SMALL, small, big)
+    if x.dtype == tl.float64:
+        e = tl.exp(-2.0 * ax)
+        x2 = ax * ax
+        y = tl.where(ax < 1e-3, ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0))), (1.0 - e) / (1.0 + e))
+    else:
+        s, p = _exp_parts(-2.0 * tl.where(ax > 9.5, 9.5, ax).to(tl.float32))
+        sp = s * p
+        y = (((1.0 - s) - sp) / ((1.0 + s) + sp)).to(x.dtype)
     return tl.where(x < 0, -y, y)
 
 
@@ -34,13 +51,13 @@ def _input_before_product(a, p):
 
 
 @triton.jit
-def _activation(x, CELL: tl.constexpr, TANH_SMALL: tl.constexpr):
+def _activation(x, CELL: tl.constexpr):
     # The state's activation: relu for "elman_relu" (NaN passes through, as in torch.relu), tanh
     # for the others.
     if CELL == "elman_relu":
         y = tl.where(x < 0.0, 0.0, x)
     else:
-        y = _tanh(x, TANH_SMALL)
+        y = _tanh(x)
     return y
 
 
@@ -65,16 +82,22 @@ def _activation_grad(g, h, CELL: tl.constexpr):
 
 @triton.jit
 def _sigmoid(x):
-    # 1 / (1 + e^-x) for x >= 0 and e^x / (1 + e^x) below, from e = exp(-|x|): never overflows,
-    # and for large negative x the result is e * (1 / (1 + e)), as relatively accurate as exp
-    # itself (1 - 1 / (1 + e^-x) would cancel to 0). NaN passes.
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
-    return tl.where(x >= 0.0, r, e * r)
+    # From e = e^{-|x|}: 1 / (1 + e) for x >= 0, e / (1 + e) below, as relatively accurate as e
+    # (1 - 1 / (1 + e^-x) would cancel to 0). fp32 through _exp_parts (0 below -87.5, where the
+    # result is subnormal); fp64 from exp. NaN passes.
+    ax = tl.abs(x)
+    if x.dtype == tl.float64:
+        e = tl.exp(-ax)
+        r = 1.0 / (1.0 + e)
+    else:
+        s, p = _exp_parts(-tl.where(ax > 87.5, 87.5, ax).to(tl.float32))
+        e = tl.where(ax > 87.5, 0.0, s + s * p)
+        r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0.0, r, e * r).to(x.dtype)
 
 
 @triton.jit
-def _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL: tl.constexpr, TANH_SMALL: tl.constexpr):
+def _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL: tl.constexpr):
     # One step's pointwise update for a tile of hidden units, from the product's gate tiles a
     # (h_{t-1} W_hh^T, plus b_hh where the cell has it) and q_t's x, and the previous state
     # `prev` of those units (the LSTM's c_{t-1}, the GRU's h_{t-1}). Returns (new, c, s0..s3):
@@ -85,14 +108,14 @@ def _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL: tl.constexpr, TANH_S
     if CELL == "lstm":
         s0 = _sigmoid(a0 + x0)
         s1 = _sigmoid(a1 + x1)
-        s2 = _tanh(a2 + x2, TANH_SMALL)
+        s2 = _tanh(a2 + x2)
         s3 = _sigmoid(a3 + x3)
         c = s1 * prev + s0 * s2
-        new = s3 * _tanh(c, TANH_SMALL)
+        new = s3 * _tanh(c)
     else:
         s0 = _sigmoid(x0 + a0)
         s1 = _sigmoid(x1 + a1)
-        s2 = _tanh(x2 + s0 * a2, TANH_SMALL)  # b_hn sits inside the reset gate
+        s2 = _tanh(x2 + s0 * a2)  # b_hn sits inside the reset gate
         s3 = a2
         new = (1.0 - s1) * s2 + s1 * prev
         c = new
@@ -100,7 +123,7 @@ def _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL: tl.constexpr, TANH_S
 
 
 @triton.jit
-def _gated_step_backward(gh, gc, s0, s1, s2, s3, prev, c, CELL: tl.constexpr, TANH_SMALL: tl.constexpr):
+def _gated_step_backward(gh, gc, s0, s1, s2, s3, prev, c, CELL: tl.constexpr):
     # The pointwise backward of _gated_step (design notes 2b) for a tile of units: from the
     # gradient gh at `new` (the LSTM's m_t), the LSTM's gc at c_t (carry plus any grad at c_t),
     # the saved s0..s3, the previous state `prev` and the LSTM's c_t. Returns (d0, d1, d2, d3,
@@ -108,7 +131,7 @@ def _gated_step_backward(gh, gc, s0, s1, s2, s3, prev, c, CELL: tl.constexpr, TA
     # the share carried to the previous state outside the product (the LSTM's dc * f into
     # c_{t-1}; the GRU's gh * z into h_{t-1}). gc and c are unused by the GRU.
     if CELL == "lstm":
-        tc = _tanh(c, TANH_SMALL)
+        tc = _tanh(c)
         dc = gc + gh * s3 * (1.0 - tc * tc)
         d0 = dc * s2 * s0 * (1.0 - s0)
         d1 = dc * prev * s1 * (1.0 - s1)

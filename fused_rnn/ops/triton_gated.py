@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .. import cells
 from . import loop, self_check, triton_rnn, workspace_dtype
-from .triton_cells import _gated_step, _gated_step_backward, tanh_small
+from .triton_cells import _gated_step, _gated_step_backward
 from .triton_common import INTERPRET, _rows_before
 from .triton_rnn import _check_runnable, _dot_precision, _gpu, _on_device, _persistent_plan, _run_persistent
 
@@ -70,7 +70,6 @@ def gated_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CELL: tl.constexpr,  # cells.Cell.name: the pointwise maths
 ):
@@ -128,7 +127,7 @@ def gated_fwd_kernel(
                 prev = tl.load(c_prev[:, None] + cols[None, :], mask=mask, other=0.0)
             else:  # the GRU's h_{t-1} of these units (P == H)
                 prev = tl.load(h_prev[:, None] + cols[None, :], mask=mask, other=0.0)
-            new, c, s0, s1, s2, s3 = _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL, TANH_SMALL)
+            new, c, s0, s1, s2, s3 = _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL)
             s = s_t[:, None] + cols[None, :]
             tl.store(s, s0, mask=mask)
             tl.store(s + H, s1, mask=mask)
@@ -185,7 +184,6 @@ def gated_bwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CELL: tl.constexpr,
 ):
@@ -241,7 +239,7 @@ def gated_bwd_kernel(
                 if HAS_GRAD_CS:
                     gc += tl.load(grad_cs_ptr + step[:, None] * H + offs, mask=mask, other=0.0)
                 c = tl.load(cs_ptr + step[:, None] * H + offs, mask=mask, other=0.0)
-            d0, d1, d2, d3, share = _gated_step_backward(gh, gc, s0, s1, s2, s3, prev, c, CELL, TANH_SMALL)
+            d0, d1, d2, d3, share = _gated_step_backward(gh, gc, s0, s1, s2, s3, prev, c, CELL)
             dq = grad_q_ptr + step[:, None] * GH + offs
             tl.store(dq, d0, mask=mask)
             tl.store(dq + H, d1, mask=mask)
@@ -301,14 +299,15 @@ def gated_config(B: int, H: int, P: int, dtype: torch.dtype, arch: int = 90,
     # are uneven, so are these: on sm_90 fp32 K = 64 where H and P are multiples of 16 (vector
     # loads), else K = 16 (K = 64 there: 255 registers + 512 bytes spilled); half types K = 32
     # (K = 64: up to 240 bytes). sm_80's ptxas caps registers lower (128-168): fp32 K = 16 and no
-    # pipelining (3 stages: 8-104 bytes spilled at every K); half types K = 32, K = 16 where H or
-    # P is not a multiple of 16 (K = 32 there: 32-40 bytes).
+    # pipelining (3 stages: 8-104 bytes spilled at every K); half types K = 32, and K = 16 without
+    # pipelining where H or P is not a multiple of 16 (K = 32 there: 32-40 bytes; 3 stages: 16
+    # bytes in the LSTM's forward with a projection since the activations' exp is range-reduced).
     aligned = H % 16 == 0 and P % 16 == 0
     half = dtype in (torch.float16, torch.bfloat16)
     if arch >= 90:
         block_k, stages = (32 if half else 64 if dtype == torch.float32 and aligned else 16), 3
     else:
-        block_k, stages = (32 if aligned else 16, 3) if half else (16, 1)
+        block_k, stages = ((32, 3) if aligned else (16, 1)) if half else (16, 1)
     return GatedConfig(16, min(h_block, 32), min(h_block, block_k), stages)
 
 
@@ -359,7 +358,7 @@ def _fwd(q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, cell, plan=None):
             w_hr if w_hr is not None else w_hh, out, cs if lstm else out, saved, m,
             B, T, H, P,
             G=cell.gates, HAS_C=lstm, HAS_BIAS=b_hh is not None, PROJ=w_hr is not None,
-            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TANH_SMALL=tanh_small(ws),
+            BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             DOT_PRECISION=_dot_precision(w_hh.dtype, allow_tf32), CELL=cell.name, num_stages=cfg.num_stages,
         )
     return out, cs, saved
@@ -404,7 +403,7 @@ def _bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_t
                 B, T, H, P,
                 G=G, HAS_C=lstm, HAS_GRAD_CS=grad_cs is not None, PROJ=w_hr is not None,
                 N_ROWS_SCALED=cell is cells.GRU,
-                BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TANH_SMALL=tanh_small(ws),
+                BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 DOT_PRECISION=_dot_precision(w_hh.dtype, allow_tf32), CELL=cell.name, num_stages=cfg.num_stages,
             )
     # Everything else is parallel over all T*B rows: large GEMMs and reductions.

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .planner import Plan
 from .. import cells
-from .triton_cells import _gated_step, _gated_step_backward, tanh_small
+from .triton_cells import _gated_step, _gated_step_backward
 from .triton_common import _rows_before
 from .triton_persistent import _group_barrier, _launch, _program_tile
 
@@ -82,7 +82,6 @@ def gated_persistent_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     H_PAD: tl.constexpr,
-    TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,  # cells.Cell.name: the pointwise maths
@@ -129,7 +128,7 @@ def gated_persistent_fwd_kernel(
             a3 += b3[None, :]
         step = t64 * B + rows64  # this step's rows of every [T, B, .] tensor
         x0, x1, x2, x3 = _load_gates(q_ptr + step[:, None] * GH + units[None, :], H, own, G, ws_ty, "")
-        new, c, s0, s1, s2, s3 = _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL, TANH_SMALL)
+        new, c, s0, s1, s2, s3 = _gated_step(a0, a1, a2, a3, x0, x1, x2, x3, prev, CELL)
         s = saved_ptr + step[:, None] * 4 * H + units[None, :]
         tl.store(s, s0, mask=own)
         tl.store(s + H, s1, mask=own)
@@ -173,7 +172,6 @@ def gated_persistent_bwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     H_PAD: tl.constexpr,
-    TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,
@@ -229,7 +227,7 @@ def gated_persistent_bwd_kernel(
             else:
                 prev_rows = _rows_before(h0_ptr, out_ptr, t, B, rows64, H)
             prev = tl.load(prev_rows[:, None] + cols[None, :], mask=own, other=0.0)
-            d0, d1, d2, d3, share = _gated_step_backward(gh, gc, s0, s1, s2, s3, prev, c, CELL, TANH_SMALL)
+            d0, d1, d2, d3, share = _gated_step_backward(gh, gc, s0, s1, s2, s3, prev, c, CELL)
             dq = grad_q_ptr + step[:, None] * GH + cols[None, :]
             tl.store(dq, d0, mask=own)
             tl.store(dq + H, d1, mask=own)
@@ -250,7 +248,7 @@ def gated_persistent_bwd_kernel(
 
 def _constexprs(plan: Plan, cell: cells.Cell, ws_dtype: torch.dtype) -> dict:
     return dict(G=cell.gates, HAS_C="c" in cell.state, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n,
-                H_PAD=plan.h_pad, TANH_SMALL=tanh_small(ws_dtype), DOT_PRECISION=plan.precision,
+                H_PAD=plan.h_pad, DOT_PRECISION=plan.precision,
                 CELL=cell.name)
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .planner import Plan
 from .. import cells
-from .triton_cells import _activation, _activation_grad, _input_before_product, tanh_small
+from .triton_cells import _activation, _activation_grad, _input_before_product
 
 # Spin iterations before a barrier wait gives up. One acquire load round trip is ~1 us, so this
 # is seconds: far past any real step (~us), short enough that a broken barrier fails the call.
@@ -92,7 +92,6 @@ def rnn_persistent_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     H_PAD: tl.constexpr,
-    TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,  # cells.Cell.name
@@ -130,7 +129,7 @@ def rnn_persistent_fwd_kernel(
             acc += tl.load(proj_ptr + (src * H)[:, None] + cols[None, :], mask=out_mask, other=0.0).to(acc.dtype)
         if HAS_BIAS:
             acc += bias[None, :]
-        h_t = tl.where(ok != 0, _activation(acc, CELL, TANH_SMALL), float("nan"))
+        h_t = tl.where(ok != 0, _activation(acc, CELL), float("nan"))
         tl.store(h_prev[:, None] + H + cols[None, :], h_t, mask=out_mask)
         if not STEPWISE:
             still_ok = _group_barrier(arrivals_ptr + group * T + t, n_col_blocks, spin_limit, ok)
@@ -203,7 +202,8 @@ def _launch(kernel, plan: Plan, args: tuple, T: int, stepwise: bool, spin_limit,
     else:
         # Cooperative: a grid that cannot be resident at once fails here instead of hanging.
         kernel[plan.grid](*args, 0, T, spin_limit, STEPWISE=False, **constexprs,
-                          num_warps=plan.num_warps, num_stages=NUM_STAGES, launch_cooperative_grid=True)
+                          num_warps=plan.num_warps, num_stages=NUM_STAGES, maxnreg=plan.max_registers,
+                          launch_cooperative_grid=True)
 
 
 def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool,
@@ -217,7 +217,7 @@ def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool
     _launch(rnn_persistent_fwd_kernel, plan, args, T, stepwise, spin_limit, dict(
         TOKENS=ids is not None, HAS_BIAS=b_h is not None, BLOCK_B=plan.block_b,
         BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-        TANH_SMALL=tanh_small(ws.dtype), DOT_PRECISION=plan.precision, CELL=cells.get(cell).name,
+        DOT_PRECISION=plan.precision, CELL=cells.get(cell).name,
         INPUT_BEFORE_PRODUCT=cells.get(cell).input_before_product))
 
 

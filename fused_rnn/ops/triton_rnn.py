@@ -55,7 +55,7 @@ from . import planner, self_check, workspace_dtype
 from .. import cells
 from ..reference import activation_grad
 from . import loop
-from .triton_cells import _activation, _activation_grad, _input_before_product, tanh_small
+from .triton_cells import _activation, _activation_grad, _input_before_product
 from .triton_common import INTERPRET
 
 
@@ -74,7 +74,6 @@ def rnn_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    TANH_SMALL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CELL: tl.constexpr,  # cells.Cell.name
     INPUT_BEFORE_PRODUCT: tl.constexpr,  # cells.Cell.input_before_product
@@ -111,7 +110,7 @@ def rnn_fwd_kernel(
                 acc += tl.load(proj_ptr + p_row[:, None] + cols[None, :], mask=out_mask, other=0.0).to(acc.dtype)
             if HAS_BIAS:
                 acc += tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(acc.dtype)[None, :]
-            tl.store(h_prev[:, None] + H + cols[None, :], _activation(acc, CELL, TANH_SMALL), mask=out_mask)
+            tl.store(h_prev[:, None] + H + cols[None, :], _activation(acc, CELL), mask=out_mask)
         tl.debug_barrier()  # h_t must be visible to every thread of this program before step t+1
 
 
@@ -421,7 +420,6 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name):
             B, T, H,
             TOKENS=ids is not None, HAS_BIAS=b_h is not None,
             BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            TANH_SMALL=tanh_small(ws.dtype),
             DOT_PRECISION=_dot_precision(w_h.dtype, allow_tf32), CELL=cell.name,
             INPUT_BEFORE_PRODUCT=cell.input_before_product,
         )
