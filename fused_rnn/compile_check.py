@@ -25,9 +25,9 @@ import os
 import re
 import subprocess
 import sys
-from typing import Optional
 import tempfile
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 

@@ -88,11 +88,10 @@ def _sigmoid(x):
     ax = tl.abs(x)
     if x.dtype == tl.float64:
         e = tl.exp(-ax)
-        r = 1.0 / (1.0 + e)
     else:
         s, p = _exp_parts(-tl.where(ax > 87.5, 87.5, ax).to(tl.float32))
         e = tl.where(ax > 87.5, 0.0, s + s * p)
-        r = 1.0 / (1.0 + e)
+    r = 1.0 / (1.0 + e)
     return tl.where(x >= 0.0, r, e * r).to(x.dtype)
 
 

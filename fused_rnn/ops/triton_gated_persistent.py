@@ -246,10 +246,9 @@ def gated_persistent_bwd_kernel(
 # returns nothing; a timed-out barrier shows in ``error`` (and as NaN in the workspaces).
 
 
-def _constexprs(plan: Plan, cell: cells.Cell, ws_dtype: torch.dtype) -> dict:
+def _constexprs(plan: Plan, cell: cells.Cell) -> dict:
     return dict(G=cell.gates, HAS_C="c" in cell.state, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n,
-                H_PAD=plan.h_pad, DOT_PRECISION=plan.precision,
-                CELL=cell.name)
+                H_PAD=plan.h_pad, DOT_PRECISION=plan.precision, CELL=cell.name)
 
 
 def _arrivals(plan: Plan, T: int, device) -> torch.Tensor:
@@ -265,7 +264,7 @@ def gated_persistent_fwd(q, w_hh, b_hh, h_first, c_first, out, cs, saved, plan: 
     args = (q, w_hh, b_hh if b_hh is not None else w_hh, h_first, c_first, out,
             cs if cs.numel() else out, saved, _arrivals(plan, T, out.device), error, B, T, H)
     _launch(gated_persistent_fwd_kernel, plan, args, T, stepwise, spin_limit,
-            dict(_constexprs(plan, cell, out.dtype), HAS_BIAS=b_hh is not None))
+            dict(_constexprs(plan, cell), HAS_BIAS=b_hh is not None))
 
 
 def gated_persistent_bwd(grad_out, grad_cs, out, cs, saved, h_first, c_first, w_hh, grad_q, carry_h, share,
@@ -280,5 +279,5 @@ def gated_persistent_bwd(grad_out, grad_cs, out, cs, saved, h_first, c_first, w_
     # T+1 loop iterations: phase A of the first step has no phase B before it, the last phase B
     # no phase A after it.
     _launch(gated_persistent_bwd_kernel, plan, args, T + 1, stepwise, spin_limit,
-            dict(_constexprs(plan, cell, out.dtype), HAS_GRAD_CS=grad_cs is not None,
+            dict(_constexprs(plan, cell), HAS_GRAD_CS=grad_cs is not None,
                  N_ROWS_SCALED=cell is cells.GRU))
