@@ -10,6 +10,15 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # On a GPU the Triton paths check themselves on first use (fused_rnn.ops.self_check): which
+    # test uses a kernel configuration first would change how many launches a test counts, so the
+    # check is off here, and on in the tests that ask for it (the `checked` fixture).
+    os.environ.setdefault("FUSED_RNN_SELF_CHECK", "0")
+    # torch's modules are the float64 ground truth; cuDNN refuses some of what they do on the CPU
+    # (backward in eval mode, a non-contiguous hx) and draws dropout masks its own way, so the
+    # tests compare against ATen's own RNN there, as on the CPU.
+    torch.backends.cudnn.enabled = False
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

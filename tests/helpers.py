@@ -68,11 +68,16 @@ def check_parity(args, dtype, backend, function=fused_rnn, reference=rnn_referen
     loop, within ``TOLERANCE[dtype]`` (the course's cell by default)."""
     got = run_with_grads(lambda **a: function(**a, backend=backend), args)
     want = run_with_grads(reference, cast(args, torch.float64))
+    # In bf16/fp16 some inputs leave a gradient far less exact than its tolerance in the
+    # reference loop itself (bf16, dense input at H=300: grad_w_in 6e-2 to 1.2e-1 eager, the
+    # kernels the same): there the bar is twice the loop's own error in that dtype.
+    eager = run_with_grads(reference, args) if dtype in (torch.bfloat16, torch.float16) else None
     assert got.keys() == want.keys()
     for name in want:
         assert got[name].dtype == dtype, name
         err = rel_err(got[name], want[name])
-        assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+        bar = TOLERANCE[dtype] if eager is None else max(TOLERANCE[dtype], 2 * rel_err(eager[name], want[name]))
+        assert err < bar, f"{name}: relative error {err:.2e} (bar {bar:.1e})"
 
 
 def count_persistent_launches(monkeypatch, gated=False) -> dict:

@@ -582,7 +582,7 @@ def test_torch_compile_fullgraph(backend):
 
 def test_autocast_runs_in_the_autocast_dtype_as_torch_does():
     ref, fused = torch_and_fused("reference", input_size=3, hidden_size=8, num_layers=2)
-    ref.float(), fused.float()
+    ref.cpu().float(), fused.cpu().float()  # (CPU autocast: on a GPU machine they start on CUDA)
     cell = RNNCell(3, 8, backend="reference")
     x = torch.randn(5, 2, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
