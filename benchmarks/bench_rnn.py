@@ -47,9 +47,10 @@ Each provider's forward output is checked against the float64 reference (``rnn_r
 ``elman_reference``, ``lstm_reference``, ``gru_reference``): the max relative error is printed
 beside its times and the table's last column gives the largest.
 
-``--peak`` (CPU) first measures the machine's fp32 FMA peak (``benchmarks/fma_peak.py``) and the
-table then gives each provider's product rate (the fused path's product FLOPs over its time) as a
-share of it: the floor that ``torch.mm`` itself reaches only part of.
+``--peak`` (CPU) measures the machine's fp32 FMA peak (``benchmarks/fma_peak.py``, ~0.1 s) at the
+start of every round and the table gives each provider's product rate (the fused path's product
+FLOPs over its time) as a share of it: the median over rounds of each round's rate over that
+round's peak, so that the VM's drift cancels (the floor that ``torch.mm`` reaches only part of).
 
 Medians: ``triton.testing.do_bench`` on CUDA; on the CPU, interleaved rounds (A, B, C, A, B, C,
 ...) in one process so machine drift hits all providers alike. Rows are appended to a CSV (with
@@ -425,18 +426,34 @@ def median_ms(steps: dict, device, rounds=15, budget_s=60) -> dict:
         import triton.testing
         return {k: triton.testing.do_bench(s, warmup=25, rep=200, return_mode="median")
                 for k, s in steps.items()}
+    times, _ = interleaved_ms(steps, rounds, budget_s)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def interleaved_ms(steps: dict, rounds=15, budget_s=60, probe=None):
+    """CPU: each step's time (ms) per round, the steps interleaved (A, B, C, A, B, C, ...); with
+    ``probe`` (``fma_peak.peak_probe``) also the FMA peak (GFLOP/s) measured at each round's start."""
     for s in steps.values():  # warm up (compiles, allocator)
         s()
-    times = {k: [] for k in steps}
+    times, peaks = {k: [] for k in steps}, []
     deadline = time.perf_counter() + budget_s
     for _ in range(rounds):
+        if probe is not None:
+            peaks.append(probe())
         for k, s in steps.items():
             t0 = time.perf_counter()
             s()
             times[k].append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() > deadline:
             break
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times, peaks
+
+
+def peak_shares(times: dict, peaks: list, flops: int) -> dict:
+    """Each step's product rate as a share of the FMA peak: the median over rounds of the round's
+    rate over the peak measured in that round."""
+    return {k: statistics.median(flops / (ms * 1e6) / peak for ms, peak in zip(v, peaks))
+            for k, v in times.items()}
 
 
 def peak_mb(step, device):
@@ -507,11 +524,10 @@ def main(argv=None):
     meta = dict(date=datetime.date.today().isoformat(), device=device_name(device), torch=torch.__version__,
                 triton=triton_version)
     print(f"# {meta['device']}, torch {torch.__version__}, triton {triton_version}, {meta['date']}")
-    peak = None
+    probe, peaks = None, []
     if args.peak and device.type == "cpu":
-        from fma_peak import fma_peak_gflops
-        peak = fma_peak_gflops(torch.get_num_threads())
-        print(f"# fp32 FMA peak on {torch.get_num_threads()} threads: {peak:.0f} GFLOP/s")
+        from fma_peak import peak_probe
+        probe = peak_probe(torch.get_num_threads())
 
     rows = []
     for dtype_name in args.dtypes.split(","):
@@ -535,18 +551,29 @@ def main(argv=None):
                 steps = {k: make_step(fn, w, x, mode) for k, (fn, w) in providers.items()}
                 if "gemm" in names:
                     steps["gemm"] = make_gemm_step(B, T, H, dtype, device, mode, I, GATES[args.cell])
-                ms = median_ms(steps, device, rounds=args.rounds)
+                shares = {}
+                if probe is not None:
+                    times, round_peaks = interleaved_ms(steps, rounds=args.rounds, probe=probe)
+                    ms = {k: statistics.median(v) for k, v in times.items()}
+                    shares = peak_shares(times, round_peaks, product_flops(B, T, H, I, mode, GATES[args.cell]))
+                    peaks += round_peaks
+                else:
+                    ms = median_ms(steps, device, rounds=args.rounds)
                 for k in steps:
                     rows.append(dict(meta, provider=k, mode=mode, dtype=dtype_name, B=B, T=T, H=H,
                                      ms=round(ms[k], 4), peak_mb=round(peak_mb(steps[k], device), 1),
-                                     cell=args.cell, I=I or "", max_rel_err=errs.get(k)))
+                                     cell=args.cell, I=I or "", max_rel_err=errs.get(k),
+                                     peak_share=shares.get(k)))
                     err = f"  (fwd max rel err vs fp64 reference: {errs[k]:.1e})" if k in errs else ""
                     print(f"{args.cell} {dtype_name} B={B} T={T}{f' I={I}' if I else ''} H={H} {mode:8s} "
                           f"{k:16s} {ms[k]:9.3f} ms{err}", flush=True)
             del providers, steps, want
     if args.csv and not args.no_csv:
         append_csv(args.csv, rows)
-    print_table(rows, peak)
+    if peaks:
+        print(f"# fp32 FMA peak on {torch.get_num_threads()} threads, measured at each round's start: "
+              f"median {statistics.median(peaks):.0f} GFLOP/s (range {min(peaks):.0f}-{max(peaks):.0f})")
+    print_table(rows, with_shares=bool(peaks))
     if args.plot:
         plot_speedups(rows, args.plot, f"{meta['device']}, torch {torch.__version__}, triton {triton_version}")
 
@@ -616,12 +643,12 @@ def plot_speedups(rows, path, title):
     print(f"plot: {path}")
 
 
-def print_table(rows, peak=None):
-    """The markdown table; with the FMA ``peak`` (GFLOP/s), each provider's product rate (the
-    fused path's product FLOPs over its time) beside its time, and the share of the peak. The last
-    column: the largest forward error against the float64 reference over the providers, and whose."""
+def print_table(rows, with_shares=False):
+    """The markdown table: each provider's time and product rate (the fused path's product FLOPs
+    over its time), ``with_shares`` its share of the FMA peak (``peak_shares``). The last column:
+    the largest forward error against the float64 reference over the providers, and whose."""
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    rate = " (GF/s" + (", % of peak)" if peak else ")")
+    rate = " (GF/s" + (", % of peak)" if with_shares else ")")
     print("\n| cell | dtype | B | T | I | H | mode | " + " | ".join(f"{p} ms{rate}" for p in providers)
           + " | fused vs strongest peer | GEMM floor share of fused | max rel err vs fp64 |")
     print("|---" * (10 + len(providers)) + "|")
@@ -630,13 +657,15 @@ def print_table(rows, peak=None):
         flops = product_flops(B, T, H, I or 0, mode, GATES.get(cell_name, 1))
         errs = {r["provider"]: r["max_rel_err"] for r in rows
                 if _key(r) == key and r.get("max_rel_err") is not None}
+        shares = {r["provider"]: r.get("peak_share") for r in rows if _key(r) == key}
         worst = max(errs, key=errs.get) if errs else None
 
         def cell(p):
             if p not in ms:
                 return "-"
             gflops = flops / (ms[p] * 1e6)
-            return f"{ms[p]:.3f} ({gflops:.0f}" + (f", {gflops / peak:.0%})" if peak else ")")
+            share = shares.get(p)
+            return f"{ms[p]:.3f} ({gflops:.0f}" + (f", {share:.0%})" if share is not None else ")")
         print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cell(p) for p in providers)
               + f" | {f'{speedup:.2f}x ({best})' if speedup else '-'} | {f'{share:.0%}' if share else '-'} | "
               + (f"{errs[worst]:.1e} ({worst})" if worst else "-") + " |")

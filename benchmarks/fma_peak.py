@@ -82,6 +82,32 @@ def fma_peak_gflops(threads: int, seconds: float = 1.0) -> float:
         torch.set_num_threads(saved)
 
 
+def peak_probe(threads: int, seconds: float = 0.1):
+    """A callable that runs the FMA loop for about ``seconds`` on ``threads`` threads and returns
+    the GFLOP/s it reached: benchmarks call it once per round, beside what they time, so that the
+    share of the peak is taken against the peak of the same moment (this VM's speed drifts, and a
+    single reading at a run's start once came out at half the peak)."""
+    ext = _ext()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        iters = 1 << 14
+        t0 = time.perf_counter()
+        ext.fma_gflops(iters, threads)
+        iters = max(iters, int(iters * seconds / max(time.perf_counter() - t0, 1e-6)))
+    finally:
+        torch.set_num_threads(saved)
+
+    def probe() -> float:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return ext.fma_gflops(iters, threads)
+        finally:
+            torch.set_num_threads(saved)
+    return probe
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=1.0)

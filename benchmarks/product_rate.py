@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from fma_peak import fma_peak_gflops
+from fma_peak import peak_probe
 from fused_rnn import cells
 from fused_rnn.ops import cpu_ext
 
@@ -69,12 +69,14 @@ def problems(cell: str, B: int, T: int, I: int, H: int):
         yield "backward", (lambda: ext.rnn_bwd(grad_out, grad_h_n, states, h0, q, None, w_h, False, cell)), 2 * T * step
 
 
-def measure(call, flops: int, threads: int, rounds: int):
-    """Median wall seconds, products' share of the wall time, products' GFLOP/s."""
+def measure(call, flops: int, threads: int, rounds: int, probe):
+    """Median wall seconds, products' share of the wall time, products' GFLOP/s, and their share
+    of the FMA peak (each round's rate over the peak ``probe`` measured just before it)."""
     ext = cpu_ext.load()
     call()  # warm: buffers cached, weights' pages touched
-    walls, shares, rates = [], [], []
+    walls, shares, rates, of_peak = [], [], [], []
     for _ in range(rounds):
+        peak = probe()
         ext.time_products(True)
         t0, w0 = ext.ticks_now(), time.perf_counter()
         call()
@@ -84,7 +86,8 @@ def measure(call, flops: int, threads: int, rounds: int):
         walls.append(w1 - w0)
         shares.append(product_s / (w1 - w0))
         rates.append(flops / product_s / 1e9)
-    return statistics.median(walls), statistics.median(shares), statistics.median(rates)
+        of_peak.append(rates[-1] / peak)
+    return statistics.median(walls), statistics.median(shares), statistics.median(rates), statistics.median(of_peak)
 
 
 def main(argv=None):
@@ -97,17 +100,17 @@ def main(argv=None):
     if not ext.panel_products_here():
         raise SystemExit("product_rate: the panel products do not run on this CPU (they need AVX-512)")
     torch.set_num_threads(args.threads)
-    peak = fma_peak_gflops(args.threads)
-    print(f"FMA peak on {args.threads} threads: {peak:.0f} GFLOP/s; torch {torch.__version__}")
+    probe = peak_probe(args.threads)
+    print(f"FMA peak on {args.threads} threads measured before every round; torch {torch.__version__}")
     print("| cell | B | T | I | H | pass | wall ms | products' share of it | products GF/s | % of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
         for cell in args.cells.split(","):
             for B, T, I, H in SHAPES:
                 for name, call, flops in problems(cell, B, T, I, H):
-                    wall, share, rate = measure(call, flops, args.threads, args.rounds)
+                    wall, share, rate, of_peak = measure(call, flops, args.threads, args.rounds, probe)
                     print(f"| {cell} | {B} | {T} | {I if cell in ('lstm', 'gru') else ''} | {H} | {name} | "
-                          f"{wall * 1e3:.2f} | {share:.0%} | {rate:.0f} | {rate / peak:.0%} |", flush=True)
+                          f"{wall * 1e3:.2f} | {share:.0%} | {rate:.0f} | {of_peak:.0%} |", flush=True)
 
 
 if __name__ == "__main__":
