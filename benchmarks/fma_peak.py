@@ -68,44 +68,32 @@ def _ext():
     return _module
 
 
-def fma_peak_gflops(threads: int, seconds: float = 1.0) -> float:
-    """The best of a few runs of about ``seconds`` each on ``threads`` threads (torch's pool)."""
-    ext, saved = _ext(), torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        iters = 1 << 16
-        t0 = time.perf_counter()
-        ext.fma_gflops(iters, threads)
-        iters = max(iters, int(iters * seconds / max(time.perf_counter() - t0, 1e-6)))
-        return max(ext.fma_gflops(iters, threads) for _ in range(3))
-    finally:
-        torch.set_num_threads(saved)
-
-
 def peak_probe(threads: int, seconds: float = 0.1):
-    """A callable that runs the FMA loop for about ``seconds`` on ``threads`` threads and returns
-    the GFLOP/s it reached: benchmarks call it once per round, beside what they time, so that the
-    share of the peak is taken against the peak of the same moment (this VM's speed drifts, and a
-    single reading at a run's start once came out at half the peak)."""
+    """A callable that runs the FMA loop for about ``seconds`` on ``threads`` threads (torch's
+    pool) and returns the GFLOP/s it reached: benchmarks call it once per round, beside what they
+    time, so that the share of the peak is taken against the peak of the same moment (this VM's
+    speed drifts, and a single reading at a run's start once came out at half the peak)."""
     ext = _ext()
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        iters = 1 << 14
-        t0 = time.perf_counter()
-        ext.fma_gflops(iters, threads)
-        iters = max(iters, int(iters * seconds / max(time.perf_counter() - t0, 1e-6)))
-    finally:
-        torch.set_num_threads(saved)
 
-    def probe() -> float:
+    def run(iters: int) -> float:
         saved = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             return ext.fma_gflops(iters, threads)
         finally:
             torch.set_num_threads(saved)
-    return probe
+
+    iters = 1 << 14
+    t0 = time.perf_counter()
+    run(iters)
+    iters = max(iters, int(iters * seconds / max(time.perf_counter() - t0, 1e-6)))
+    return lambda: run(iters)
+
+
+def fma_peak_gflops(threads: int, seconds: float = 1.0) -> float:
+    """The best of a few runs of about ``seconds`` each on ``threads`` threads."""
+    probe = peak_probe(threads, seconds)
+    return max(probe() for _ in range(3))
 
 
 def main(argv=None):

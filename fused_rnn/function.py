@@ -211,19 +211,20 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
         q, w_ih_inside, b_ih_inside = contiguous(projection.linear(x.transpose(0, 1), w_ih, folded_bias)), None, None
     differentiable = (q, w_hh, hidden_bias, h0, c0, w_hr, w_ih_inside, b_ih_inside)
     keep_saved = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-    out, cs, _ = gated_recurrence(q, w_hh.contiguous(), contiguous(hidden_bias), contiguous(h0), contiguous(c0),
-                                  contiguous(w_hr), backend, allow_tf32, cell.name, keep_saved,
-                                  w_ih_inside, b_ih_inside)
-    out = out.to(w_hh.dtype)
-    cs = cs.to(w_hh.dtype) if cs.numel() else None
-    return _gated_results(out, cs, x, lengths)
+    out, cs, _, h_n, c_n = gated_recurrence(q, w_hh.contiguous(), contiguous(hidden_bias), contiguous(h0),
+                                            contiguous(c0), contiguous(w_hr), backend, allow_tf32, cell.name,
+                                            keep_saved, w_ih_inside, b_ih_inside)
+    out, h_n = out.to(w_hh.dtype), h_n.to(w_hh.dtype)
+    cs, c_n = (cs.to(w_hh.dtype), c_n.to(w_hh.dtype)) if cs.numel() else (None, None)
+    return _gated_results(out, cs, x, lengths, (h_n, c_n))
 
 
-def _gated_results(out, cs, x, lengths):
-    """``(output [B, T, P], h_n, c_n or None)`` from the time-major states (and the LSTM's c)."""
+def _gated_results(out, cs, x, lengths, last=None):
+    """``(output [B, T, P], h_n, c_n or None)`` from the time-major states (and the LSTM's c);
+    ``last``: the op's own (h_n, c_n) for sequences without lengths."""
     output = out.transpose(0, 1)  # [B, T, P], a view of the time-major states
     if lengths is None:
-        return output, out[-1], None if cs is None else cs[-1]
+        return (output, *last) if last is not None else (output, out[-1], None if cs is None else cs[-1])
     lengths = lengths.to(device=output.device, dtype=torch.int64)
     output, h_n = _apply_lengths(output, lengths, x.shape[1])
     return output, h_n, None if cs is None else _at_last_step(cs.transpose(0, 1), lengths)

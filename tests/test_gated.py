@@ -224,8 +224,8 @@ def test_gradcheck_through_the_op(backend, cell, P):
 
     def fn(*tensors):
         given = dict(zip(names, tensors))
-        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), backend, False, cell.name, True)
-        return (out, cs) if cs.numel() else out
+        out, cs, _, h_n, c_n = gated_recurrence(*(given.get(k) for k in args), backend, False, cell.name, True)
+        return (out, cs, h_n, c_n) if cs.numel() else (out, h_n)
 
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, leaves, fast_mode=True)
@@ -240,8 +240,8 @@ def test_gradcheck_full_mode_cpu(cell, P):
 
     def fn(*tensors):
         given = dict(zip(names, tensors))
-        out, cs, _ = gated_recurrence(*(given.get(k) for k in args), "cpu", False, cell.name, True)
-        return (out, cs) if cs.numel() else out
+        out, cs, _, h_n, c_n = gated_recurrence(*(given.get(k) for k in args), "cpu", False, cell.name, True)
+        return (out, cs, h_n, c_n) if cs.numel() else (out, h_n)
 
     assert torch.autograd.gradcheck(fn, leaves)
 
@@ -277,8 +277,10 @@ def test_gru_refuses_lstm_sized_weights():
 def test_saved_gates_are_not_differentiable():
     args = op_problem(cells.LSTM, T=2, B=2, H=3, P=0, dtype=torch.float64, state=True)
     q = args["q"].requires_grad_()
-    out, cs, saved = gated_recurrence(q, *list(args.values())[1:], "cpu", False, cells.LSTM.name, True)
+    out, cs, saved, h_n, c_n = gated_recurrence(q, *list(args.values())[1:], "cpu", False, cells.LSTM.name, True)
     assert out.requires_grad and cs.requires_grad and not saved.requires_grad
+    assert h_n.requires_grad and c_n.requires_grad
+    assert torch.equal(h_n, out[-1]) and torch.equal(c_n, cs[-1])
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])

@@ -79,8 +79,8 @@ def gradcheck_fn(cell, args):
 
     def fn(*tensors):
         given = dict(zip(names, tensors))
-        out, cs, _ = gated_recurrence(*(given.get(k) for k in NAMES), "triton", False, cell.name, True)
-        return (out, cs) if cs.numel() else out
+        out, cs, _, h_n, c_n = gated_recurrence(*(given.get(k) for k in NAMES), "triton", False, cell.name, True)
+        return (out, cs, h_n, c_n) if cs.numel() else (out, h_n)
     return fn, leaves
 
 
