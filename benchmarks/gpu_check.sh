@@ -14,7 +14,10 @@
 # suite with FUSED_RNN_TRITON_KERNEL=persistent (a persistent-kernel failure is an error there,
 # not a fallback) and =blocked; the barrier stress run; the timing tables (benchmarks/bench_rnn.py,
 # both cells: the course's and nn.RNN's own against cuDNN);
-# determinism / no-sync / bad-id / 2^31-offset checks; compute-sanitizer memcheck on two small shapes.
+# determinism / no-sync / bad-id / 2^31-offset checks; compute-sanitizer memcheck on two small shapes;
+# the persistent tilings timed side by side (benchmarks/tune_persistent.py) and one Nsight Compute
+# profile of a persistent forward (each skipped when the deadline has passed: GPU_CHECK_ONLY=tune,
+# =profile give them a call's whole share).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/fused_rnn_gpu_check}}
@@ -171,6 +174,23 @@ EOF
 else
     echo "compute-sanitizer: not on PATH nor under /usr/local/cuda*/bin: memcheck skipped" | tee "$out/sanitizer.log"
     record "compute-sanitizer" skip 0 "sanitizer.log (not found)"
+fi
+
+# -- tuning (issue 30): every persistent tiling of the planner's tables against the blocked kernels
+# and cuDNN at the tuning shapes (GPU_CHECK_ONLY=tune for the whole deadline), and one Nsight
+# Compute profile of the course cell's persistent forward at H=256 (where its step's time goes:
+# stall reasons, issue slots; GPU_CHECK_ONLY=profile)
+gpu_stage "tune" 120 tune.log \
+    python benchmarks/tune_persistent.py --cells course,elman,lstm,gru --shapes "64,512,256;256,512,256"
+ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
+if [ -n "$ncu_bin" ]; then
+    gpu_stage "ncu profile" 60 ncu_profile.log \
+        "$ncu_bin" --kernel-name regex:rnn_persistent_fwd --launch-skip 5 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+        python benchmarks/tune_persistent.py --cells course --shapes "64,64,256" --modes fwd
+else
+    echo "ncu: not on PATH nor under /usr/local/cuda*/bin: profile skipped" | tee "$out/ncu_profile.log"
+    record "ncu profile" skip 0 "ncu_profile.log (not found)"
 fi
 
 # -- the compile check's result (its own 300 s limit ends within the overall deadline)

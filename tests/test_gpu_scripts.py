@@ -18,3 +18,17 @@ def test_gpu_extra_checks_dry_run_on_the_cpu():
 def test_gpu_check_script_parses():
     done = subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_tune_persistent_dry_run_on_the_cpu():
+    done = subprocess.run([sys.executable, "benchmarks/tune_persistent.py", "--cpu-dry-run",
+                           "--tilings", "16x16x4x1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "dry run: done"
+    # the table's two tilings for the course cell at H=256 on 132 SMs, then the extra one (its 4 x 16
+    # programs at B=64 fit at 1 per SM; its 16 x 16 at B=256 do not)
+    course = [line for line in lines if line.startswith("| course | 64 | 512 | 256 | fwd |")]
+    assert [line.split(" | ")[5:8] for line in course] == [["16x16 4w", "4x16", "3"], ["16x32 4w", "4x8", "3"],
+                                                            ["16x16 4w", "4x16", "1"]]
+    assert any("not planned" in line for line in lines if line.startswith("| course | 256 | 512 | 256 |"))
