@@ -40,13 +40,13 @@ def parse_tiling(text: str) -> planner.Tiling:
 def variants(cell: str, H: int, extra: list) -> list:
     """The tilings to time for a cell at hidden size H: the table's for its H_PAD, then ``extra``."""
     table = planner._TABLES[(GATES[cell], 90)]
-    return list(table.get(max(16, 1 << (H - 1).bit_length()), [])) + extra
+    return list(table.get(planner.padded_h(H), [])) + extra
 
 
 @contextmanager
 def only_tiling(cell: str, H: int, tiling: planner.Tiling):
     """The planner's table for this cell and H_PAD holds ``tiling`` alone (on every arch's table)."""
-    h_pad = max(16, 1 << (H - 1).bit_length())
+    h_pad = planner.padded_h(H)
     tables = [planner._TABLES[(GATES[cell], arch)] for arch in (90, 80)]
     saved = [t.get(h_pad) for t in tables]
     for t in tables:

@@ -200,7 +200,7 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
     folded_bias = b_ih if cell.hidden_bias else _bias_sum(b_ih, b_hh)
     if backend == "reference":
         out, cs, _ = gated_loop(cell, F.linear(x.transpose(0, 1), w_ih, folded_bias), w_hh, hidden_bias, h0, c0, w_hr)
-        return _gated_results(out, cs, x, lengths)
+        return _gated_results(out, cs, x, lengths, out[-1], None if cs is None else cs[-1])
 
     def contiguous(t):
         return None if t is None else t.contiguous()
@@ -216,15 +216,15 @@ def _gated(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, backend, allo
                                             keep_saved, w_ih_inside, b_ih_inside)
     out, h_n = out.to(w_hh.dtype), h_n.to(w_hh.dtype)
     cs, c_n = (cs.to(w_hh.dtype), c_n.to(w_hh.dtype)) if cs.numel() else (None, None)
-    return _gated_results(out, cs, x, lengths, (h_n, c_n))
+    return _gated_results(out, cs, x, lengths, h_n, c_n)
 
 
-def _gated_results(out, cs, x, lengths, last=None):
+def _gated_results(out, cs, x, lengths, h_n, c_n):
     """``(output [B, T, P], h_n, c_n or None)`` from the time-major states (and the LSTM's c);
-    ``last``: the op's own (h_n, c_n) for sequences without lengths."""
+    ``h_n``, ``c_n``: the last step's, which sequences without lengths return."""
     output = out.transpose(0, 1)  # [B, T, P], a view of the time-major states
     if lengths is None:
-        return (output, *last) if last is not None else (output, out[-1], None if cs is None else cs[-1])
+        return output, h_n, c_n
     lengths = lengths.to(device=output.device, dtype=torch.int64)
     output, h_n = _apply_lengths(output, lengths, x.shape[1])
     return output, h_n, None if cs is None else _at_last_step(cs.transpose(0, 1), lengths)

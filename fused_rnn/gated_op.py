@@ -125,11 +125,11 @@ def _with_last_step(grad_all, grad_last, like):
 
 
 def _autograd(ctx, grad_out, grad_cs, _grad_saved, grad_h_n, grad_c_n):
-    grad_out = _with_last_step(grad_out, grad_h_n, ctx.saved_tensors[6])
-    grad_cs = _with_last_step(grad_cs, grad_c_n, ctx.saved_tensors[7])
+    q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved, w_ih, b_ih = ctx.saved_tensors
+    grad_out = _with_last_step(grad_out, grad_h_n, out)
+    grad_cs = _with_last_step(grad_cs, grad_c_n, cs)
     if torch.is_grad_enabled():  # backward(create_graph=True): record a differentiable backward
         return _double_backward_grads(ctx, grad_out, grad_cs)
-    q, w_hh, b_hh, h0, c0, w_hr, out, cs, saved, w_ih, b_ih = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_cs is not None and grad_cs.numel() == 0:

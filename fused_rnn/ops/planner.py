@@ -123,6 +123,11 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def padded_h(H: int) -> int:
+    """H rounded up to the power of two (at least 16) the persistent tables are keyed by."""
+    return max(16, _next_power_of_2(H))
+
+
 def programs_per_sm(registers: int, shared: int, num_warps: int, arch: int = 90) -> int:
     """How many programs of this kernel one SM holds at once, by registers, shared memory,
     threads and the block limit (the occupancy calculator's arithmetic)."""
@@ -187,7 +192,7 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
         raise ValueError(f"gates must be one of {sorted({g for g, _ in _TABLES})}, got {gates}")
     if projection:
         return Plan(False, "proj_size has no persistent kernel (the blocked kernels project)")
-    h_pad = max(16, _next_power_of_2(H))
+    h_pad = padded_h(H)
     if stepwise:
         precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
         return Plan(True, "stepwise", 16, 16, h_pad, 4, precision, -(-B // 16), -(-H // 16), 0)
