@@ -8,7 +8,7 @@ blocked kernels and cuDNN, in one short GPU call: the measurements issue 30's tu
                                                            script checked on a machine without a GPU)
 
 A variant is one tiling of the planner's table for the shape's padded H (``planner._TABLES``), or
-one given with ``--tilings`` as BLOCK_BxBLOCK_NxWARPSxPROGRAMS_PER_SM (a tiling the table leaves
+one given with ``--tilings`` as BLOCK_BxBLOCK_NxWARPSxPROGRAMS_PER_SM[xK_CHUNK] (a tiling the table leaves
 out, at the co-residency it is said to reach; a grid that needs more is skipped, and one that is
 not really resident fails the call at its barrier's time-out). Shapes are B,T,H; the dense cells'
 input size is H. Times: ``triton.testing.do_bench`` medians (bench_rnn.py's providers and steps),
@@ -33,8 +33,9 @@ DRY_RUN_GPU = (132, 90)  # an H100/H200's SM count and arch, for the dry run's p
 
 
 def parse_tiling(text: str) -> planner.Tiling:
-    block_b, block_n, warps, per_sm = (int(v) for v in text.split("x"))
-    return planner.Tiling(block_b, block_n, warps, per_sm, per_sm)
+    """BLOCK_BxBLOCK_NxWARPSxPROGRAMS_PER_SM[xK_CHUNK] (K_CHUNK default: planner.K_CHUNK)."""
+    block_b, block_n, warps, per_sm, *k_chunk = (int(v) for v in text.split("x"))
+    return planner.Tiling(block_b, block_n, warps, per_sm, per_sm, k_chunk=k_chunk[0] if k_chunk else 0)
 
 
 def variants(cell: str, H: int, extra: list) -> list:
@@ -126,7 +127,7 @@ def main(argv=None):
                     with only_tiling(cell, H, tiling):
                         plan = planner.plan_persistent(B, H, torch.float32, sm_count, arch=arch,
                                                        gates=GATES[cell])
-                        label = f"{tiling.block_b}x{tiling.block_n} {tiling.warps}w"
+                        label = f"{tiling.block_b}x{tiling.block_n} {tiling.warps}w K/{plan.k_split}"
                         if not plan.fits:
                             print(f"| {cell} | {B} | {T} | {H} | {mode} | {label} | - | - | not planned: "
                                   f"{plan.reason} | |")

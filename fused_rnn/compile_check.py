@@ -113,7 +113,7 @@ def kernel_configs(B: int, H: int, dtype: torch.dtype, sm_count: int, arch: int 
     configs, notes = [], []
     plan = planner.plan_persistent(B, H, dtype, sm_count, arch=arch)
     if plan.fits:
-        tiling = dict(BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
+        tiling = dict(BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad, K_SPLIT=plan.k_split,
                       DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell.name)
         # The course: token input gathers rows of U, dense input reads P. The elman cells read
         # dense q with the biases in it.

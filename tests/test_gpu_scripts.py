@@ -29,6 +29,6 @@ def test_tune_persistent_dry_run_on_the_cpu():
     # the table's two tilings for the course cell at H=256 on 132 SMs, then the extra one (its 4 x 16
     # programs at B=64 fit at 1 per SM; its 16 x 16 at B=256 do not)
     course = [line for line in lines if line.startswith("| course | 64 | 512 | 256 | fwd |")]
-    assert [line.split(" | ")[5:8] for line in course] == [["16x16 4w", "4x16", "3"], ["16x32 4w", "4x8", "3"],
-                                                            ["16x16 4w", "4x16", "1"]]
+    assert [line.split(" | ")[5:8] for line in course] == [["16x16 4w K/8", "4x16", "2"], ["16x32 4w K/8", "4x8", "2"],
+                                                            ["16x16 4w K/8", "4x16", "1"]]
     assert any("not planned" in line for line in lines if line.startswith("| course | 256 | 512 | 256 |"))

@@ -34,6 +34,15 @@ def shared_per_block(arch: int) -> int:
     """The most shared memory one block may use on ``arch``; an unknown one gets the smallest."""
     return SHARED_PER_BLOCK.get(arch, min(SHARED_PER_BLOCK.values()))
 
+# The one-gate persistent kernels form a step's [BLOCK_B, H] x [H, BLOCK_N] product as H_PAD / 32
+# independent dots of K = 32, summed: one dot over all of H is a chain per output that waits on
+# each operand load. Measured (benchmarks/step_probe.py, H200, fp32 IEEE, H=256, 16x16 4 warps,
+# with the barrier): 7.33 -> 3.93 us a step at B=64, 11.13 -> 6.26 at B=256; K chunks of 16 the
+# same, of 64 no gain; at H=512 16x32 4 warps, chunks of 128: 40 -> 24 us without the barrier (not
+# in the table: that tiling spills 2 KB in bf16).
+K_CHUNK = 32
+
+
 class Tiling(NamedTuple):
     """One persistent tiling and the co-residency a grid of it counts on."""
     block_b: int  # batch rows per group
@@ -46,6 +55,8 @@ class Tiling(NamedTuple):
     # not have (the course's bf16 forward at H_PAD=1024: 24 bytes under 232-255, none and 150
     # registers without).
     max_registers: Optional[int] = None
+    # K's chunk: the product runs as H_PAD / k_chunk independent chains (Plan.k_split)
+    k_chunk: int = 0  # 0: K_CHUNK
 
 
 # Tilings in order of preference, per padded H. Smaller column blocks spread a step over more
@@ -54,19 +65,27 @@ class Tiling(NamedTuple):
 # table serves all three. `python -m fused_rnn.compile_check` re-checks every plan against these
 # assumptions. An H_PAD not in a table: the persistent path does not fit and the blocked kernels run.
 #
-# One gate (course, Elman), compiled for sm_90 (Triton 3.6, ptxas -v; registers fwd / bwd):
-#   H=256  16x16 4 warps: 136 / 114 registers, 32 KB shared -> 3 per SM;  16x32 4 warps: 136 / 109, 48 KB -> 3
-#   H=512  16x16 8 warps: 112 / 94, 64 KB -> 2;    16x32 4 warps: 186 / 160, 96 KB -> 2
-#          (16x32 under maxnreg 255: the Elman forward's own choice, 96, spilled 8 bytes)
-#   H=1024 16x16 8 warps: 186 / 126, 128 KB -> 1;  16x32 8 warps: 186 / 122, 192 KB -> 1
-# Spilled, so left out: 32x16 at H=512, 16x64 (bwd) at H=256, 16x16 4 warps at H=1024; and bf16
-# tensor-core (mma) tiles with all of H as K: 250 registers at H=256, 500-1600 bytes of spills at
-# H=512. H not a multiple of 16: one program per SM fewer (fwd at H=100: 184 registers against
-# 136 at H=128), none at H_PAD=1024 (16x32 spills at H=1000).
+# One gate (course, Elman), compiled for sm_90 (Triton 3.6, ptxas -v), the product's K in chunks
+# of K_CHUNK unless a tiling says otherwise; the most registers over the cells and dtypes, fwd / bwd
+# (odd H, not a multiple of 16, in brackets):
+#   H<=64  16x16 4 warps: <= 66 / 64 (136 / 108)                          -> 3 per SM (2)
+#   128    16x16 4 warps under maxnreg 255: 115 / 96 (192 / 156)          -> 2 (2)
+#          (ptxas' own choice, 64, spilled 8-24 bytes in the bf16 backward; a cap of 128 spilled at H=100)
+#   256    16x16 4 warps: 182 / 145 (227 / 154); 16x32: 168 / 160 (244 / 255) -> 2 (2)
+#          (a cap of 168 for 3 per SM spilled 24 bytes in the backward)
+#   512    16x16 8 warps, chunks of 64: 141 / 113 (230 / 150)             -> 1 (1)
+#          16x32 4 warps, K whole, maxnreg 255: 255 / 244                 -> 2 (1)
+#          (chunks of 128: 2 KB spilled in the bf16 forward; 16x16 8 warps under a cap of 128: 16-72 bytes)
+#   1024   16x16 and 16x32 8 warps, chunks of 256: 195 / 128              -> 1 (none at H_PAD=1024)
+# Spilled before the K chunks too, so left out: 32x16 at H=512, 16x64 (bwd) at H=256, 16x16 4 warps
+# at H=1024; and bf16 tensor-core (mma) tiles with all of H as K: 250 registers at H=256, 500-1600
+# bytes of spills at H=512.
 _SMALL = [Tiling(16, 16, 4, 3, 2), Tiling(16, 32, 4, 3, 2)]
-_ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL, 128: _SMALL, 256: _SMALL,
-             512: [Tiling(16, 16, 8, 2, 1), Tiling(16, 32, 4, 2, 1, 255)],
-             1024: [Tiling(16, 16, 8, 1, 0), Tiling(16, 32, 8, 1, 0)]}
+_ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
+             128: [Tiling(16, 16, 4, 2, 2, 255), Tiling(16, 32, 4, 2, 2, 255)],
+             256: [Tiling(16, 16, 4, 2, 2), Tiling(16, 32, 4, 2, 2)],
+             512: [Tiling(16, 16, 8, 1, 1, k_chunk=64), Tiling(16, 32, 4, 2, 1, 255, k_chunk=512)],
+             1024: [Tiling(16, 16, 8, 1, 0, k_chunk=256), Tiling(16, 32, 8, 1, 0, k_chunk=256)]}
 
 # The LSTM (G = 4) and GRU (G = 3): G W_hh tiles [H_PAD, BLOCK_N] in shared memory, 4*H_PAD*(G*BLOCK_N
 # + 16) bytes (LSTM 16x16: 20 KB at H_PAD=64, 80 KB at 256, 160 KB at 512; H_PAD=1024 does not fit).
@@ -123,6 +142,12 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def k_split(h_pad: int, k_chunk: int = 0) -> int:
+    """How many chunks of ``k_chunk`` (0: K_CHUNK) a one-gate product's K = H_PAD runs in (the
+    gated kernels' products are single dots for now: their plans say 1)."""
+    return max(1, h_pad // (k_chunk or K_CHUNK))
+
+
 def padded_h(H: int) -> int:
     """H rounded up to the power of two (at least 16) the persistent tables are keyed by."""
     return max(16, _next_power_of_2(H))
@@ -152,6 +177,7 @@ class Plan:
     col_blocks: int = 0  # grid axis 1: programs per group (the barrier's arrival count)
     programs_per_sm: int = 0  # co-residency the grid counts on (0: stepwise, no barrier)
     max_registers: Optional[int] = None  # the launch's maxnreg (Tiling.max_registers)
+    k_split: int = 1  # the product's K in this many chunks (K_CHUNK)
 
     @property
     def grid(self) -> tuple:
@@ -162,7 +188,7 @@ class Plan:
         if not self.fits:
             return f"does not fit: {self.reason}"
         return (f"{self.block_b}x{self.block_n} of H_PAD={self.h_pad}, {self.num_warps} warps, "
-                f"{self.precision}, grid {self.groups}x{self.col_blocks}")
+                f"K in {self.k_split}, {self.precision}, grid {self.groups}x{self.col_blocks}")
 
 
 def shared_bytes(block_b: int, block_n: int, h_pad: int, gates: int = 1) -> int:
@@ -195,7 +221,8 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
     h_pad = padded_h(H)
     if stepwise:
         precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
-        return Plan(True, "stepwise", 16, 16, h_pad, 4, precision, -(-B // 16), -(-H // 16), 0)
+        return Plan(True, "stepwise", 16, 16, h_pad, 4, precision, -(-B // 16), -(-H // 16), 0,
+                    k_split=k_split(h_pad) if gates == 1 else 1)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         # fp64 is there for gradcheck: the blocked kernels run it on a GPU
         return Plan(False, f"no persistent tiling for {dtype}")
@@ -209,15 +236,17 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
     if sm_count is None or sm_count < 1:
         raise ValueError(f"sm_count must be a positive int for a persistent plan, got {sm_count}")
     smem_per_sm, smem_per_block = shared_per_sm(arch), shared_per_block(arch)
-    for block_b, block_n, warps, per_sm_aligned, per_sm_odd, max_registers in tilings:
+    for tiling in tilings:
+        block_b, block_n, warps = tiling.block_b, tiling.block_n, tiling.warps
         shared = shared_bytes(block_b, block_n, h_pad, gates)
-        per_sm = per_sm_odd if H % 16 else per_sm_aligned
+        per_sm = tiling.per_sm_odd if H % 16 else tiling.per_sm
         if block_n > h_pad or shared > smem_per_block or per_sm < 1:
             continue
         per_sm = min(per_sm, smem_per_sm // (shared + SHARED_RESERVED_PER_BLOCK))
         groups, col_blocks = -(-B // block_b), -(-H // block_n)
         if groups * col_blocks <= sm_count * per_sm:
-            return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm, max_registers)
+            return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm,
+                        tiling.max_registers, k_split(h_pad, tiling.k_chunk) if gates == 1 else 1)
     if H % 16 and not any(t.per_sm_odd for t in tilings):
         return Plan(False, f"H={H} is not a multiple of 16: its tilings at H_PAD={h_pad} spill")
     block_b, block_n = tilings[-1].block_b, tilings[-1].block_n

@@ -72,6 +72,24 @@ def _program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.
     return group, tl.num_programs(1), rows.to(tl.int64), row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask
 
 
+@triton.jit
+def _k_chunks(H_PAD: tl.constexpr, K_SPLIT: tl.constexpr):
+    """All of K as K_SPLIT chunks: offsets [K_SPLIT, 1, KC] for a row operand's columns and
+    [K_SPLIT, KC, 1] for a weight tile's rows (KC = H_PAD / K_SPLIT)."""
+    KC: tl.constexpr = H_PAD // K_SPLIT
+    first = tl.arange(0, K_SPLIT) * KC
+    return (first[:, None, None] + tl.arange(0, KC)[None, None, :],
+            first[:, None, None] + tl.arange(0, KC)[None, :, None])
+
+
+@triton.jit
+def _chunked_dot(a, w, DOT_PRECISION: tl.constexpr):
+    """[K_SPLIT, BLOCK_B, KC] x [K_SPLIT, KC, BLOCK_N] summed over the chunks: K_SPLIT independent
+    FMA chains. One [BLOCK_B, H] x [H, BLOCK_N] fp32 dot is one chain per output that waits on
+    each operand load from shared memory: half as fast at H=256 (benchmarks/step_probe.py)."""
+    return tl.sum(tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=a.dtype), axis=0)
+
+
 @triton.jit(do_not_specialize=["B", "T", "step_begin", "step_end", "spin_limit"])
 def rnn_persistent_fwd_kernel(
     proj_ptr,  # [R, H]: rows of p (R = V for token input, B*T for dense input)
@@ -96,14 +114,17 @@ def rnn_persistent_fwd_kernel(
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,  # cells.Cell.name
     INPUT_BEFORE_PRODUCT: tl.constexpr,  # cells.Cell.input_before_product
+    K_SPLIT: tl.constexpr,  # K in this many chunks (Plan.k_split)
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
-    # This program's slice of W_h, on chip for all steps: w[k, n] = W_h[n, k]. Products run in
-    # the workspace dtype (fp32 for bf16/fp16 weights, upcast once): a 16-row tile gains nothing
-    # from tensor cores, and bf16 mma tiles with the whole of H as K spill at H=512 (sm_90).
-    w = tl.load(w_h_ptr + cols[None, :].to(tl.int64) * H + ks[:, None],
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(h_ptr.dtype.element_ty)
+    k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
+    in_mask = row_ok[None, :, None] & (k_row < H)
+    # This program's slice of W_h, on chip for all steps: w[c, k, n] = W_h[n, c*KC + k]. Products
+    # run in the workspace dtype (fp32 for bf16/fp16 weights, upcast once): a 16-row tile gains
+    # nothing from tensor cores, and bf16 mma tiles with the whole of H as K spill at H=512 (sm_90).
+    w = tl.load(w_h_ptr + cols[None, None, :].to(tl.int64) * H + k_col,
+                mask=(k_col < H) & col_ok[None, None, :], other=0.0).to(h_ptr.dtype.element_ty)
     if HAS_BIAS:
         bias = tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(h_ptr.dtype.element_ty)
     h_rows = h_ptr + rows64 * (T + 1) * H
@@ -116,12 +137,12 @@ def rnn_persistent_fwd_kernel(
             src = rows64 * T + t64
         h_prev = h_rows + t64 * H
         # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
-        a = tl.load(h_prev[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
+        a = tl.load(h_prev[None, :, None] + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
         if INPUT_BEFORE_PRODUCT:
-            p = tl.load(proj_ptr + (src * H)[:, None] + ks[None, :], mask=in_mask, other=0.0)
+            p = tl.load(proj_ptr + (src * H)[None, :, None] + k_row, mask=in_mask, other=0.0)
             p = p.to(a.dtype)
             a = _input_before_product(a, p)
-        acc = tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=a.dtype)
+        acc = _chunked_dot(a, w, DOT_PRECISION)
         if not INPUT_BEFORE_PRODUCT:  # the input enters after the product: only this program's columns
             # (the select keeps the compiler from folding q into the product as its accumulator,
             # which spills at fp32 H=256 on sm_90: 9 KB; a failed program's states are NaN anyway)
@@ -157,24 +178,26 @@ def rnn_persistent_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,  # cells.Cell.name: which activation's gradient
+    K_SPLIT: tl.constexpr,
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
-    # w[k, n] = W_h[k, n]
-    w = tl.load(w_h_ptr + ks[:, None].to(tl.int64) * H + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(c_ptr.dtype.element_ty)
+    k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
+    in_mask = row_ok[None, :, None] & (k_row < H)
+    # w[c, k, n] = W_h[c*KC + k, n]
+    w = tl.load(w_h_ptr + k_col.to(tl.int64) * H + cols[None, None, :],
+                mask=(k_col < H) & col_ok[None, None, :], other=0.0).to(c_ptr.dtype.element_ty)
     ws_rows = rows64 * (T + 1) * H
     go_rows = rows64 * T * H
     ok = tl.full([], 1, tl.int32)
     for s in range(step_begin, step_end):
         t = tl.cast(T - 1 - s, tl.int64)
         c_next = c_ptr + ws_rows + (t + 1) * H
-        offs = ks[None, :]
-        g = tl.load(grad_out_ptr + go_rows[:, None] + t * H + offs, mask=in_mask, other=0.0) \
-            + tl.load(c_next[:, None] + offs, mask=in_mask, other=0.0, cache_modifier=".cg")
-        h = tl.load(h_ptr + ws_rows[:, None] + (t + 1) * H + offs, mask=in_mask, other=0.0)
+        g = tl.load(grad_out_ptr + go_rows[None, :, None] + t * H + k_row, mask=in_mask, other=0.0) \
+            + tl.load(c_next[None, :, None] + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
+        h = tl.load(h_ptr + ws_rows[None, :, None] + (t + 1) * H + k_row, mask=in_mask, other=0.0)
         dz = _activation_grad(g, h, CELL)
-        acc = tl.dot(dz, w, input_precision=DOT_PRECISION, out_dtype=g.dtype)
+        acc = _chunked_dot(dz, w, DOT_PRECISION)
         c_t = tl.where(ok != 0, acc, float("nan"))
         tl.store(c_next[:, None] - H + cols[None, :], c_t, mask=out_mask)
         if not STEPWISE:
@@ -216,7 +239,7 @@ def persistent_fwd(proj, ids, w_h, b_h, ws, plan: Plan, error, *, stepwise: bool
             arrivals, error, B, T, H)
     _launch(rnn_persistent_fwd_kernel, plan, args, T, stepwise, spin_limit, dict(
         TOKENS=ids is not None, HAS_BIAS=b_h is not None, BLOCK_B=plan.block_b,
-        BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
+        BLOCK_N=plan.block_n, H_PAD=plan.h_pad, K_SPLIT=plan.k_split,
         DOT_PRECISION=plan.precision, CELL=cells.get(cell).name,
         INPUT_BEFORE_PRODUCT=cells.get(cell).input_before_product))
 
@@ -229,5 +252,5 @@ def persistent_bwd(grad_out, ws, w_h, c, plan: Plan, error, *, stepwise: bool,
     arrivals = torch.zeros(plan.groups * T, device=ws.device, dtype=torch.int32)
     args = (grad_out, ws, w_h, c, arrivals, error, B, T, H)
     _launch(rnn_persistent_bwd_kernel, plan, args, T, stepwise, spin_limit, dict(
-        BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
+        BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad, K_SPLIT=plan.k_split,
         DOT_PRECISION=plan.precision, CELL=cells.get(cell).name))
