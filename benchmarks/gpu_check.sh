@@ -5,10 +5,16 @@
 # summary (ok / FAIL / TIMEOUT / SKIP per stage) is printed last.
 #
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]     (default $OUT; every log and results.csv go there)
-#        GPU_CHECK_ONLY=pytest bash benchmarks/gpu_check.sh   (only the stages whose name holds
-#        "pytest", each with the whole deadline: the full CUDA suite, ~900 tests, took 236 s in 12
-#        xdist workers on an H200, more than the whole run's share)
+#        GPU_CHECK_ONLY='pytest|tune' bash benchmarks/gpu_check.sh   (only the stages whose name
+#        matches this extended regex)
+#        GPU_CHECK_STRETCH=2 ...   (every stage's own limit times 2: the full CUDA suite, ~900 tests,
+#        took 236 s in 12 xdist workers on an H200, more than its stage's share)
 #        GPU_CHECK_SECONDS=330 ...   (the overall deadline, default 470 s)
+#        GPU_CHECK_TESTS='tests/test_persistent.py ...'   (the pytest stages' files; default: all
+#        that take a backend)
+#        GPU_CHECK_PROVIDERS=nnrnn,fused-persistent   (the timing stages' providers; default: cuDNN
+#        and both kernel families)
+#        GPU_CHECK_TUNE_TILINGS=16x16x4x2x256,...   (extra tilings for the tune stage)
 #
 # Stages: environment; the sm_90 compile check (in the background, CPU only); the CUDA test
 # suite with FUSED_RNN_TRITON_KERNEL=persistent (a persistent-kernel failure is an error there,
@@ -17,7 +23,7 @@
 # determinism / no-sync / bad-id / 2^31-offset checks; compute-sanitizer memcheck on two small shapes;
 # the persistent tilings timed side by side (benchmarks/tune_persistent.py) and one Nsight Compute
 # profile of a persistent forward (each skipped when the deadline has passed: GPU_CHECK_ONLY=tune,
-# =profile give them a call's whole share).
+# =profile select them alone).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/fused_rnn_gpu_check}}
@@ -37,15 +43,17 @@ record() {  # record NAME RC SECONDS LOG
     summary+=("$(printf '| %-26s | %-12s | %4s s | %s |' "$1" "$status" "$3" "$4")")
 }
 
+selected() {  # selected NAME: whether GPU_CHECK_ONLY (an extended regex; unset: all) selects the stage
+    [ -z "${GPU_CHECK_ONLY:-}" ] || printf '%s' "$1" | grep -qE "$GPU_CHECK_ONLY"
+}
+
 stage() {  # stage NAME LIMIT_S LOG command...: runs with min(LIMIT_S, time left), logs to $out/LOG
     local name=$1 limit=$2 log=$3 t0=$SECONDS
     shift 3
-    if [ -n "${GPU_CHECK_ONLY:-}" ]; then
-        case "$name" in
-            *"$GPU_CHECK_ONLY"*) limit=$((deadline - SECONDS)) ;;
-            *) echo "== $name: SKIP (GPU_CHECK_ONLY=$GPU_CHECK_ONLY)"; record "$name" skip 0 "$log"; return ;;
-        esac
+    if ! selected "$name"; then
+        echo "== $name: SKIP (GPU_CHECK_ONLY=$GPU_CHECK_ONLY)"; record "$name" skip 0 "$log"; return
     fi
+    limit=$((limit * ${GPU_CHECK_STRETCH:-1}))
     local left=$((deadline - SECONDS))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt 10 ]; then
@@ -60,7 +68,7 @@ stage() {  # stage NAME LIMIT_S LOG command...: runs with min(LIMIT_S, time left
 
 gpu_stage() {  # like stage, but fails at once without a CUDA device (pytest and the benchmark
     # would otherwise run their slow CPU paths)
-    if [ "$have_gpu" -eq 0 ]; then
+    if [ "$have_gpu" -eq 0 ] && selected "$1"; then
         echo "== $1: FAIL (no CUDA device)"; echo "no CUDA device" > "$out/$3"; record "$1" 1 0 "$3"; return
     fi
     stage "$@"
@@ -82,22 +90,23 @@ record environment "$env_rc" 0 env.log
 
 # -- compile check for sm_90, in the background (CPU only): every kernel the planner would pick
 cc_t0=$SECONDS cc_pid=""
-case "compile check sm_90" in *"${GPU_CHECK_ONLY:-}"*)
+if selected "compile check sm_90"; then
 timeout -k 5 300 sh -c 'python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 1,100,256,300,384,512,1000,1024 \
     --dtypes fp32,bf16,fp16 --batch-sizes 64,256 --cells course; rc=$?
     python -m fused_rnn.compile_check --arch sm_90 --hidden-sizes 100,256,512 --dtypes fp32 \
     --batch-sizes 64,256 --cells lstm,gru --families persistent || rc=1; exit $rc' > "$out/compile_check.log" 2>&1 &
-cc_pid=$! ;;
-esac
+    cc_pid=$!
+fi
 
 # -- the CUDA test suite, both kernel families (the cpu backend's tests ran in CI)
 # (every file whose tests take a backend: their tensors go where it runs, conftest.backend_device;
 # the CLI and app tests run on the CPU and ran in CI)
-tests="tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests/test_properties.py
+tests=${GPU_CHECK_TESTS:-"tests/test_parity.py tests/test_persistent.py tests/test_modules.py tests/test_properties.py
        tests/test_ecosystem.py tests/test_reference.py tests/test_self_check.py tests/test_inputs.py
        tests/test_elman.py tests/test_nn_rnn.py tests/test_edges.py tests/test_gated.py
        tests/test_triton_gated.py tests/test_gated_persistent.py tests/test_gated_modules.py
-       tests/test_torch_module_db.py"
+       tests/test_torch_module_db.py"}
+providers=${GPU_CHECK_PROVIDERS:-nnrnn,fused-blocked,fused-persistent}
 # Where pytest-xdist is installed the suite runs in parallel workers (the cost is mostly Triton
 # compiling each kernel configuration on the CPU; the GPU time-slices between the workers'
 # contexts, so a persistent kernel still has all its programs resident); where pytest-timeout is,
@@ -120,13 +129,13 @@ stage "barrier stress" 60 stress_barrier.log \
 # (about 100 ms a call at T=512)
 shapes="512,8,256;64,512,256;256,512,256;1024,512,256;256,512,512;256,512,1024"
 gpu_stage "bench" 150 bench.log \
-    python benchmarks/bench_rnn.py --shapes "$shapes" --providers nnrnn,fused-blocked,fused-persistent \
+    python benchmarks/bench_rnn.py --shapes "$shapes" --providers $providers \
     --modes fwd,fwd+bwd --dtypes fp32,bf16 --csv "$out/results.csv" --plot "$out/speedup.png"
 # nn.RNN's own cell against cuDNN's nn.RNN (the same stage, --cell elman)
 elman_shapes="512,8,64,256;64,512,256,256;256,512,256,256;256,512,512,512"
 gpu_stage "bench elman" 90 bench_elman.log \
     python benchmarks/bench_rnn.py --cell elman --shapes "$elman_shapes" \
-    --providers nnrnn,fused-blocked,fused-persistent --modes fwd,fwd+bwd --dtypes fp32,bf16 \
+    --providers $providers --modes fwd,fwd+bwd --dtypes fp32,bf16 \
     --csv "$out/results.csv" --plot "$out/speedup_elman.png"
 # the LSTM and GRU against cuDNN's nn.LSTM / nn.GRU, each Triton family: H=256 in fp32 and bf16,
 # H=512 in bf16 (issue 30's shapes; the fp32 H=512 blocked kernels took 0.6-0.8 s a call on the
@@ -134,10 +143,10 @@ gpu_stage "bench elman" 90 bench_elman.log \
 for cell in lstm gru; do
     gpu_stage "bench $cell" 60 "bench_$cell.log" sh -c "
         python benchmarks/bench_rnn.py --cell $cell --shapes '64,512,256,256;256,512,256,256' \
-            --providers nnrnn,fused-blocked,fused-persistent --modes fwd,fwd+bwd --dtypes fp32,bf16 \
+            --providers $providers --modes fwd,fwd+bwd --dtypes fp32,bf16 \
             --csv '$out/results.csv' --plot '' &&
         python benchmarks/bench_rnn.py --cell $cell --shapes '256,512,512,512' \
-            --providers nnrnn,fused-blocked,fused-persistent --modes fwd,fwd+bwd --dtypes bf16 \
+            --providers $providers --modes fwd,fwd+bwd --dtypes bf16 \
             --csv '$out/results.csv' --plot '$out/speedup_$cell.png'"
 done
 gpu_stage "bench loop" 25 bench_loop.log \
@@ -177,11 +186,12 @@ else
 fi
 
 # -- tuning (issue 30): every persistent tiling of the planner's tables against the blocked kernels
-# and cuDNN at the tuning shapes (GPU_CHECK_ONLY=tune for the whole deadline), and one Nsight
+# and cuDNN at the tuning shapes (GPU_CHECK_ONLY=tune GPU_CHECK_STRETCH=3 for more time), and one Nsight
 # Compute profile of the course cell's persistent forward at H=256 (where its step's time goes:
 # stall reasons, issue slots; GPU_CHECK_ONLY=profile)
 gpu_stage "tune" 120 tune.log \
-    python benchmarks/tune_persistent.py --cells course,elman,lstm,gru --shapes "64,512,256;256,512,256"
+    python benchmarks/tune_persistent.py --cells course,elman,lstm,gru --shapes "64,512,256;256,512,256" \
+    --tilings "${GPU_CHECK_TUNE_TILINGS:-}"
 ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
 if [ -n "$ncu_bin" ]; then
     gpu_stage "ncu profile" 60 ncu_profile.log \

@@ -186,7 +186,8 @@ def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 9
             configs.append(KernelConfig(
                 "persistent_bwd" + ("_grad_cs" if grad_cs else "") + f"[{cell.name}]", name, B, H, plan.describe(),
                 triton_gated_persistent.gated_persistent_bwd_kernel, signature,
-                dict(tiling, HAS_GRAD_CS=grad_cs, N_ROWS_SCALED=cell is cell_specs.GRU), **persistent))
+                dict(tiling, K_SPLIT=plan.k_split, HAS_GRAD_CS=grad_cs, N_ROWS_SCALED=cell is cell_specs.GRU),
+                **persistent))
     else:
         notes.append(f"{name} B={B} H={H}[{cell.name}]: persistent {plan.describe()}")
     for proj in (False, True) if cell.projection and H > 1 else (False,):

@@ -1,9 +1,13 @@
 """The GPU check's scripts run without a GPU too, so that they cannot rot between the rare
 sessions lent one (the first GPU run found gpu_extra_checks.py calling a kernel launcher with an
 old signature)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +36,17 @@ def test_tune_persistent_dry_run_on_the_cpu():
     assert [line.split(" | ")[5:8] for line in course] == [["16x16 4w K/8", "4x16", "2"], ["16x32 4w K/8", "4x8", "2"],
                                                             ["16x16 4w K/8", "4x16", "1"]]
     assert any("not planned" in line for line in lines if line.startswith("| course | 256 | 512 | 256 |"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the selected stages would run for minutes")
+def test_gpu_check_runs_only_the_selected_stages(tmp_path):
+    # GPU_CHECK_ONLY is an extended regex over the stage names; without a GPU the selected GPU
+    # stages fail at once and every other stage is skipped
+    env = dict(os.environ, GPU_CHECK_ONLY="tune|bench gru")
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in done.stdout.splitlines() if line.startswith("| ") and not line.startswith("| stage")}
+    assert rows["tune"].startswith("FAIL") and rows["bench gru"].startswith("FAIL"), done.stdout[-3000:]
+    assert all(status == "SKIP" for name, status in rows.items()
+               if name not in ("tune", "bench gru", "environment")), rows

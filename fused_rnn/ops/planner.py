@@ -41,6 +41,7 @@ def shared_per_block(arch: int) -> int:
 # same, of 64 no gain; at H=512 16x32 4 warps, chunks of 128: 40 -> 24 us without the barrier (not
 # in the table: that tiling spills 2 KB in bf16).
 K_CHUNK = 32
+ONE_DOT = 1 << 30  # a k_chunk no H_PAD reaches: the product as one dot
 
 
 class Tiling(NamedTuple):
@@ -84,7 +85,7 @@ _SMALL = [Tiling(16, 16, 4, 3, 2), Tiling(16, 32, 4, 3, 2)]
 _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
              128: [Tiling(16, 16, 4, 2, 2, 255), Tiling(16, 32, 4, 2, 2, 255)],
              256: [Tiling(16, 16, 4, 2, 2), Tiling(16, 32, 4, 2, 2)],
-             512: [Tiling(16, 16, 8, 1, 1, k_chunk=64), Tiling(16, 32, 4, 2, 1, 255, k_chunk=512)],
+             512: [Tiling(16, 16, 8, 1, 1, k_chunk=64), Tiling(16, 32, 4, 2, 1, 255, k_chunk=ONE_DOT)],
              1024: [Tiling(16, 16, 8, 1, 0, k_chunk=256), Tiling(16, 32, 8, 1, 0, k_chunk=256)]}
 
 # The LSTM (G = 4) and GRU (G = 3): G W_hh tiles [H_PAD, BLOCK_N] in shared memory, 4*H_PAD*(G*BLOCK_N
@@ -116,20 +117,29 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 # programs, 8 at a tie (a thread computes one output instead of two). Left out:
 # 16x32 from H_PAD=256 (sm_90 LSTM fwd: 16 B spilled at 8 warps, 41 KB at 4; GRU 8 B, 36 KB) and
 # 16x16 4 warps at H_PAD=512 (3-60 KB spilled: ptxas falls back to 32 registers).
-_LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 5), Tiling(16, 32, 4, 4, 3)]),
-              128: [Tiling(16, 16, 8, 3, 3), Tiling(16, 32, 4, 3, 3)],
+# The backward's products in K chunks of 32 from H_PAD=256 (below it one dot: chunked, it spilled or
+# held fewer programs), registers on sm_90: H=256 LSTM 8w 64, GRU 4w 167 / 8w 80; H=512 LSTM 167, GRU
+# 177: the same programs per SM. The bf16 forwards, checked later: the LSTM's at odd H <= 64 holds
+# 4 per SM on sm_90 and spilled 8 bytes under 16x16 on sm_80 (odd H there take 16x32); the GRU's at
+# H=64 holds 5 on sm_90.
+_LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
+                                              Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
+              128: [Tiling(16, 16, 8, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 4, 3, 3, k_chunk=ONE_DOT)],
               256: [Tiling(16, 16, 8, 2, 2)],
               512: [Tiling(16, 16, 8, 1, 1)]}
-_GRU_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 6, 4), Tiling(16, 32, 4, 4, 3)]),
-             128: [Tiling(16, 16, 4, 3, 3), Tiling(16, 32, 4, 3, 3)],
+_GRU_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
+                                             Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
+             128: [Tiling(16, 16, 4, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 4, 3, 3, k_chunk=ONE_DOT)],
              256: [Tiling(16, 16, 4, 3, 0), Tiling(16, 16, 8, 2, 1)],
              512: [Tiling(16, 16, 8, 1, 1)]}
-_LSTM_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 4, 4), Tiling(16, 32, 4, 4, 3)]),
-              128: [Tiling(16, 16, 8, 3, 3), Tiling(16, 32, 8, 2, 2)],
+_LSTM_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 4, 0, k_chunk=ONE_DOT),
+                                              Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
+              128: [Tiling(16, 16, 8, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 8, 2, 2, k_chunk=ONE_DOT)],
               256: [Tiling(16, 16, 4, 2, 0), Tiling(16, 16, 8, 1, 1)],
               512: [Tiling(16, 16, 8, 1, 1)]}
-_GRU_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 8, 4, 3), Tiling(16, 32, 4, 4, 3)]),
-             128: [Tiling(16, 16, 8, 2, 2), Tiling(16, 32, 8, 2, 2)],
+_GRU_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 8, 4, 3, k_chunk=ONE_DOT),
+                                             Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
+             128: [Tiling(16, 16, 8, 2, 2, k_chunk=ONE_DOT), Tiling(16, 32, 8, 2, 2, k_chunk=ONE_DOT)],
              256: [Tiling(16, 16, 4, 2, 0), Tiling(16, 16, 8, 1, 1)],
              512: [Tiling(16, 16, 8, 1, 1)]}
 # By (gates, 90 or 80): sm_90 and newer take sm_90's table, older GPUs sm_80's (its ptxas takes
@@ -143,8 +153,8 @@ def _next_power_of_2(n: int) -> int:
 
 
 def k_split(h_pad: int, k_chunk: int = 0) -> int:
-    """How many chunks of ``k_chunk`` (0: K_CHUNK) a one-gate product's K = H_PAD runs in (the
-    gated kernels' products are single dots for now: their plans say 1)."""
+    """How many chunks of ``k_chunk`` (0: K_CHUNK) a product's K = H_PAD runs in (all but the
+    gated forward's, which stay single dots)."""
     return max(1, h_pad // (k_chunk or K_CHUNK))
 
 
@@ -222,7 +232,7 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
     if stepwise:
         precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
         return Plan(True, "stepwise", 16, 16, h_pad, 4, precision, -(-B // 16), -(-H // 16), 0,
-                    k_split=k_split(h_pad) if gates == 1 else 1)
+                    k_split=k_split(h_pad))
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         # fp64 is there for gradcheck: the blocked kernels run it on a GPU
         return Plan(False, f"no persistent tiling for {dtype}")
@@ -246,7 +256,7 @@ def plan_persistent(B: int, H: int, dtype: torch.dtype, sm_count: Optional[int],
         groups, col_blocks = -(-B // block_b), -(-H // block_n)
         if groups * col_blocks <= sm_count * per_sm:
             return Plan(True, "", block_b, block_n, h_pad, warps, "ieee", groups, col_blocks, per_sm,
-                        tiling.max_registers, k_split(h_pad, tiling.k_chunk) if gates == 1 else 1)
+                        tiling.max_registers, k_split(h_pad, tiling.k_chunk))
     if H % 16 and not any(t.per_sm_odd for t in tilings):
         return Plan(False, f"H={H} is not a multiple of 16: its tilings at H_PAD={h_pad} spill")
     block_b, block_n = tilings[-1].block_b, tilings[-1].block_n

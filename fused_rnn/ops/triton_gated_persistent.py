@@ -43,7 +43,8 @@ from .planner import Plan
 from .. import cells
 from .triton_cells import _gated_step, _gated_step_backward
 from .triton_common import _rows_before
-from .triton_persistent import _group_barrier, _launch, _program_tile
+from .triton_persistent import (_chunked_dot, _group_barrier, _k_chunks, _launch, _per_col, _per_row,
+                                _program_tile)
 
 
 @triton.jit
@@ -175,14 +176,19 @@ def gated_persistent_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,
+    K_SPLIT: tl.constexpr,  # each product's K in this many chunks (Plan.k_split; the forward's
+    # products stay single dots: chunked, its G tiles went to registers and spilled, 1-2 KB)
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, own = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
+    k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
+    in_mask = _per_row(row_ok, K_SPLIT) & (k_row < H)
     ws_ty = out_ptr.dtype.element_ty
     GH = G * H
-    # W_hh[:, this program's columns], one [H_PAD, BLOCK_N] tile per gate, on chip for all steps.
-    w0, w1, w2, w3 = _load_gates(w_hh_ptr + ks[:, None].to(tl.int64) * H + cols[None, :], H * H,
-                                 k_ok[:, None] & col_ok[None, :], G, ws_ty, "")
+    # W_hh[:, this program's columns], one [H_PAD, BLOCK_N] tile per gate (as K chunks), on chip
+    # for all steps.
+    w0, w1, w2, w3 = _load_gates(w_hh_ptr + k_col.to(tl.int64) * H + _per_col(cols, K_SPLIT), H * H,
+                                 (k_col < H) & _per_col(col_ok, K_SPLIT), G, ws_ty, "")
     # Carried in registers from one iteration to the next; from memory at the start of a launch
     # (the share: the slot the previous iteration wrote; the carry: phase B computes it first).
     share = tl.load(share_ptr + ((step_begin % 2) * B + rows64)[:, None] * H + cols[None, :], mask=own, other=0.0)
@@ -194,18 +200,18 @@ def gated_persistent_bwd_kernel(
             # One gate at a time, each product right after its load, so that one operand buffer
             # serves all G (loaded together: G buffers, 128 KB of shared memory for the LSTM at
             # H=256, fp32, sm_90). .cg: the siblings' dz were written by other SMs.
-            dz = grad_q_ptr + step[:, None] * GH + ks[None, :]
-            acc = tl.dot(tl.load(dz, mask=in_mask, other=0.0, cache_modifier=".cg"), w0,
-                         input_precision=DOT_PRECISION, out_dtype=ws_ty)
-            acc = tl.dot(tl.load(dz + H, mask=in_mask, other=0.0, cache_modifier=".cg"), w1, acc,
-                         input_precision=DOT_PRECISION, out_dtype=ws_ty)
+            dz = grad_q_ptr + _per_row(step, K_SPLIT) * GH + k_row
+            acc = _chunked_dot(tl.load(dz, mask=in_mask, other=0.0, cache_modifier=".cg"), w0, DOT_PRECISION,
+                               K_SPLIT)
+            acc += _chunked_dot(tl.load(dz + H, mask=in_mask, other=0.0, cache_modifier=".cg"), w1, DOT_PRECISION,
+                                K_SPLIT)
             d2 = tl.load(dz + 2 * H, mask=in_mask, other=0.0, cache_modifier=".cg")
             if N_ROWS_SCALED:  # r sits at saved[:, :H]
-                d2 *= tl.load(saved_ptr + step[:, None] * 4 * H + ks[None, :], mask=in_mask, other=1.0)
-            acc = tl.dot(d2, w2, acc, input_precision=DOT_PRECISION, out_dtype=ws_ty)
+                d2 *= tl.load(saved_ptr + _per_row(step, K_SPLIT) * 4 * H + k_row, mask=in_mask, other=1.0)
+            acc += _chunked_dot(d2, w2, DOT_PRECISION, K_SPLIT)
             if G == 4:
-                acc = tl.dot(tl.load(dz + 3 * H, mask=in_mask, other=0.0, cache_modifier=".cg"), w3, acc,
-                             input_precision=DOT_PRECISION, out_dtype=ws_ty)
+                acc += _chunked_dot(tl.load(dz + 3 * H, mask=in_mask, other=0.0, cache_modifier=".cg"), w3,
+                                    DOT_PRECISION, K_SPLIT)
             if not HAS_C:  # the GRU's gh * z reaches h_{t-1} directly: this program's units
                 acc += share
             carry = tl.where(ok != 0, acc, float("nan"))  # after a failed wait: NaN from here on
@@ -279,5 +285,5 @@ def gated_persistent_bwd(grad_out, grad_cs, out, cs, saved, h_first, c_first, w_
     # T+1 loop iterations: phase A of the first step has no phase B before it, the last phase B
     # no phase A after it.
     _launch(gated_persistent_bwd_kernel, plan, args, T + 1, stepwise, spin_limit,
-            dict(_constexprs(plan, cell), HAS_GRAD_CS=grad_cs is not None,
+            dict(_constexprs(plan, cell), K_SPLIT=plan.k_split, HAS_GRAD_CS=grad_cs is not None,
                  N_ROWS_SCALED=cell is cells.GRU))

@@ -74,20 +74,50 @@ def _program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.
 
 @triton.jit
 def _k_chunks(H_PAD: tl.constexpr, K_SPLIT: tl.constexpr):
-    """All of K as K_SPLIT chunks: offsets [K_SPLIT, 1, KC] for a row operand's columns and
-    [K_SPLIT, KC, 1] for a weight tile's rows (KC = H_PAD / K_SPLIT)."""
+    """All of K as K_SPLIT chunks of KC = H_PAD / K_SPLIT: the offsets of a row operand's columns
+    ([K_SPLIT, 1, KC]) and of a weight tile's rows ([K_SPLIT, KC, 1]); K_SPLIT = 1: plain [1, H_PAD]
+    and [H_PAD, 1], a single dot (what `_per_row`, `_per_col` and `_chunked_dot` follow)."""
     KC: tl.constexpr = H_PAD // K_SPLIT
-    first = tl.arange(0, K_SPLIT) * KC
-    return (first[:, None, None] + tl.arange(0, KC)[None, None, :],
-            first[:, None, None] + tl.arange(0, KC)[None, :, None])
+    if K_SPLIT == 1:
+        k_row = tl.arange(0, H_PAD)[None, :]
+        k_col = tl.arange(0, H_PAD)[:, None]
+    else:
+        first = tl.arange(0, K_SPLIT) * KC
+        k_row = first[:, None, None] + tl.arange(0, KC)[None, None, :]
+        k_col = first[:, None, None] + tl.arange(0, KC)[None, :, None]
+    return k_row, k_col
 
 
 @triton.jit
-def _chunked_dot(a, w, DOT_PRECISION: tl.constexpr):
+def _per_row(x, K_SPLIT: tl.constexpr):
+    """A [BLOCK_B] vector (row offsets, masks) broadcast against `_k_chunks`' row offsets."""
+    if K_SPLIT == 1:
+        y = x[:, None]
+    else:
+        y = x[None, :, None]
+    return y
+
+
+@triton.jit
+def _per_col(x, K_SPLIT: tl.constexpr):
+    """A [BLOCK_N] vector broadcast against `_k_chunks`' weight-row offsets."""
+    if K_SPLIT == 1:
+        y = x[None, :]
+    else:
+        y = x[None, None, :]
+    return y
+
+
+@triton.jit
+def _chunked_dot(a, w, DOT_PRECISION: tl.constexpr, K_SPLIT: tl.constexpr):
     """[K_SPLIT, BLOCK_B, KC] x [K_SPLIT, KC, BLOCK_N] summed over the chunks: K_SPLIT independent
     FMA chains. One [BLOCK_B, H] x [H, BLOCK_N] fp32 dot is one chain per output that waits on
     each operand load from shared memory: half as fast at H=256 (benchmarks/step_probe.py)."""
-    return tl.sum(tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=a.dtype), axis=0)
+    if K_SPLIT == 1:
+        acc = tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=a.dtype)
+    else:
+        acc = tl.sum(tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=a.dtype), axis=0)
+    return acc
 
 
 @triton.jit(do_not_specialize=["B", "T", "step_begin", "step_end", "spin_limit"])
@@ -119,12 +149,12 @@ def rnn_persistent_fwd_kernel(
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
     k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
-    in_mask = row_ok[None, :, None] & (k_row < H)
+    in_mask = _per_row(row_ok, K_SPLIT) & (k_row < H)
     # This program's slice of W_h, on chip for all steps: w[c, k, n] = W_h[n, c*KC + k]. Products
     # run in the workspace dtype (fp32 for bf16/fp16 weights, upcast once): a 16-row tile gains
     # nothing from tensor cores, and bf16 mma tiles with the whole of H as K spill at H=512 (sm_90).
-    w = tl.load(w_h_ptr + cols[None, None, :].to(tl.int64) * H + k_col,
-                mask=(k_col < H) & col_ok[None, None, :], other=0.0).to(h_ptr.dtype.element_ty)
+    w = tl.load(w_h_ptr + _per_col(cols, K_SPLIT).to(tl.int64) * H + k_col,
+                mask=(k_col < H) & _per_col(col_ok, K_SPLIT), other=0.0).to(h_ptr.dtype.element_ty)
     if HAS_BIAS:
         bias = tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(h_ptr.dtype.element_ty)
     h_rows = h_ptr + rows64 * (T + 1) * H
@@ -137,12 +167,12 @@ def rnn_persistent_fwd_kernel(
             src = rows64 * T + t64
         h_prev = h_rows + t64 * H
         # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
-        a = tl.load(h_prev[None, :, None] + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
+        a = tl.load(_per_row(h_prev, K_SPLIT) + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
         if INPUT_BEFORE_PRODUCT:
-            p = tl.load(proj_ptr + (src * H)[None, :, None] + k_row, mask=in_mask, other=0.0)
+            p = tl.load(proj_ptr + _per_row(src * H, K_SPLIT) + k_row, mask=in_mask, other=0.0)
             p = p.to(a.dtype)
             a = _input_before_product(a, p)
-        acc = _chunked_dot(a, w, DOT_PRECISION)
+        acc = _chunked_dot(a, w, DOT_PRECISION, K_SPLIT)
         if not INPUT_BEFORE_PRODUCT:  # the input enters after the product: only this program's columns
             # (the select keeps the compiler from folding q into the product as its accumulator,
             # which spills at fp32 H=256 on sm_90: 9 KB; a failed program's states are NaN anyway)
@@ -183,21 +213,21 @@ def rnn_persistent_bwd_kernel(
     group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
     k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
-    in_mask = row_ok[None, :, None] & (k_row < H)
+    in_mask = _per_row(row_ok, K_SPLIT) & (k_row < H)
     # w[c, k, n] = W_h[c*KC + k, n]
-    w = tl.load(w_h_ptr + k_col.to(tl.int64) * H + cols[None, None, :],
-                mask=(k_col < H) & col_ok[None, None, :], other=0.0).to(c_ptr.dtype.element_ty)
+    w = tl.load(w_h_ptr + k_col.to(tl.int64) * H + _per_col(cols, K_SPLIT),
+                mask=(k_col < H) & _per_col(col_ok, K_SPLIT), other=0.0).to(c_ptr.dtype.element_ty)
     ws_rows = rows64 * (T + 1) * H
     go_rows = rows64 * T * H
     ok = tl.full([], 1, tl.int32)
     for s in range(step_begin, step_end):
         t = tl.cast(T - 1 - s, tl.int64)
         c_next = c_ptr + ws_rows + (t + 1) * H
-        g = tl.load(grad_out_ptr + go_rows[None, :, None] + t * H + k_row, mask=in_mask, other=0.0) \
-            + tl.load(c_next[None, :, None] + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
-        h = tl.load(h_ptr + ws_rows[None, :, None] + (t + 1) * H + k_row, mask=in_mask, other=0.0)
+        g = tl.load(grad_out_ptr + _per_row(go_rows, K_SPLIT) + t * H + k_row, mask=in_mask, other=0.0) \
+            + tl.load(_per_row(c_next, K_SPLIT) + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
+        h = tl.load(h_ptr + _per_row(ws_rows, K_SPLIT) + (t + 1) * H + k_row, mask=in_mask, other=0.0)
         dz = _activation_grad(g, h, CELL)
-        acc = _chunked_dot(dz, w, DOT_PRECISION)
+        acc = _chunked_dot(dz, w, DOT_PRECISION, K_SPLIT)
         c_t = tl.where(ok != 0, acc, float("nan"))
         tl.store(c_next[:, None] - H + cols[None, :], c_t, mask=out_mask)
         if not STEPWISE:
