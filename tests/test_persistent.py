@@ -270,6 +270,27 @@ def test_kernel_variable_is_read_on_every_call(monkeypatch, persistent):
         assert persistent["fwd"] == expected, value
 
 
+def test_auto_plans_the_persistent_kernels_on_a_gpu_for_long_sequences(monkeypatch):
+    # (the plan alone: nothing launches) auto = persistent where it fits on a GPU and T >= 16, the
+    # blocked kernels for short sequences, in the interpreter and where the planner says no
+    monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", False)
+    monkeypatch.setattr(triton_rnn, "_gpu", lambda device: (132, 90))
+    monkeypatch.setattr(triton_rnn, "_check_earlier_launches", lambda device: None)
+    w_h = torch.zeros(256, 256)
+    T = triton_rnn.AUTO_PERSISTENT_MIN_T
+    for value, B, steps, planned in (("auto", 64, T, True), ("auto", 64, T - 1, False),
+                                     ("auto", 4096, T, False), ("blocked", 64, T, False),
+                                     ("persistent", 64, 1, True)):
+        monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto falls back without a warning
+            plan = triton_rnn._persistent_plan(B, steps, 256, w_h, False)
+        assert (plan is not None) == planned, (value, B, steps)
+    monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", True)
+    monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "auto")
+    assert triton_rnn._persistent_plan(64, 512, 256, w_h, False) is None
+
+
 @requires_triton
 def test_bad_kernel_variable(monkeypatch):
     monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "fastest")

@@ -114,23 +114,28 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 #   512   16x16 8w 206/120 (255/183) -> 1 (1)        204/128 (221/218) -> 1 (1)
 # (The GRU's forward without b_hh and the LSTM's backward without a gradient at c_t compile apart;
 # python -m fused_rnn.compile_check checks them too.) Of 4 and 8 warps, the one that holds more
-# programs, 8 at a tie (a thread computes one output instead of two). Left out:
+# programs (4 at a tie on sm_90 for the LSTM, measured below; 8 elsewhere: a thread computes one output
+# instead of two). Left out:
 # 16x32 from H_PAD=256 (sm_90 LSTM fwd: 16 B spilled at 8 warps, 41 KB at 4; GRU 8 B, 36 KB) and
 # 16x16 4 warps at H_PAD=512 (3-60 KB spilled: ptxas falls back to 32 registers).
 # The backward's products in K chunks of 32 from H_PAD=256 (below it one dot: chunked, it spilled or
 # held fewer programs), registers on sm_90: H=256 LSTM 8w 64, GRU 4w 167 / 8w 80; H=512 LSTM 167, GRU
-# 177: the same programs per SM. The bf16 forwards, checked later: the LSTM's at odd H <= 64 holds
+# 177: the same programs per SM. Measured on an H200 (benchmarks/tune_persistent.py, fp32, T=512,
+# H=256): the LSTM's 16x16 tiles at 4 warps against 8: forward 11.5 / 19.8 ms at B=64, 21.5 / 38.9
+# at B=256 (so 4 warps, not 8 at a tie); the GRU's 16x16 8 warps at B=256 (2 per SM) failed its
+# cooperative launch ("too many resources"): 1 per SM. The backward took the same time with its
+# products chunked or not (LSTM 40.1 / 40.4 ms, GRU 62.6 / 62.6 at B=64). The bf16 forwards, checked later: the LSTM's at odd H <= 64 holds
 # 4 per SM on sm_90 and spilled 8 bytes under 16x16 on sm_80 (odd H there take 16x32); the GRU's at
 # H=64 holds 5 on sm_90.
 _LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
                                               Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
               128: [Tiling(16, 16, 8, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 4, 3, 3, k_chunk=ONE_DOT)],
-              256: [Tiling(16, 16, 8, 2, 2)],
+              256: [Tiling(16, 16, 4, 2, 2, k_chunk=ONE_DOT)],
               512: [Tiling(16, 16, 8, 1, 1)]}
 _GRU_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
                                              Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
              128: [Tiling(16, 16, 4, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 4, 3, 3, k_chunk=ONE_DOT)],
-             256: [Tiling(16, 16, 4, 3, 0), Tiling(16, 16, 8, 2, 1)],
+             256: [Tiling(16, 16, 4, 3, 0), Tiling(16, 16, 8, 1, 1)],
              512: [Tiling(16, 16, 8, 1, 1)]}
 _LSTM_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 4, 0, k_chunk=ONE_DOT),
                                               Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),

@@ -432,12 +432,12 @@ def _bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_t
 
 
 def _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, cell):
-    """(family, persistent plan or None) that answers this call: the persistent kernels if
-    selected (``FUSED_RNN_TRITON_KERNEL=persistent``) and planned, else the blocked ones; each
-    only once its path has passed its first-use self-check, else the next one down, at the
-    bottom the reference loop."""
+    """(family, persistent plan or None) that answers this call: the persistent kernels where
+    selected (``FUSED_RNN_TRITON_KERNEL``: `triton_rnn._persistent_plan`) and planned, else the
+    blocked ones; each only once its path has passed its first-use self-check, else the next one
+    down, at the bottom the reference loop."""
     T, B, H, P = _dims(q, w_hh, cell)
-    plan = _persistent_plan(B, H, w_hh, allow_tf32, gates=cell.gates, projection=w_hr is not None)
+    plan = _persistent_plan(B, T, H, w_hh, allow_tf32, gates=cell.gates, projection=w_hr is not None)
     candidates = [("gated-persistent", plan)] if plan is not None else []
     candidates.append(("gated-blocked", None))
     for family, p in candidates:

@@ -24,13 +24,14 @@ switches the same kernels to nn.RNN's own cell:
 Two kernel families run the sequential part; ``FUSED_RNN_TRITON_KERNEL`` (read on every call:
 ``auto``, ``blocked``, ``persistent``) picks one:
 
-* blocked (here; what ``auto`` runs): each program owns a block of batch rows and all of H, so
+* blocked (here): each program owns a block of batch rows and all of H, so
   programs never wait on each other. A program writes h_t (or c_t) for one column block at a
   time and reads it back in full in the next step, with a barrier between the steps so all its
   threads see each other's writes. W_h is re-read from L2 every step.
 * persistent (`triton_persistent.py`): programs split H as well and keep their W_h slice on
   chip, synchronising per batch group each step; `planner.py` says whether a problem fits.
-  Not yet validated on a GPU, so ``auto`` does not pick it.
+  ``auto`` runs it where it fits on a GPU and T >= AUTO_PERSISTENT_MIN_T, the blocked kernels
+  elsewhere.
 
 The variable, the plan, the timeout flag and the fallback to the blocked kernels below
 (`_persistent_plan`, `_run_persistent`) serve the LSTM's and GRU's persistent kernels too
@@ -238,13 +239,19 @@ class PersistentKernelWarning(RuntimeWarning):
     """The persistent kernels failed (launch error or barrier timeout); the blocked kernels run."""
 
 
+# ``auto``'s shortest sequence for the persistent kernels. Measured on an H200 (RESULTS.md, the
+# GPU runs): at T=512 they are 2-14x faster than the blocked kernels at every shape timed; at
+# B=512, T=8 the blocked ones were 1.2x faster (0.49 against 0.62 ms): the persistent launch costs
+# ~0.4 ms more and saves ~40 us a step (H=256), even from about T=11.
+AUTO_PERSISTENT_MIN_T = 16
+
+
 def selected_kernel() -> str:
-    """``FUSED_RNN_TRITON_KERNEL`` resolved to ``"blocked"`` or ``"persistent"``. ``auto`` is the
-    blocked kernels until a GPU run has validated the persistent ones."""
+    """``FUSED_RNN_TRITON_KERNEL``: ``"auto"``, ``"blocked"`` or ``"persistent"``."""
     value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if value not in KERNEL_CHOICES:
         raise ValueError(f"{KERNEL_ENV} must be one of {KERNEL_CHOICES}, got {value!r}")
-    return "blocked" if value == "auto" else value
+    return value
 
 
 class _PersistentState:
@@ -290,10 +297,13 @@ def _gpu(device: torch.device):
     return _gpus[index]
 
 
-def _persistent_plan(B, H, w_h, allow_tf32, gates=1, projection=False):
+def _persistent_plan(B, T, H, w_h, allow_tf32, gates=1, projection=False):
     """The persistent plan to run (for a cell of ``gates`` gates, with or without the LSTM's
-    projection), or None for the blocked kernels."""
-    if selected_kernel() != "persistent":
+    projection), or None for the blocked kernels: ``persistent`` wherever the planner fits it
+    (else a warning), ``auto`` where it fits on a GPU for T >= AUTO_PERSISTENT_MIN_T (the
+    interpreter's stepwise persistent kernels are a test mode, so ``auto`` there is blocked)."""
+    kernel = selected_kernel()
+    if kernel == "blocked" or (kernel == "auto" and (PERSISTENT_STEPWISE or T < AUTO_PERSISTENT_MIN_T)):
         return None
     if _persistent.disabled_reason is None:
         _check_earlier_launches(w_h.device)
@@ -304,13 +314,14 @@ def _persistent_plan(B, H, w_h, allow_tf32, gates=1, projection=False):
                                    stepwise=PERSISTENT_STEPWISE, arch=arch, gates=gates,
                                    projection=projection)
     if not plan.fits:
-        _persistent.warn_once("does not fit", f"{KERNEL_ENV}=persistent: {plan.reason}; the blocked "
-                              f"kernels run (warned once)", UserWarning)
+        if kernel == "persistent":
+            _persistent.warn_once("does not fit", f"{KERNEL_ENV}=persistent: {plan.reason}; the blocked "
+                                  f"kernels run (warned once)", UserWarning)
         return None
     return plan
 
 
-def _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell):
+def _choose_path(B, T, H, w_h, allow_tf32, tokens, has_bias, cell):
     """(family, persistent plan or None) that answers this call: the persistent kernels if
     selected and they fit, else the blocked ones; each path only once it has passed its first-use
     self-check (`self_check.py`), else the next one down, at the bottom the plain loop."""
@@ -318,7 +329,7 @@ def _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell):
     if forced is not None:
         family, plan = forced
         return family, plan and dataclasses.replace(plan, groups=-(-B // plan.block_b))
-    plan = _persistent_plan(B, H, w_h, allow_tf32)
+    plan = _persistent_plan(B, T, H, w_h, allow_tf32)
     precision = "tf32" if _dot_precision(w_h.dtype, allow_tf32) == "tf32" else str(w_h.dtype)[6:]
     shape = (precision, f"H_PAD={max(16, triton.next_power_of_2(H))}",
              "H%16=0" if H % 16 == 0 else "H%16>0", "tokens" if tokens else "dense",
@@ -406,7 +417,7 @@ def rnn_fwd(proj, ids, w_h, b_h, h0, allow_tf32=False, cell=cells.COURSE.name):
         ws[:, 0].zero_()
     else:
         ws[:, 0].copy_(h0)
-    family, plan = _choose_path(B, H, w_h, allow_tf32, ids is not None, b_h is not None, cell)
+    family, plan = _choose_path(B, T, H, w_h, allow_tf32, ids is not None, b_h is not None, cell)
     with _on_device(ws):
         if family == "loop":
             loop.loop_fwd(proj, ids, w_h, b_h, ws, cell)
@@ -491,7 +502,7 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, tokens, has_bias):
     else:
         c[:, T].copy_(grad_h_n)
     grad_out = grad_out.to(ws.dtype).contiguous()
-    family, plan = _choose_path(B, H, w_h, allow_tf32, tokens, has_bias, cell)
+    family, plan = _choose_path(B, T, H, w_h, allow_tf32, tokens, has_bias, cell)
     with _on_device(ws):
         if family == "loop":
             loop.loop_bwd(grad_out, ws, w_h, c, cell)
