@@ -16,6 +16,9 @@ both biases in it:
     forward   h_t[g, j] = act(h_{t-1}[g, :] @ W_h[j, :]^T + q_t[g, j]),  act = tanh or relu
     backward  c_t[g, j] = ((g_t + c_{t+1})[g, :] * act'(h_t[g, :])) @ W_h[:, j]
 
+A step's product runs as ``Plan.k_split`` independent dots over chunks of K, summed
+(`_chunked_dot`): one fp32 dot over all of H waits on each operand load (`planner.K_CHUNK`).
+
 Never hang, never silently wrong: the grid is launched cooperatively (a grid that cannot be
 resident at once fails at launch), every spin is bounded, and a program whose wait times out
 sets an error flag and writes NaN into every output it owns from then on (so a wrong result
