@@ -295,8 +295,7 @@ def make_dense_providers(cell_name, names, params, x):
         elif name in ("fused-blocked", "fused-persistent"):
             if device.type != "cuda":
                 continue  # FUSED_RNN_TRITON_KERNEL picks a Triton family: CUDA only
-            kernel = name.split("-")[1]
-            out[name] = (lambda x, kernel=kernel: _with_kernel(kernel, fused, x), weights)
+            out[name] = (forced(name.split("-")[1], fused), weights)
         elif name == "gemm":
             continue
         else:
@@ -313,9 +312,16 @@ def reference_output(cell_name, params, x):
         return DENSE_CELLS[cell_name].reference(x.detach().double(), *(p[k] for k in PARAM_ORDER))[0]
 
 
-def _with_kernel(kernel, fn, x):
-    with triton_kernel(kernel):
-        return fn(x)
+def forced(kernel, fn):
+    """``fn`` on one Triton kernel family (FUSED_RNN_TRITON_KERNEL=kernel while it runs), and
+    `make_step` holds the variable over the backward too: autograd runs the backward after ``fn``
+    returns, and until 2026-12-04 every fwd+bwd time of a forced family had its backward on the
+    default family (then the blocked kernels)."""
+    def run(x):
+        with triton_kernel(kernel):
+            return fn(x)
+    run.triton_kernel = kernel
+    return run
 
 
 def make_providers(names, params, x):
@@ -326,12 +332,6 @@ def make_providers(names, params, x):
     def fused(x):
         return fused_rnn.fused_rnn(x, params["w_in"], params["b_in"], params["w_h"], params["b_h"],
                                    embedding=params["embedding"])
-
-    def forced(kernel):
-        def fn(x):
-            with triton_kernel(kernel):
-                return fused(x)
-        return fn
 
     out = {}
     for name in names:
@@ -350,7 +350,7 @@ def make_providers(names, params, x):
         elif name in ("fused-blocked", "fused-persistent"):
             if device.type != "cuda":
                 continue
-            out[name] = (forced(name.split("-")[1]), weights)
+            out[name] = (forced(name.split("-")[1], fused), weights)
         elif name == "gemm":
             continue  # timed separately: it is a different step
         else:
@@ -359,20 +359,27 @@ def make_providers(names, params, x):
 
 
 def make_step(fn, weights, x, mode):
-    """A no-argument callable running one forward (no grad) or forward + backward."""
+    """A no-argument callable running one forward (no grad) or forward + backward, both on the
+    kernel family ``fn`` was `forced` to, if any."""
+    kernel = getattr(fn, "triton_kernel", None)
+
+    def scope():
+        return triton_kernel(kernel) if kernel is not None else contextlib.nullcontext()
+
     if mode == "fwd":
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), scope():
                 return fn(x)
         return step
     grads = None
 
     def step():
         nonlocal grads
-        output, h_n = fn(x)
-        if grads is None:
-            grads = (torch.randn_like(output), torch.randn_like(h_n))
-        return torch.autograd.grad((output, h_n), weights, grads)
+        with scope():
+            output, h_n = fn(x)
+            if grads is None:
+                grads = (torch.randn_like(output), torch.randn_like(h_n))
+            return torch.autograd.grad((output, h_n), weights, grads)
     return step
 
 

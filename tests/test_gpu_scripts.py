@@ -50,3 +50,30 @@ def test_gpu_check_runs_only_the_selected_stages(tmp_path):
     assert rows["tune"].startswith("FAIL") and rows["bench gru"].startswith("FAIL"), done.stdout[-3000:]
     assert all(status == "SKIP" for name, status in rows.items()
                if name not in ("tune", "bench gru", "environment")), rows
+
+
+def test_a_forced_kernel_family_holds_over_the_backward(monkeypatch):
+    # bench_rnn's fused-blocked / fused-persistent: the backward runs after the provider returns,
+    # and must run on the same family as the forward
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_rnn
+    monkeypatch.delenv("FUSED_RNN_TRITON_KERNEL", raising=False)
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            seen.append(("fwd", os.environ.get("FUSED_RNN_TRITON_KERNEL")))
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("bwd", os.environ.get("FUSED_RNN_TRITON_KERNEL")))
+            return grad * 2
+
+    w = torch.ones(3, requires_grad=True)
+    fn = bench_rnn.forced("persistent", lambda x: (Spy.apply(w * x), (w * x).sum(0, keepdim=True)))
+    for mode in ("fwd", "fwd+bwd"):
+        bench_rnn.make_step(fn, [w], torch.ones(2, 3), mode)()
+    assert seen == [("fwd", "persistent"), ("fwd", "persistent"), ("bwd", "persistent")]
+    assert "FUSED_RNN_TRITON_KERNEL" not in os.environ

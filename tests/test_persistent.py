@@ -270,9 +270,10 @@ def test_kernel_variable_is_read_on_every_call(monkeypatch, persistent):
         assert persistent["fwd"] == expected, value
 
 
-def test_auto_plans_the_persistent_kernels_on_a_gpu_for_long_sequences(monkeypatch):
-    # (the plan alone: nothing launches) auto = persistent where it fits on a GPU and T >= 16, the
-    # blocked kernels for short sequences, in the interpreter and where the planner says no
+def test_auto_plans_the_persistent_forward_on_a_gpu_for_long_sequences(monkeypatch):
+    # (the plan alone: nothing launches) auto = the persistent forward where it fits on a GPU and
+    # T >= 16; the blocked kernels for short sequences, the backward (not yet timed on a GPU), in
+    # the interpreter and where the planner says no
     monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", False)
     monkeypatch.setattr(triton_rnn, "_gpu", lambda device: (132, 90))
     monkeypatch.setattr(triton_rnn, "_check_earlier_launches", lambda device: None)
@@ -286,6 +287,8 @@ def test_auto_plans_the_persistent_kernels_on_a_gpu_for_long_sequences(monkeypat
             warnings.simplefilter("error")  # auto falls back without a warning
             plan = triton_rnn._persistent_plan(B, steps, 256, w_h, False)
         assert (plan is not None) == planned, (value, B, steps)
+        backward = triton_rnn._persistent_plan(B, steps, 256, w_h, False, backward=True)
+        assert (backward is not None) == (planned and value == "persistent"), (value, B, steps)
     monkeypatch.setattr(triton_rnn, "PERSISTENT_STEPWISE", True)
     monkeypatch.setenv("FUSED_RNN_TRITON_KERNEL", "auto")
     assert triton_rnn._persistent_plan(64, 512, 256, w_h, False) is None

@@ -123,8 +123,8 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 # 177: the same programs per SM. Measured on an H200 (benchmarks/tune_persistent.py, fp32, T=512,
 # H=256): the LSTM's 16x16 tiles at 4 warps against 8: forward 11.5 / 19.8 ms at B=64, 21.5 / 38.9
 # at B=256 (so 4 warps, not 8 at a tie); the GRU's 16x16 8 warps at B=256 (2 per SM) failed its
-# cooperative launch ("too many resources"): 1 per SM. The backward took the same time with its
-# products chunked or not (LSTM 40.1 / 40.4 ms, GRU 62.6 / 62.6 at B=64). The bf16 forwards, checked later: the LSTM's at odd H <= 64 holds
+# cooperative launch ("too many resources"): 1 per SM. (That run's fwd+bwd times had the backward
+# on the blocked kernels: the persistent backward, chunked or not, is yet to be timed.) The bf16 forwards, checked later: the LSTM's at odd H <= 64 holds
 # 4 per SM on sm_90 and spilled 8 bytes under 16x16 on sm_80 (odd H there take 16x32); the GRU's at
 # H=64 holds 5 on sm_90.
 _LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),

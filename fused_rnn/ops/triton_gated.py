@@ -371,7 +371,7 @@ def gated_bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, al
     _check_runnable(w_hh)
     spec = cells.get(cell)
     args = (grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_tf32, spec)
-    family, plan = _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, spec)
+    family, plan = _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, spec, backward=True)
     if family == "loop":  # the loop saves alike
         return loop.gated_bwd(*args)
     return _bwd(*args, plan)
@@ -431,13 +431,14 @@ def _bwd(grad_out, grad_cs, out, cs, saved, q, w_hh, b_hh, h0, c0, w_hr, allow_t
 # a process only after a small problem of the same tiling matched the float64 reference loop.
 
 
-def _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, cell):
+def _choose_path(q, w_hh, b_hh, w_hr, allow_tf32, cell, backward=False):
     """(family, persistent plan or None) that answers this call: the persistent kernels where
     selected (``FUSED_RNN_TRITON_KERNEL``: `triton_rnn._persistent_plan`) and planned, else the
     blocked ones; each only once its path has passed its first-use self-check, else the next one
     down, at the bottom the reference loop."""
     T, B, H, P = _dims(q, w_hh, cell)
-    plan = _persistent_plan(B, T, H, w_hh, allow_tf32, gates=cell.gates, projection=w_hr is not None)
+    plan = _persistent_plan(B, T, H, w_hh, allow_tf32, gates=cell.gates, projection=w_hr is not None,
+                            backward=backward)
     candidates = [("gated-persistent", plan)] if plan is not None else []
     candidates.append(("gated-blocked", None))
     for family, p in candidates:

@@ -30,8 +30,8 @@ Two kernel families run the sequential part; ``FUSED_RNN_TRITON_KERNEL`` (read o
   threads see each other's writes. W_h is re-read from L2 every step.
 * persistent (`triton_persistent.py`): programs split H as well and keep their W_h slice on
   chip, synchronising per batch group each step; `planner.py` says whether a problem fits.
-  ``auto`` runs it where it fits on a GPU and T >= AUTO_PERSISTENT_MIN_T, the blocked kernels
-  elsewhere.
+  ``auto`` runs its forward where it fits on a GPU and T >= AUTO_PERSISTENT_MIN_T, the blocked
+  kernels elsewhere and for the backward (`AUTO_PERSISTENT_MIN_T`).
 
 The variable, the plan, the timeout flag and the fallback to the blocked kernels below
 (`_persistent_plan`, `_run_persistent`) serve the LSTM's and GRU's persistent kernels too
@@ -239,10 +239,12 @@ class PersistentKernelWarning(RuntimeWarning):
     """The persistent kernels failed (launch error or barrier timeout); the blocked kernels run."""
 
 
-# ``auto``'s shortest sequence for the persistent kernels. Measured on an H200 (RESULTS.md, the
-# GPU runs): at T=512 they are 2-14x faster than the blocked kernels at every shape timed; at
-# B=512, T=8 the blocked ones were 1.2x faster (0.49 against 0.62 ms): the persistent launch costs
-# ~0.4 ms more and saves ~40 us a step (H=256), even from about T=11.
+# ``auto``'s shortest sequence for the persistent forward. Measured on an H200 (RESULTS.md, the
+# GPU runs): at T=512 it is 2-14x faster than the blocked forward at every shape timed; at B=512,
+# T=8 the blocked one was 1.2x faster (0.49 against 0.62 ms): the persistent launch costs ~0.4 ms
+# more and saves ~40 us a step (H=256), even from about T=11. ``auto``'s backward stays on the
+# blocked kernels: the persistent backward passes the CUDA tests, but no GPU run has timed it yet
+# (every fwd+bwd time so far ran the blocked backward: RESULTS.md, the third GPU run).
 AUTO_PERSISTENT_MIN_T = 16
 
 
@@ -297,13 +299,15 @@ def _gpu(device: torch.device):
     return _gpus[index]
 
 
-def _persistent_plan(B, T, H, w_h, allow_tf32, gates=1, projection=False):
+def _persistent_plan(B, T, H, w_h, allow_tf32, gates=1, projection=False, backward=False):
     """The persistent plan to run (for a cell of ``gates`` gates, with or without the LSTM's
-    projection), or None for the blocked kernels: ``persistent`` wherever the planner fits it
-    (else a warning), ``auto`` where it fits on a GPU for T >= AUTO_PERSISTENT_MIN_T (the
-    interpreter's stepwise persistent kernels are a test mode, so ``auto`` there is blocked)."""
+    projection; the forward or the ``backward``), or None for the blocked kernels: ``persistent``
+    wherever the planner fits it (else a warning), ``auto`` for the forward where it fits on a GPU
+    and T >= AUTO_PERSISTENT_MIN_T (the interpreter's stepwise persistent kernels are a test mode,
+    so ``auto`` there is blocked)."""
     kernel = selected_kernel()
-    if kernel == "blocked" or (kernel == "auto" and (PERSISTENT_STEPWISE or T < AUTO_PERSISTENT_MIN_T)):
+    if kernel == "blocked" or (kernel == "auto" and (backward or PERSISTENT_STEPWISE
+                                                     or T < AUTO_PERSISTENT_MIN_T)):
         return None
     if _persistent.disabled_reason is None:
         _check_earlier_launches(w_h.device)
@@ -321,7 +325,7 @@ def _persistent_plan(B, T, H, w_h, allow_tf32, gates=1, projection=False):
     return plan
 
 
-def _choose_path(B, T, H, w_h, allow_tf32, tokens, has_bias, cell):
+def _choose_path(B, T, H, w_h, allow_tf32, tokens, has_bias, cell, backward=False):
     """(family, persistent plan or None) that answers this call: the persistent kernels if
     selected and they fit, else the blocked ones; each path only once it has passed its first-use
     self-check (`self_check.py`), else the next one down, at the bottom the plain loop."""
@@ -329,7 +333,7 @@ def _choose_path(B, T, H, w_h, allow_tf32, tokens, has_bias, cell):
     if forced is not None:
         family, plan = forced
         return family, plan and dataclasses.replace(plan, groups=-(-B // plan.block_b))
-    plan = _persistent_plan(B, T, H, w_h, allow_tf32)
+    plan = _persistent_plan(B, T, H, w_h, allow_tf32, backward=backward)
     precision = "tf32" if _dot_precision(w_h.dtype, allow_tf32) == "tf32" else str(w_h.dtype)[6:]
     shape = (precision, f"H_PAD={max(16, triton.next_power_of_2(H))}",
              "H%16=0" if H % 16 == 0 else "H%16>0", "tokens" if tokens else "dense",
@@ -502,7 +506,7 @@ def _bwd_chain(grad_out, grad_h_n, ws, w_h, allow_tf32, cell, tokens, has_bias):
     else:
         c[:, T].copy_(grad_h_n)
     grad_out = grad_out.to(ws.dtype).contiguous()
-    family, plan = _choose_path(B, T, H, w_h, allow_tf32, tokens, has_bias, cell)
+    family, plan = _choose_path(B, T, H, w_h, allow_tf32, tokens, has_bias, cell, backward=True)
     with _on_device(ws):
         if family == "loop":
             loop.loop_bwd(grad_out, ws, w_h, c, cell)
