@@ -27,7 +27,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fused_rnn.ops.triton_cells import _activation  # noqa: E402
-from fused_rnn.ops.triton_persistent import _group_barrier  # noqa: E402
+from fused_rnn.ops.triton_persistent import (_chunked_dot, _group_barrier, _k_chunks, _per_col,  # noqa: E402
+                                             _per_row)
 
 DEFAULT_VARIANTS = ",".join(
     [f"dot-{p}-{w}-{n}" for p in ("ieee", "tf32x3", "tf32") for w in (2, 4, 8) for n in (16, 32)]
@@ -49,11 +50,10 @@ def step_probe_kernel(h_ptr, w_ptr, arrivals_ptr, error_ptr, B, T, H, spin_limit
     rows64 = rows.to(tl.int64)
     w = tl.load(w_ptr + cols[None, :].to(tl.int64) * H + ks[:, None],
                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-    if PRODUCT == "split":
-        KCW: tl.constexpr = H_PAD // K_SPLIT
-        kw = tl.arange(0, K_SPLIT)[:, None, None] * KCW + tl.arange(0, KCW)[None, :, None]
-        w3 = tl.load(w_ptr + cols[None, None, :].to(tl.int64) * H + kw, mask=(kw < H) & col_ok[None, None, :],
-                     other=0.0)
+    if PRODUCT == "split":  # as the kernels do it (triton_persistent._k_chunks, _chunked_dot)
+        k_row, k_col, in_mask3 = _k_chunks(row_ok, H, H_PAD, K_SPLIT)
+        w3 = tl.load(w_ptr + _per_col(cols, K_SPLIT).to(tl.int64) * H + k_col,
+                     mask=(k_col < H) & _per_col(col_ok, K_SPLIT), other=0.0)
     h_rows = h_ptr + rows64 * (T + 1) * H
     ok = tl.full([], 1, tl.int32)
     for t in range(0, T):
@@ -73,13 +73,8 @@ def step_probe_kernel(h_ptr, w_ptr, arrivals_ptr, error_ptr, B, T, H, spin_limit
                 acc = tl.dot(a, w, input_precision=PRECISION, out_dtype=tl.float32)
             elif PRODUCT == "split":
                 # K in K_SPLIT independent chunks: a batched dot, then the chunks' sum
-                KC: tl.constexpr = H_PAD // K_SPLIT
-                kc = tl.arange(0, KC)
-                chunk = tl.arange(0, K_SPLIT)
-                k3 = chunk[:, None, None] * KC + kc[None, None, :]
-                a3 = tl.load(h_prev[None, :, None] + k3, mask=row_ok[None, :, None] & (k3 < H), other=0.0,
-                             cache_modifier=".cg")
-                acc = tl.sum(tl.dot(a3, w3, input_precision=PRECISION, out_dtype=tl.float32), axis=0)
+                a3 = tl.load(_per_row(h_prev, K_SPLIT) + k_row, mask=in_mask3, other=0.0, cache_modifier=".cg")
+                acc = _chunked_dot(a3, w3, PRECISION, K_SPLIT)
             elif PRODUCT == "bcast":
                 acc = tl.sum(a[:, :, None] * w[None, :, :], axis=1)
             else:  # none: a stand-in that reads one column of a

@@ -124,9 +124,9 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 # H=256): the LSTM's 16x16 tiles at 4 warps against 8: forward 11.5 / 19.8 ms at B=64, 21.5 / 38.9
 # at B=256 (so 4 warps, not 8 at a tie); the GRU's 16x16 8 warps at B=256 (2 per SM) failed its
 # cooperative launch ("too many resources"): 1 per SM. (That run's fwd+bwd times had the backward
-# on the blocked kernels: the persistent backward, chunked or not, is yet to be timed.) The bf16 forwards, checked later: the LSTM's at odd H <= 64 holds
-# 4 per SM on sm_90 and spilled 8 bytes under 16x16 on sm_80 (odd H there take 16x32); the GRU's at
-# H=64 holds 5 on sm_90.
+# on the blocked kernels: the persistent backward, chunked or not, is yet to be timed.) The bf16
+# forwards, checked later: the LSTM's at odd H <= 64 holds 4 per SM on sm_90 and spilled 8 bytes
+# under 16x16 on sm_80 (odd H there take 16x32); the GRU's at H=64 holds 5 on sm_90.
 _LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
                                               Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
               128: [Tiling(16, 16, 8, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 4, 3, 3, k_chunk=ONE_DOT)],

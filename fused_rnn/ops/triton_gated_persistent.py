@@ -179,10 +179,9 @@ def gated_persistent_bwd_kernel(
     K_SPLIT: tl.constexpr,  # each product's K in this many chunks (Plan.k_split; the forward's
     # products stay single dots: chunked, its G tiles went to registers and spilled, 1-2 KB)
 ):
-    group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, own = _program_tile(
+    group, n_col_blocks, rows64, row_ok, cols, col_ok, _, _, _, own = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
-    k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
-    in_mask = _per_row(row_ok, K_SPLIT) & (k_row < H)
+    k_row, k_col, in_mask = _k_chunks(row_ok, H, H_PAD, K_SPLIT)
     ws_ty = out_ptr.dtype.element_ty
     GH = G * H
     # W_hh[:, this program's columns], one [H_PAD, BLOCK_N] tile per gate (as K chunks), on chip

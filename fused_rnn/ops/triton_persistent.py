@@ -76,10 +76,11 @@ def _program_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.
 
 
 @triton.jit
-def _k_chunks(H_PAD: tl.constexpr, K_SPLIT: tl.constexpr):
+def _k_chunks(row_ok, H, H_PAD: tl.constexpr, K_SPLIT: tl.constexpr):
     """All of K as K_SPLIT chunks of KC = H_PAD / K_SPLIT: the offsets of a row operand's columns
-    ([K_SPLIT, 1, KC]) and of a weight tile's rows ([K_SPLIT, KC, 1]); K_SPLIT = 1: plain [1, H_PAD]
-    and [H_PAD, 1], a single dot (what `_per_row`, `_per_col` and `_chunked_dot` follow)."""
+    ([K_SPLIT, 1, KC]), of a weight tile's rows ([K_SPLIT, KC, 1]), and the row operand's mask
+    (``row_ok`` and k < H); K_SPLIT = 1: plain [1, H_PAD] and [H_PAD, 1], a single dot (what
+    `_per_row`, `_per_col` and `_chunked_dot` follow)."""
     KC: tl.constexpr = H_PAD // K_SPLIT
     if K_SPLIT == 1:
         k_row = tl.arange(0, H_PAD)[None, :]
@@ -88,7 +89,7 @@ def _k_chunks(H_PAD: tl.constexpr, K_SPLIT: tl.constexpr):
         first = tl.arange(0, K_SPLIT) * KC
         k_row = first[:, None, None] + tl.arange(0, KC)[None, None, :]
         k_col = first[:, None, None] + tl.arange(0, KC)[None, :, None]
-    return k_row, k_col
+    return k_row, k_col, _per_row(row_ok, K_SPLIT) & (k_row < H)
 
 
 @triton.jit
@@ -149,10 +150,9 @@ def rnn_persistent_fwd_kernel(
     INPUT_BEFORE_PRODUCT: tl.constexpr,  # cells.Cell.input_before_product
     K_SPLIT: tl.constexpr,  # K in this many chunks (Plan.k_split)
 ):
-    group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
+    group, n_col_blocks, rows64, row_ok, cols, col_ok, _, _, _, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
-    k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
-    in_mask = _per_row(row_ok, K_SPLIT) & (k_row < H)
+    k_row, k_col, in_mask = _k_chunks(row_ok, H, H_PAD, K_SPLIT)
     # This program's slice of W_h, on chip for all steps: w[c, k, n] = W_h[n, c*KC + k]. Products
     # run in the workspace dtype (fp32 for bf16/fp16 weights, upcast once): a 16-row tile gains
     # nothing from tensor cores, and bf16 mma tiles with the whole of H as K spill at H=512 (sm_90).
@@ -213,10 +213,9 @@ def rnn_persistent_bwd_kernel(
     CELL: tl.constexpr,  # cells.Cell.name: which activation's gradient
     K_SPLIT: tl.constexpr,
 ):
-    group, n_col_blocks, rows64, row_ok, cols, col_ok, ks, k_ok, in_mask, out_mask = _program_tile(
+    group, n_col_blocks, rows64, row_ok, cols, col_ok, _, _, _, out_mask = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
-    k_row, k_col = _k_chunks(H_PAD, K_SPLIT)
-    in_mask = _per_row(row_ok, K_SPLIT) & (k_row < H)
+    k_row, k_col, in_mask = _k_chunks(row_ok, H, H_PAD, K_SPLIT)
     # w[c, k, n] = W_h[c*KC + k, n]
     w = tl.load(w_h_ptr + k_col.to(tl.int64) * H + _per_col(cols, K_SPLIT),
                 mask=(k_col < H) & _per_col(col_ok, K_SPLIT), other=0.0).to(c_ptr.dtype.element_ty)
