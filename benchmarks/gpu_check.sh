@@ -21,9 +21,9 @@
 # not a fallback) and =blocked; the barrier stress run; the timing tables (benchmarks/bench_rnn.py,
 # both cells: the course's and nn.RNN's own against cuDNN);
 # determinism / no-sync / bad-id / 2^31-offset checks; compute-sanitizer memcheck on two small shapes;
-# the persistent tilings timed side by side (benchmarks/tune_persistent.py) and one Nsight Compute
-# profile of a persistent forward (each skipped when the deadline has passed: GPU_CHECK_ONLY=tune,
-# =profile select them alone).
+# the persistent tilings timed side by side (benchmarks/tune_persistent.py), the step probe
+# (benchmarks/step_probe.py) and one Nsight Compute profile of a persistent forward (each skipped
+# when the deadline has passed: GPU_CHECK_ONLY=tune, =probe, =profile select them alone).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/fused_rnn_gpu_check}}
@@ -149,8 +149,9 @@ for cell in lstm gru; do
             --providers $providers --modes fwd,fwd+bwd --dtypes bf16 \
             --csv '$out/results.csv' --plot '$out/speedup_$cell.png'"
 done
-gpu_stage "bench loop" 25 bench_loop.log \
-    python benchmarks/bench_rnn.py --shapes "512,8,256" --providers loop,nnrnn,fused-persistent \
+# the course's own loop at issue 30's T=512 (the target: >= 40x it; ~0.1 s a fwd+bwd call)
+gpu_stage "bench loop" 40 bench_loop.log \
+    python benchmarks/bench_rnn.py --shapes "64,512,256" --providers loop,nnrnn,fused-persistent \
     --modes fwd,fwd+bwd --dtypes fp32 --csv "$out/results.csv" --plot ""
 
 stage "extra checks" 60 extra_checks.log python benchmarks/gpu_extra_checks.py
@@ -192,6 +193,11 @@ fi
 gpu_stage "tune" 120 tune.log \
     python benchmarks/tune_persistent.py --cells course,elman,lstm,gru --shapes "64,512,256;256,512,256" \
     --tilings "${GPU_CHECK_TUNE_TILINGS:-}"
+# the step's pieces (benchmarks/step_probe.py): the loads, store and barrier alone; the kernels'
+# chunked product; with an input after the product loaded after it or in the wait before the step
+gpu_stage "step probe" 60 step_probe.log \
+    python benchmarks/step_probe.py --shapes "64,512,256;256,512,256" \
+    --variants none-4-16,split-ieee-8-4-16,split-ieee-8-4-16+q,split-ieee-8-4-16+qwait
 ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
 if [ -n "$ncu_bin" ]; then
     gpu_stage "ncu profile" 60 ncu_profile.log \

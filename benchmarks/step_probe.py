@@ -11,6 +11,10 @@ A variant is PRODUCT-WARPS-BLOCK_N, PRODUCT one of
   rows     one batch row at a time: tl.sum(a_b[:, None] * w, axis=0), W's tile in registers
   bcast    tl.sum(a[:, :, None] * w[None], axis=1): the whole tile as one reduction
   none     the loads and the store, no product (the step's memory and barrier cost alone)
+  split-PRECISION-K_SPLIT  K in K_SPLIT chunks, summed (the kernels' own `_chunked_dot`)
+A suffix adds an input q_t [B, T, H] after the product (as nn.RNN's cell: this program's columns):
+  +q       loaded after the product (the forward kernels before the input was loaded in the wait)
+  +qwait   loaded while the step before waits at its barrier (the forward kernels now)
 Each is timed without the barrier (programs do not wait for each other: the step's own cost) and
 with it (the real step), and its first step's error against float64 is printed.
 """
@@ -27,8 +31,8 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fused_rnn.ops.triton_cells import _activation  # noqa: E402
-from fused_rnn.ops.triton_persistent import (_chunked_dot, _group_barrier, _k_chunks, _per_col,  # noqa: E402
-                                             _per_row)
+from fused_rnn.ops.triton_persistent import (_arrive, _chunked_dot, _k_chunks, _per_col, _per_row,  # noqa: E402
+                                             _wait)
 
 DEFAULT_VARIANTS = ",".join(
     [f"dot-{p}-{w}-{n}" for p in ("ieee", "tf32x3", "tf32") for w in (2, 4, 8) for n in (16, 32)]
@@ -38,10 +42,10 @@ DEFAULT_VARIANTS = ",".join(
 
 
 @triton.jit
-def step_probe_kernel(h_ptr, w_ptr, arrivals_ptr, error_ptr, B, T, H, spin_limit,
+def step_probe_kernel(h_ptr, w_ptr, q_ptr, arrivals_ptr, error_ptr, B, T, H, spin_limit,
                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr,
                       PRODUCT: tl.constexpr, PRECISION: tl.constexpr, BARRIER: tl.constexpr,
-                      K_SPLIT: tl.constexpr = 1):
+                      K_SPLIT: tl.constexpr = 1, INPUT: tl.constexpr = ""):
     group = tl.program_id(0)
     rows = group * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -55,6 +59,10 @@ def step_probe_kernel(h_ptr, w_ptr, arrivals_ptr, error_ptr, B, T, H, spin_limit
         w3 = tl.load(w_ptr + _per_col(cols, K_SPLIT).to(tl.int64) * H + k_col,
                      mask=(k_col < H) & _per_col(col_ok, K_SPLIT), other=0.0)
     h_rows = h_ptr + rows64 * (T + 1) * H
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    q_rows = q_ptr + rows64 * T * H
+    if INPUT == "qwait":
+        q = tl.load(q_rows[:, None] + cols[None, :], mask=out_mask, other=0.0)
     ok = tl.full([], 1, tl.int32)
     for t in range(0, T):
         t64 = tl.cast(t, tl.int64)
@@ -80,31 +88,43 @@ def step_probe_kernel(h_ptr, w_ptr, arrivals_ptr, error_ptr, B, T, H, spin_limit
             else:  # none: a stand-in that reads one column of a
                 acc = tl.sum(tl.where(ks[None, :] == 0, a, 0.0), axis=1)[:, None] + tl.zeros(
                     [BLOCK_B, BLOCK_N], tl.float32)
-            tl.store(h_prev[:, None] + H + cols[None, :], _activation(acc, "elman_tanh"),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            if INPUT == "q":
+                acc += tl.load(q_rows[:, None] + t64 * H + cols[None, :], mask=out_mask, other=0.0)
+            elif INPUT == "qwait":
+                acc += q
+            tl.store(h_prev[:, None] + H + cols[None, :], _activation(acc, "elman_tanh"), mask=out_mask)
         if BARRIER:
-            still_ok = _group_barrier(arrivals_ptr + group * T + t, tl.num_programs(1), spin_limit, ok)
+            _arrive(arrivals_ptr + group * T + t)
+        if INPUT == "qwait":
+            q = tl.load(q_rows[:, None] + (t64 + 1) * H + cols[None, :], mask=out_mask & (t + 1 < T), other=0.0)
+        if BARRIER:
+            still_ok = _wait(arrivals_ptr + group * T + t, tl.num_programs(1), spin_limit, ok)
             tl.store(error_ptr, 1, mask=(ok != 0) & (still_ok == 0))
             ok = still_ok
 
 
 def parse(variant: str):
+    variant, _, input_kind = variant.partition("+")
+    if input_kind not in ("", "q", "qwait"):
+        raise ValueError(f"unknown input {input_kind!r} in {variant!r}: +q or +qwait")
     parts = variant.split("-")
     product = parts[0]
     precision = parts[1] if product in ("dot", "split") else "ieee"
     k_split = int(parts[2]) if product == "split" else 1
     warps, block_n = int(parts[-2]), int(parts[-1])
-    return product, precision, warps, block_n, k_split
+    if input_kind and product == "rows":
+        raise ValueError(f"{variant}: the rows product takes no input")
+    return product, precision, warps, block_n, k_split, input_kind
 
 
-def launch(variant, h, w, arrivals, error, T, barrier, spin_limit=1 << 20):
-    product, precision, warps, block_n, k_split = parse(variant)
+def launch(variant, h, w, q, arrivals, error, T, barrier, spin_limit=1 << 20):
+    product, precision, warps, block_n, k_split, input_kind = parse(variant)
     B, _, H = h.shape
     grid = (triton.cdiv(B, 16), triton.cdiv(H, block_n))
     return step_probe_kernel[grid](
-        h, w, arrivals, error, B, T, H, spin_limit, BLOCK_B=16, BLOCK_N=block_n,
+        h, w, q, arrivals, error, B, T, H, spin_limit, BLOCK_B=16, BLOCK_N=block_n,
         H_PAD=triton.next_power_of_2(H), PRODUCT=product, PRECISION=precision, BARRIER=barrier,
-        K_SPLIT=k_split,
+        K_SPLIT=k_split, INPUT=input_kind,
         num_warps=warps, num_stages=1, launch_cooperative_grid=barrier)
 
 
@@ -150,26 +170,28 @@ def main(argv=None):
         g = torch.Generator(device=dev).manual_seed(0)
         w = torch.randn(H, H, device=dev, generator=g) / H ** 0.5
         h0 = torch.randn(B, H, device=dev, generator=g)
-        exact = torch.tanh(h0.double() @ w.double().T)
+        q = torch.randn(B, T, H, device=dev, generator=g)
         for variant in variants:
+            exact = h0.double() @ w.double().T + (q[:, 0].double() if parse(variant)[5] else 0)
+            exact = torch.tanh(exact)
             h = torch.zeros(B, T + 1, H, device=dev)
             h[:, 0] = h0
             error = torch.zeros(1, device=dev, dtype=torch.int32)
             arrivals = torch.zeros(triton.cdiv(B, 16) * T, device=dev, dtype=torch.int32)
             grid_size = triton.cdiv(B, 16) * triton.cdiv(H, parse(variant)[3])
             try:
-                k = launch(variant, h, w, arrivals, error, T, False)
+                k = launch(variant, h, w, q, arrivals, error, T, False)
                 if args.compile_only:
-                    launch(variant, h, w, arrivals, error, T, True)
+                    launch(variant, h, w, q, arrivals, error, T, True)
                     torch.cuda.synchronize()
                     print("compiled", variant, B, T, H, flush=True)
                     continue
-                free = time_ms(lambda: launch(variant, h, w, arrivals, error, T, False))
+                free = time_ms(lambda: launch(variant, h, w, q, arrivals, error, T, False))
                 regs, spill = k.n_regs, k.n_spills
                 if resident(k, grid_size):
                     def with_barrier():
                         arrivals.zero_()
-                        launch(variant, h, w, arrivals, error, T, True)
+                        launch(variant, h, w, q, arrivals, error, T, True)
                     held = time_ms(with_barrier)
                     err = (h[:, 1].double() - exact).abs().max().item()
                     bad = " (barrier timed out)" if error.item() else ""

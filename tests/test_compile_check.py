@@ -174,11 +174,11 @@ def test_a_relaxed_barrier_fails_the_compile_check(tmp_path):
     script = f"""
 import sys, torch
 sys.path.insert(0, {str(tests)!r})
-from kernel_mutants import RELAXED_BARRIER, mutant
+from kernel_mutants import relaxed_barrier
 from fused_rnn import compile_check
-from fused_rnn.ops import triton_gated_persistent, triton_persistent
+from fused_rnn.ops import triton_gated_persistent
 # patched before the kernel is first compiled (its cache key covers the functions it calls then)
-triton_gated_persistent._group_barrier = mutant(triton_persistent._group_barrier, RELAXED_BARRIER, {str(tmp_path)!r})
+triton_gated_persistent._group_barrier = relaxed_barrier({str(tmp_path)!r})
 configs, _ = compile_check.gated_kernel_configs(64, 64, torch.float32, "gru", 90, 132)
 print("FAILURES:", compile_check.check([c for c in configs if c.family == "persistent"][:1], 90))
 """

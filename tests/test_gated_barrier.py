@@ -20,7 +20,7 @@ from fused_rnn import cells
 from fused_rnn.ops import loop
 from conftest import tiered
 from helpers import TOLERANCE, compare_gated, count_persistent_launches, gated_problem, rel_err
-from kernel_mutants import RELAXED_BARRIER, mutant
+from kernel_mutants import mutant, relaxed_barrier
 
 triton_rnn = pytest.importorskip("fused_rnn.ops.triton_rnn")
 from concurrent_interpreter import UNTESTED, concurrent_programs  # noqa: E402
@@ -220,8 +220,7 @@ def test_a_broken_barrier_fails_the_check(name, cell, monkeypatch, tmp_path):
                    "check's PTX test does (tests/test_compile_check.py)")
 @pytest.mark.parametrize("direction", ["fwd", "bwd"])
 def test_a_relaxed_barrier_fails_the_check(direction, monkeypatch, tmp_path):
-    monkeypatch.setattr(triton_gated_persistent, "_group_barrier",
-                        mutant(triton_persistent._group_barrier, RELAXED_BARRIER, tmp_path))
+    monkeypatch.setattr(triton_gated_persistent, "_group_barrier", relaxed_barrier(tmp_path))
     B, T, H, state, bias = CASES[FAST_CASE[cells.LSTM]]
     chain = Chain(cells.LSTM, B, T, H, state, bias, seed=B + T + H)
     with pytest.raises((AssertionError, TimeoutError)):

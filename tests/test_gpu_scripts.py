@@ -77,3 +77,23 @@ def test_a_forced_kernel_family_holds_over_the_backward(monkeypatch):
         bench_rnn.make_step(fn, [w], torch.ones(2, 3), mode)()
     assert seen == [("fwd", "persistent"), ("fwd", "persistent"), ("bwd", "persistent")]
     assert "FUSED_RNN_TRITON_KERNEL" not in os.environ
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the probe's kernel in the interpreter")
+@pytest.mark.parametrize("variant", ["dot-ieee-4-16+q", "dot-ieee-4-16+qwait", "split-ieee-2-4-16+qwait"])
+def test_step_probe_steps_match_the_reference(variant):
+    # one column block (H = BLOCK_N), so the programs need no barrier: every step is checked
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_probe
+    B, T, H = 20, 4, 16
+    g = torch.Generator().manual_seed(0)
+    w, h0, q = torch.randn(H, H, generator=g) / H ** 0.5, torch.randn(B, H, generator=g), torch.randn(B, T, H, generator=g)
+    h = torch.zeros(B, T + 1, H)
+    h[:, 0] = h0
+    step_probe.launch(variant, h, w, q, torch.zeros(2 * T, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), T, False)
+    ref = h0.double()
+    for t in range(T):
+        ref = torch.tanh(ref @ w.double().T + q[:, t].double())
+        torch.testing.assert_close(h[:, t + 1].double(), ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError):
+        step_probe.parse("rows-4-16+q")

@@ -69,23 +69,25 @@ class Tiling(NamedTuple):
 # One gate (course, Elman), compiled for sm_90 (Triton 3.6, ptxas -v), the product's K in chunks
 # of K_CHUNK unless a tiling says otherwise; the most registers over the cells and dtypes, fwd / bwd
 # (odd H, not a multiple of 16, in brackets):
-#   H<=64  16x16 4 warps: <= 66 / 64 (136 / 108)                          -> 3 per SM (2)
+#   H<=64  16x16 4 warps under maxnreg 168: <= 100 / 88 (146 / 111)       -> 3 per SM (2)
+#          (ptxas' own choice, 40, spilled 12 bytes in the fp16 Elman forward at H=16 on sm_80)
 #   128    16x16 4 warps under maxnreg 255: 115 / 96 (192 / 156)          -> 2 (2)
 #          (ptxas' own choice, 64, spilled 8-24 bytes in the bf16 backward; a cap of 128 spilled at H=100)
 #   256    16x16 4 warps: 182 / 145 (227 / 154); 16x32: 168 / 160 (244 / 255) -> 2 (2)
 #          (a cap of 168 for 3 per SM spilled 24 bytes in the backward)
-#   512    16x16 8 warps, chunks of 64: 141 / 113 (230 / 150)             -> 1 (1)
+#   512    16x16 8 warps, chunks of 64, maxnreg 255: 152 / 162 (226 / 174) -> 1 (1)
+#          (ptxas' own choice, 128, spilled 8 bytes in the Elman forward at H=300 on sm_80)
 #          16x32 4 warps, K whole, maxnreg 255: 255 / 244                 -> 2 (1)
 #          (chunks of 128: 2 KB spilled in the bf16 forward; 16x16 8 warps under a cap of 128: 16-72 bytes)
 #   1024   16x16 and 16x32 8 warps, chunks of 256: 195 / 128              -> 1 (none at H_PAD=1024)
 # Spilled before the K chunks too, so left out: 32x16 at H=512, 16x64 (bwd) at H=256, 16x16 4 warps
 # at H=1024; and bf16 tensor-core (mma) tiles with all of H as K: 250 registers at H=256, 500-1600
 # bytes of spills at H=512.
-_SMALL = [Tiling(16, 16, 4, 3, 2), Tiling(16, 32, 4, 3, 2)]
+_SMALL = [Tiling(16, 16, 4, 3, 2, 168), Tiling(16, 32, 4, 3, 2, 168)]
 _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
              128: [Tiling(16, 16, 4, 2, 2, 255), Tiling(16, 32, 4, 2, 2, 255)],
              256: [Tiling(16, 16, 4, 2, 2), Tiling(16, 32, 4, 2, 2)],
-             512: [Tiling(16, 16, 8, 1, 1, k_chunk=64), Tiling(16, 32, 4, 2, 1, 255, k_chunk=ONE_DOT)],
+             512: [Tiling(16, 16, 8, 1, 1, 255, k_chunk=64), Tiling(16, 32, 4, 2, 1, 255, k_chunk=ONE_DOT)],
              1024: [Tiling(16, 16, 8, 1, 0, k_chunk=256), Tiling(16, 32, 8, 1, 0, k_chunk=256)]}
 
 # The LSTM (G = 4) and GRU (G = 3): G W_hh tiles [H_PAD, BLOCK_N] in shared memory, 4*H_PAD*(G*BLOCK_N

@@ -18,6 +18,9 @@ both biases in it:
 
 A step's product runs as ``Plan.k_split`` independent dots over chunks of K, summed
 (`_chunked_dot`): one fp32 dot over all of H waits on each operand load (`planner.K_CHUNK`).
+The forward loads a step's input rows (the token ids) and q (where it joins after the product)
+between its arrival at the barrier of the step before and its wait there: no sibling writes
+them, so the loads are in flight while the program waits instead of on the step's path.
 
 Never hang, never silently wrong: the grid is launched cooperatively (a grid that cannot be
 resident at once fails at launch), every spin is bounded, and a program whose wait times out
@@ -49,9 +52,22 @@ def _group_barrier(arrivals_ptr, n_arrivals, spin_limit, ok):
     """Arrive at this (group, step)'s counter and wait until ``n_arrivals`` programs have.
     Returns ``ok`` (int32 0/1) cleared if the wait timed out; a program already failed
     arrives but does not wait, so its siblings are not held up by it."""
+    _arrive(arrivals_ptr)
+    return _wait(arrivals_ptr, n_arrivals, spin_limit, ok)
+
+
+@triton.jit
+def _arrive(arrivals_ptr):
+    """The barrier's first half: this program's stores of the step are released to the group.
+    Loads issued between `_arrive` and `_wait` are in flight while the program waits."""
     # Every thread's stores of this step are issued before the (cumulative) release.
     tl.debug_barrier()
     tl.atomic_add(arrivals_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait(arrivals_ptr, n_arrivals, spin_limit, ok):
+    """The barrier's second half: a bounded acquire spin until ``n_arrivals`` have arrived."""
     seen = tl.atomic_add(arrivals_ptr, 0, sem="acquire", scope="gpu")
     spins = 0
     while (seen < n_arrivals) & (spins < spin_limit) & (ok != 0):
@@ -124,6 +140,23 @@ def _chunked_dot(a, w, DOT_PRECISION: tl.constexpr, K_SPLIT: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _input_rows(ids_ptr, rows64, row_ok, t, step_end, T, TOKENS: tl.constexpr):
+    """Which rows of ``proj`` hold step t's input: the tokens' (a load) or the sequence's own."""
+    t64 = tl.cast(t, tl.int64)
+    if TOKENS:
+        src = tl.load(ids_ptr + rows64 * T + t64, mask=row_ok & (t < step_end), other=0)
+    else:
+        src = rows64 * T + t64
+    return src
+
+
+@triton.jit
+def _q_tile(proj_ptr, src, cols, out_mask, live, H):
+    """q of the rows ``src``, this program's columns (zeros unless ``live``)."""
+    return tl.load(proj_ptr + (src * H)[:, None] + cols[None, :], mask=out_mask & live, other=0.0)
+
+
 @triton.jit(do_not_specialize=["B", "T", "step_begin", "step_end", "spin_limit"])
 def rnn_persistent_fwd_kernel(
     proj_ptr,  # [R, H]: rows of p (R = V for token input, B*T for dense input)
@@ -161,32 +194,38 @@ def rnn_persistent_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(b_h_ptr + cols, mask=col_ok, other=0.0).to(h_ptr.dtype.element_ty)
     h_rows = h_ptr + rows64 * (T + 1) * H
+    # No sibling writes the input, so a step's input loads go out while the step before waits at
+    # its barrier, not after the wait: its rows src (for token input, the ids: a round trip before
+    # p's rows can be loaded) and q, which joins after the product (where a load waited on the
+    # product). p, all of K, is loaded with h after the wait: held across a step it spilled.
+    src = _input_rows(ids_ptr, rows64, row_ok, step_begin, step_end, T, TOKENS)
+    if not INPUT_BEFORE_PRODUCT:
+        q = _q_tile(proj_ptr, src, cols, out_mask, step_begin < step_end, H)
     ok = tl.full([], 1, tl.int32)
     for t in range(step_begin, step_end):
-        t64 = tl.cast(t, tl.int64)
-        if TOKENS:
-            src = tl.load(ids_ptr + rows64 * T + t64, mask=row_ok, other=0)
-        else:
-            src = rows64 * T + t64
-        h_prev = h_rows + t64 * H
+        h_prev = h_rows + tl.cast(t, tl.int64) * H
         # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
         a = tl.load(_per_row(h_prev, K_SPLIT) + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
         if INPUT_BEFORE_PRODUCT:
             p = tl.load(proj_ptr + _per_row(src * H, K_SPLIT) + k_row, mask=in_mask, other=0.0)
-            p = p.to(a.dtype)
-            a = _input_before_product(a, p)
+            a = _input_before_product(a, p.to(a.dtype))
         acc = _chunked_dot(a, w, DOT_PRECISION, K_SPLIT)
         if not INPUT_BEFORE_PRODUCT:  # the input enters after the product: only this program's columns
             # (the select keeps the compiler from folding q into the product as its accumulator,
             # which spills at fp32 H=256 on sm_90: 9 KB; a failed program's states are NaN anyway)
             acc = tl.where(ok != 0, acc, float("nan"))
-            acc += tl.load(proj_ptr + (src * H)[:, None] + cols[None, :], mask=out_mask, other=0.0).to(acc.dtype)
+            acc += q.to(acc.dtype)
         if HAS_BIAS:
             acc += bias[None, :]
         h_t = tl.where(ok != 0, _activation(acc, CELL), float("nan"))
         tl.store(h_prev[:, None] + H + cols[None, :], h_t, mask=out_mask)
         if not STEPWISE:
-            still_ok = _group_barrier(arrivals_ptr + group * T + t, n_col_blocks, spin_limit, ok)
+            _arrive(arrivals_ptr + group * T + t)
+        src = _input_rows(ids_ptr, rows64, row_ok, t + 1, step_end, T, TOKENS)
+        if not INPUT_BEFORE_PRODUCT:
+            q = _q_tile(proj_ptr, src, cols, out_mask, t + 1 < step_end, H)
+        if not STEPWISE:
+            still_ok = _wait(arrivals_ptr + group * T + t, n_col_blocks, spin_limit, ok)
             tl.store(error_ptr, 1, mask=(ok != 0) & (still_ok == 0))
             ok = still_ok
 
