@@ -173,7 +173,7 @@ def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 9
     plan = planner.plan_persistent(B, H, dtype, sm_count or SM_COUNT.get(arch, 108), arch=arch, gates=cell.gates)
     if plan.fits:
         tiling = dict(G=cell.gates, HAS_C=lstm, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n, H_PAD=plan.h_pad,
-                      DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell.name)
+                      K_SPLIT=plan.k_split, DOT_PRECISION=plan.precision, STEPWISE=False, CELL=cell.name)
         signature = dict(weights, arrivals_ptr="*i32", error_ptr="*i32")
         persistent = dict(num_warps=plan.num_warps, planned_programs_per_sm=plan.programs_per_sm,
                           num_stages=triton_persistent.NUM_STAGES, max_registers=plan.max_registers)
@@ -186,7 +186,7 @@ def gated_kernel_configs(B: int, H: int, dtype: torch.dtype, cell, arch: int = 9
             configs.append(KernelConfig(
                 "persistent_bwd" + ("_grad_cs" if grad_cs else "") + f"[{cell.name}]", name, B, H, plan.describe(),
                 triton_gated_persistent.gated_persistent_bwd_kernel, signature,
-                dict(tiling, K_SPLIT=plan.k_split, HAS_GRAD_CS=grad_cs, N_ROWS_SCALED=cell is cell_specs.GRU),
+                dict(tiling, HAS_GRAD_CS=grad_cs, N_ROWS_SCALED=cell is cell_specs.GRU),
                 **persistent))
     else:
         notes.append(f"{name} B={B} H={H}[{cell.name}]: persistent {plan.describe()}")

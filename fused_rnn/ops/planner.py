@@ -94,7 +94,8 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 # + 16) bytes (LSTM 16x16: 20 KB at H_PAD=64, 80 KB at 256, 160 KB at 512; H_PAD=1024 does not fit).
 # Compiled (Triton 3.6, ptxas -v) at H = 16, 32, 64, 128, 256, 512 and, not multiples of 16, at
 # H = 13, 20, 50, 100, 200, 300: registers fwd / bwd (odd H in brackets) -> programs per SM, the
-# lower of the two directions (and of H_PAD 16, 32, 64 for "<=64"):
+# lower of the two directions (and of H_PAD 16, 32, 64 for "<=64"; at 256 and 512 with each
+# product as one dot, as all of them were then: in K chunks, below):
 #   sm_90          LSTM                              GRU
 #   <=64  16x16 4w 86/64 (96/76) -> 5 (5)            80/70 (104/72) -> 6 (4)
 #         16x32 4w 114/71 (140/138) -> 4 (3)         120/72 (162/95) -> 4 (3)
@@ -120,9 +121,15 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 # instead of two). Left out:
 # 16x32 from H_PAD=256 (sm_90 LSTM fwd: 16 B spilled at 8 warps, 41 KB at 4; GRU 8 B, 36 KB) and
 # 16x16 4 warps at H_PAD=512 (3-60 KB spilled: ptxas falls back to 32 registers).
-# The backward's products in K chunks of 32 from H_PAD=256 (below it one dot: chunked, it spilled or
-# held fewer programs), registers on sm_90: H=256 LSTM 8w 64, GRU 4w 167 / 8w 80; H=512 LSTM 167, GRU
-# 177: the same programs per SM. Measured on an H200 (benchmarks/tune_persistent.py, fp32, T=512,
+# The products (forward and backward) in K chunks of 32 on sm_90 from H_PAD=256 (below it one dot:
+# chunked, the backward spilled or held fewer programs), registers fwd / bwd (odd H in brackets):
+#   256   LSTM 16x16 4w 255 / 168, GRU 254 / 167: by the arithmetic 2 per SM, planned for 1 (B <= 132)
+#         until a GPU has launched them at 2: at the register file's edge, where the GRU's 8-warp
+#         tiling failed its cooperative launch at a planned 2 (below). Larger B: the one-dot tilings
+#         measured at B=256. Odd H: one dot (the chunked bf16/fp16 LSTM forward spilled 16 bytes).
+#   512   LSTM 16x16 8w 255 / 167 (255 / 189), GRU 250 / 177 (254 / 204) -> 1
+# (chunks of 64 at H_PAD=256, 4 warps: ~1.2 KB spilled in the forward). On sm_80 the chunked
+# forward spilled 40-192 bytes at H_PAD=256 and 512: one dot there, both directions. Measured on an H200 (benchmarks/tune_persistent.py, fp32, T=512,
 # H=256): the LSTM's 16x16 tiles at 4 warps against 8: forward 11.5 / 19.8 ms at B=64, 21.5 / 38.9
 # at B=256 (so 4 warps, not 8 at a tie); the GRU's 16x16 8 warps at B=256 (2 per SM) failed its
 # cooperative launch ("too many resources"): 1 per SM. (That run's fwd+bwd times had the backward
@@ -132,23 +139,24 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 _LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
                                               Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
               128: [Tiling(16, 16, 8, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 4, 3, 3, k_chunk=ONE_DOT)],
-              256: [Tiling(16, 16, 4, 2, 2, k_chunk=ONE_DOT)],
+              256: [Tiling(16, 16, 4, 1, 0), Tiling(16, 16, 4, 2, 2, k_chunk=ONE_DOT)],
               512: [Tiling(16, 16, 8, 1, 1)]}
 _GRU_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
                                              Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
              128: [Tiling(16, 16, 4, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 4, 3, 3, k_chunk=ONE_DOT)],
-             256: [Tiling(16, 16, 4, 3, 0), Tiling(16, 16, 8, 1, 1)],
+             256: [Tiling(16, 16, 4, 1, 0), Tiling(16, 16, 4, 3, 0, k_chunk=ONE_DOT),
+                   Tiling(16, 16, 8, 1, 1, k_chunk=ONE_DOT)],
              512: [Tiling(16, 16, 8, 1, 1)]}
 _LSTM_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 4, 0, k_chunk=ONE_DOT),
                                               Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
               128: [Tiling(16, 16, 8, 3, 3, k_chunk=ONE_DOT), Tiling(16, 32, 8, 2, 2, k_chunk=ONE_DOT)],
-              256: [Tiling(16, 16, 4, 2, 0), Tiling(16, 16, 8, 1, 1)],
-              512: [Tiling(16, 16, 8, 1, 1)]}
+              256: [Tiling(16, 16, 4, 2, 0, k_chunk=ONE_DOT), Tiling(16, 16, 8, 1, 1, k_chunk=ONE_DOT)],
+              512: [Tiling(16, 16, 8, 1, 1, k_chunk=ONE_DOT)]}
 _GRU_SM80 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 8, 4, 3, k_chunk=ONE_DOT),
                                              Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
              128: [Tiling(16, 16, 8, 2, 2, k_chunk=ONE_DOT), Tiling(16, 32, 8, 2, 2, k_chunk=ONE_DOT)],
-             256: [Tiling(16, 16, 4, 2, 0), Tiling(16, 16, 8, 1, 1)],
-             512: [Tiling(16, 16, 8, 1, 1)]}
+             256: [Tiling(16, 16, 4, 2, 0, k_chunk=ONE_DOT), Tiling(16, 16, 8, 1, 1, k_chunk=ONE_DOT)],
+             512: [Tiling(16, 16, 8, 1, 1, k_chunk=ONE_DOT)]}
 # By (gates, 90 or 80): sm_90 and newer take sm_90's table, older GPUs sm_80's (its ptxas takes
 # more registers for the gated kernels); the shared memory per SM is each arch's own (below).
 _TABLES = {(1, 90): _ONE_GATE, (1, 80): _ONE_GATE, (4, 90): _LSTM_SM90, (4, 80): _LSTM_SM80,
@@ -160,8 +168,7 @@ def _next_power_of_2(n: int) -> int:
 
 
 def k_split(h_pad: int, k_chunk: int = 0) -> int:
-    """How many chunks of ``k_chunk`` (0: K_CHUNK) a product's K = H_PAD runs in (all but the
-    gated forward's, which stay single dots)."""
+    """How many chunks of ``k_chunk`` (0: K_CHUNK) a product's K = H_PAD runs in."""
     return max(1, h_pad // (k_chunk or K_CHUNK))
 
 

@@ -30,8 +30,9 @@ writes NaN into everything it owns; the launcher (`triton_rnn._run_persistent`) 
 and reruns on the blocked kernels. Stepwise mode (``STEPWISE=True``, the interpreter): one launch
 per loop iteration, the launch boundary the barrier; what a program keeps in registers across
 iterations (c or h of its units, the share) is reloaded from memory at the start of a launch.
-The tiling comes from `planner.plan_persistent(..., gates=G)`; the projection (proj_size) has no
-persistent kernel (the blocked kernels run it). Not yet run on a GPU.
+The tiling comes from `planner.plan_persistent(..., gates=G)`, and every product's K runs in its
+``Plan.k_split`` chunks, summed (`triton_persistent._chunked_dot`); the projection (proj_size) has
+no persistent kernel (the blocked kernels run it).
 """
 from __future__ import annotations
 
@@ -86,15 +87,18 @@ def gated_persistent_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,  # cells.Cell.name: the pointwise maths
+    K_SPLIT: tl.constexpr,  # each product's K in this many chunks (Plan.k_split)
 ):
-    group, n_col_blocks, rows64, row_ok, units, unit_ok, ks, k_ok, in_mask, own = _program_tile(
+    group, n_col_blocks, rows64, row_ok, units, unit_ok, _, _, _, own = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
+    k_row, k_col, in_mask = _k_chunks(row_ok, H, H_PAD, K_SPLIT)
     ws_ty = out_ptr.dtype.element_ty
     GH = G * H
     # The W_hh rows of every gate of this program's units, on chip for all steps, in the
     # workspace dtype (half weights upcast once, as in the one-gate kernels).
-    w0, w1, w2, w3 = _load_gates(w_hh_ptr + units[None, :].to(tl.int64) * H + ks[:, None], H * H,
-                                 k_ok[:, None] & unit_ok[None, :], G, ws_ty, "")
+    # w_gate[c, k, n] = W_hh[gate*H + unit_n, c*KC + k]
+    w0, w1, w2, w3 = _load_gates(w_hh_ptr + _per_col(units, K_SPLIT).to(tl.int64) * H + k_col, H * H,
+                                 (k_col < H) & _per_col(unit_ok, K_SPLIT), G, ws_ty, "")
     if HAS_BIAS:
         b0, b1, b2, b3 = _load_gates(b_hh_ptr + units, H, unit_ok, G, ws_ty, "")
     # The previous state of this program's units (the LSTM's c, the GRU's h), kept in registers.
@@ -108,7 +112,7 @@ def gated_persistent_fwd_kernel(
         t64 = tl.cast(t, tl.int64)
         h_rows = _rows_before(h0_ptr, out_ptr, t64, B, rows64, H)
         # .cg: the siblings' columns were written by other SMs; read them from L2, not L1.
-        h = tl.load(h_rows[:, None] + ks[None, :], mask=in_mask, other=0.0, cache_modifier=".cg")
+        h = tl.load(_per_row(h_rows, K_SPLIT) + k_row, mask=in_mask, other=0.0, cache_modifier=".cg")
         # After a failed wait: NaN in all this program writes. The products sit in the branch so
         # that they read the W_hh tiles from shared memory each step; outside it the compiler
         # holds all G tiles in registers (LSTM, H=256, 4 warps, sm_90: 34 KB spilled).
@@ -117,11 +121,11 @@ def gated_persistent_fwd_kernel(
         a2 = a0
         a3 = a0  # G == 3: unused
         if ok != 0:
-            a0 = tl.dot(h, w0, input_precision=DOT_PRECISION, out_dtype=ws_ty)
-            a1 = tl.dot(h, w1, input_precision=DOT_PRECISION, out_dtype=ws_ty)
-            a2 = tl.dot(h, w2, input_precision=DOT_PRECISION, out_dtype=ws_ty)
+            a0 = _chunked_dot(h, w0, DOT_PRECISION, K_SPLIT)
+            a1 = _chunked_dot(h, w1, DOT_PRECISION, K_SPLIT)
+            a2 = _chunked_dot(h, w2, DOT_PRECISION, K_SPLIT)
             if G == 4:
-                a3 = tl.dot(h, w3, input_precision=DOT_PRECISION, out_dtype=ws_ty)
+                a3 = _chunked_dot(h, w3, DOT_PRECISION, K_SPLIT)
         if HAS_BIAS:
             a0 += b0[None, :]
             a1 += b1[None, :]
@@ -176,8 +180,7 @@ def gated_persistent_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     STEPWISE: tl.constexpr,
     CELL: tl.constexpr,
-    K_SPLIT: tl.constexpr,  # each product's K in this many chunks (Plan.k_split; the forward's
-    # products stay single dots: chunked, its G tiles went to registers and spilled, 1-2 KB)
+    K_SPLIT: tl.constexpr,  # each product's K in this many chunks (Plan.k_split)
 ):
     group, n_col_blocks, rows64, row_ok, cols, col_ok, _, _, _, own = _program_tile(
         B, H, BLOCK_B, BLOCK_N, H_PAD)
@@ -253,7 +256,7 @@ def gated_persistent_bwd_kernel(
 
 def _constexprs(plan: Plan, cell: cells.Cell) -> dict:
     return dict(G=cell.gates, HAS_C="c" in cell.state, BLOCK_B=plan.block_b, BLOCK_N=plan.block_n,
-                H_PAD=plan.h_pad, DOT_PRECISION=plan.precision, CELL=cell.name)
+                H_PAD=plan.h_pad, K_SPLIT=plan.k_split, DOT_PRECISION=plan.precision, CELL=cell.name)
 
 
 def _arrivals(plan: Plan, T: int, device) -> torch.Tensor:
@@ -284,5 +287,5 @@ def gated_persistent_bwd(grad_out, grad_cs, out, cs, saved, h_first, c_first, w_
     # T+1 loop iterations: phase A of the first step has no phase B before it, the last phase B
     # no phase A after it.
     _launch(gated_persistent_bwd_kernel, plan, args, T + 1, stepwise, spin_limit,
-            dict(_constexprs(plan, cell), K_SPLIT=plan.k_split, HAS_GRAD_CS=grad_cs is not None,
+            dict(_constexprs(plan, cell), HAS_GRAD_CS=grad_cs is not None,
                  N_ROWS_SCALED=cell is cells.GRU))
