@@ -123,18 +123,18 @@ _ONE_GATE = {16: _SMALL, 32: _SMALL, 64: _SMALL,
 # 16x16 4 warps at H_PAD=512 (3-60 KB spilled: ptxas falls back to 32 registers).
 # The products (forward and backward) in K chunks of 32 on sm_90 from H_PAD=256 (below it one dot:
 # chunked, the backward spilled or held fewer programs), registers fwd / bwd (odd H in brackets):
-#   256   LSTM 16x16 4w 255 / 168, GRU 254 / 167: by the arithmetic 2 per SM, planned for 1 (B <= 132)
+#   256   LSTM 16x16 4w 255 / 168, GRU 254 / 167: by the arithmetic 2 per SM, planned for 1 (B <= 128)
 #         until a GPU has launched them at 2: at the register file's edge, where the GRU's 8-warp
 #         tiling failed its cooperative launch at a planned 2 (below). Larger B: the one-dot tilings
 #         measured at B=256. Odd H: one dot (the chunked bf16/fp16 LSTM forward spilled 16 bytes).
 #   512   LSTM 16x16 8w 255 / 167 (255 / 189), GRU 250 / 177 (254 / 204) -> 1
 # (chunks of 64 at H_PAD=256, 4 warps: ~1.2 KB spilled in the forward). On sm_80 the chunked
-# forward spilled 40-192 bytes at H_PAD=256 and 512: one dot there, both directions. Measured on an H200 (benchmarks/tune_persistent.py, fp32, T=512,
-# H=256): the LSTM's 16x16 tiles at 4 warps against 8: forward 11.5 / 19.8 ms at B=64, 21.5 / 38.9
-# at B=256 (so 4 warps, not 8 at a tie); the GRU's 16x16 8 warps at B=256 (2 per SM) failed its
-# cooperative launch ("too many resources"): 1 per SM. (That run's fwd+bwd times had the backward
-# on the blocked kernels: the persistent backward, chunked or not, is yet to be timed.) The bf16
-# forwards, checked later: the LSTM's at odd H <= 64 holds 4 per SM on sm_90 and spilled 8 bytes
+# forward spilled 40-192 bytes at H_PAD=256 and 512: one dot there, both directions.
+# Measured on an H200 (benchmarks/tune_persistent.py, fp32, T=512, H=256): the LSTM's 16x16 tiles
+# at 4 warps against 8: forward 11.5 / 19.8 ms at B=64, 21.5 / 38.9 at B=256 (so 4 warps, not 8 at
+# a tie); the GRU's 16x16 8 warps at B=256 (2 per SM) failed its cooperative launch ("too
+# many resources"): 1 per SM. (That run's fwd+bwd times had the backward on the blocked kernels:
+# the persistent backward, chunked or not, is yet to be timed.) The bf16 forwards, checked later: the LSTM's at odd H <= 64 holds 4 per SM on sm_90 and spilled 8 bytes
 # under 16x16 on sm_80 (odd H there take 16x32); the GRU's at H=64 holds 5 on sm_90.
 _LSTM_SM90 = {**dict.fromkeys((16, 32, 64), [Tiling(16, 16, 4, 5, 4, k_chunk=ONE_DOT),
                                               Tiling(16, 32, 4, 4, 3, k_chunk=ONE_DOT)]),
