@@ -32,7 +32,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from fused_rnn.ops.triton_cells import _activation  # noqa: E402
 from fused_rnn.ops.triton_persistent import (_arrive, _chunked_dot, _k_chunks, _per_col, _per_row,  # noqa: E402
-                                             _wait)
+                                             _q_tile, _wait)
 
 DEFAULT_VARIANTS = ",".join(
     [f"dot-{p}-{w}-{n}" for p in ("ieee", "tf32x3", "tf32") for w in (2, 4, 8) for n in (16, 32)]
@@ -60,9 +60,8 @@ def step_probe_kernel(h_ptr, w_ptr, q_ptr, arrivals_ptr, error_ptr, B, T, H, spi
                      mask=(k_col < H) & _per_col(col_ok, K_SPLIT), other=0.0)
     h_rows = h_ptr + rows64 * (T + 1) * H
     out_mask = row_ok[:, None] & col_ok[None, :]
-    q_rows = q_ptr + rows64 * T * H
-    if INPUT == "qwait":
-        q = tl.load(q_rows[:, None] + cols[None, :], mask=out_mask, other=0.0)
+    if INPUT == "qwait":  # q's rows of step t are rows64 * T + t (as the kernels' dense input)
+        q = _q_tile(q_ptr, rows64 * T, cols, out_mask, T > 0, H)
     ok = tl.full([], 1, tl.int32)
     for t in range(0, T):
         t64 = tl.cast(t, tl.int64)
@@ -89,14 +88,14 @@ def step_probe_kernel(h_ptr, w_ptr, q_ptr, arrivals_ptr, error_ptr, B, T, H, spi
                 acc = tl.sum(tl.where(ks[None, :] == 0, a, 0.0), axis=1)[:, None] + tl.zeros(
                     [BLOCK_B, BLOCK_N], tl.float32)
             if INPUT == "q":
-                acc += tl.load(q_rows[:, None] + t64 * H + cols[None, :], mask=out_mask, other=0.0)
+                acc += _q_tile(q_ptr, rows64 * T + t64, cols, out_mask, True, H)
             elif INPUT == "qwait":
                 acc += q
             tl.store(h_prev[:, None] + H + cols[None, :], _activation(acc, "elman_tanh"), mask=out_mask)
         if BARRIER:
             _arrive(arrivals_ptr + group * T + t)
         if INPUT == "qwait":
-            q = tl.load(q_rows[:, None] + (t64 + 1) * H + cols[None, :], mask=out_mask & (t + 1 < T), other=0.0)
+            q = _q_tile(q_ptr, rows64 * T + t64 + 1, cols, out_mask, t + 1 < T, H)
         if BARRIER:
             still_ok = _wait(arrivals_ptr + group * T + t, tl.num_programs(1), spin_limit, ok)
             tl.store(error_ptr, 1, mask=(ok != 0) & (still_ok == 0))
@@ -172,13 +171,13 @@ def main(argv=None):
         h0 = torch.randn(B, H, device=dev, generator=g)
         q = torch.randn(B, T, H, device=dev, generator=g)
         for variant in variants:
-            exact = h0.double() @ w.double().T + (q[:, 0].double() if parse(variant)[5] else 0)
-            exact = torch.tanh(exact)
+            _, _, _, block_n, _, input_kind = parse(variant)
+            exact = torch.tanh(h0.double() @ w.double().T + (q[:, 0].double() if input_kind else 0))
             h = torch.zeros(B, T + 1, H, device=dev)
             h[:, 0] = h0
             error = torch.zeros(1, device=dev, dtype=torch.int32)
             arrivals = torch.zeros(triton.cdiv(B, 16) * T, device=dev, dtype=torch.int32)
-            grid_size = triton.cdiv(B, 16) * triton.cdiv(H, parse(variant)[3])
+            grid_size = triton.cdiv(B, 16) * triton.cdiv(H, block_n)
             try:
                 k = launch(variant, h, w, q, arrivals, error, T, False)
                 if args.compile_only:
